@@ -1,0 +1,256 @@
+"""The training configuration: one frozen, validated dataclass tree.
+
+Each field carries its help text and allowed range in ``metadata``; ``__post_init__``
+checks every field against them, so a bad value fails at construction with the field's
+name, the value and what is allowed. Node tooltips read the same help text.
+
+Registries (sigma schemes, weightings, optimizers, ...) are looked up lazily by name so
+an unknown choice fails here, listing the valid names.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from .configbase import ConfigError, _build, _names, _Validated, field_help, opt  # noqa: F401
+
+@dataclass(frozen=True)
+class BucketConfig(_Validated):
+    _prefix = "buckets"
+    resolutions: tuple[int, ...] = opt((512,), "Target training resolutions (side of a square of equal area), e.g. 512, 768, 1024. Each image is bucketed at every resolution it is large enough for.", lo=64, hi=4096)
+    step: int = opt(64, "Bucket sides are multiples of this many pixels (16 is the finest FLUX allows).", lo=16, hi=256)
+    min_side: int = opt(256, "Smallest allowed bucket side in pixels.", lo=16, hi=8192)
+    max_side: int = opt(2048, "Largest allowed bucket side in pixels.", lo=16, hi=8192)
+    allow_upscale: bool = opt(False, "Allow upscaling images smaller than a bucket (off: small images are skipped for that resolution, with a warning).")
+
+    def check(self) -> None:
+        if self.step % 16:
+            raise ConfigError(f"buckets.step={self.step} must be a multiple of 16 (FLUX latents are packed in 16-pixel patches)")
+        if self.min_side > self.max_side:
+            raise ConfigError(f"buckets.min_side={self.min_side} is larger than buckets.max_side={self.max_side}")
+
+
+@dataclass(frozen=True)
+class CaptionConfig(_Validated):
+    _prefix = "captions"
+    trigger_word: str = opt("", "Word that names the new concept; prepended to every caption that lacks it.")
+    class_word: str = opt("", "What the concept is (e.g. 'man', 'dog', 'style'); used by preservation losses and with captions that are missing.")
+    keep_tokens: int = opt(1, "Number of leading separator-split tags kept in place when shuffling (the trigger counts as one).", lo=0, hi=64)
+    separator: str = opt(",", "Tag separator in captions.")
+    shuffle: bool = opt(False, "Shuffle the tags after the kept ones.")
+    shuffle_variants: int = opt(8, "How many shuffled variants of each caption are pre-encoded (each step picks one), so the text encoder can be freed.", lo=1, hi=256)
+    caption_dropout: float = opt(0.0, "Probability that a step trains on the empty caption (teaches the unconditional prediction).", lo=0.0, hi=1.0)
+    caption_extension: str = opt(".txt", "Extension of caption files next to the images.")
+    caption_dropout_warmup_steps: int = opt(0, "Ramp caption dropout linearly from 0 to caption_dropout over this many steps (0 = constant).", lo=0, hi=10_000_000)
+    tag_dropout: float = opt(0.0, "Probability of dropping each tag after the kept ones (per caption variant).", lo=0.0, hi=1.0)
+    wildcards: bool = opt(True, "Expand {a|b|c} in captions to one random choice per variant.")
+
+    def check(self) -> None:
+        if not self.separator:
+            raise ConfigError("captions.separator must not be empty; use ',' for tag lists")
+
+
+@dataclass(frozen=True)
+class AugmentConfig(_Validated):
+    _prefix = "augment"
+    flip: bool = opt(False, "Random horizontal flip (probability 0.5). Cached as two latent variants.")
+    flip_opt_out_words: tuple[str, ...] = opt(("left", "right", "text"), "Captions containing any of these whole words are never flipped.")
+    random_crop: bool = opt(False, "Random crop inside the bucket instead of a centre crop (turns the latent cache off).")
+    color_jitter: bool = opt(False, "Random brightness/contrast/saturation (turns the latent cache off).")
+    brightness: float = opt(0.1, "Colour jitter: max relative brightness change.", lo=0.0, hi=1.0)
+    contrast: float = opt(0.1, "Colour jitter: max relative contrast change.", lo=0.0, hi=1.0)
+    saturation: float = opt(0.1, "Colour jitter: max relative saturation change.", lo=0.0, hi=1.0)
+
+
+@dataclass(frozen=True)
+class DataConfig(_Validated):
+    _prefix = "data"
+    path: str = opt("", "Folder of images (png, jpg, webp) with same-name .txt captions; kohya-style 'N_name' subfolders repeat their images N times.")
+    batch_size: int = opt(1, "Images per micro-batch (all from one bucket).", lo=1, hi=256)
+    cache_dir: str = opt("", "Where encoded latents and captions are cached; empty = '<run>/.latent_cache'.")
+    buckets: BucketConfig = field(default_factory=BucketConfig)
+    captions: CaptionConfig = field(default_factory=CaptionConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+
+@dataclass(frozen=True)
+class LoRAConfig(_Validated):
+    _prefix = "lora"
+    rank: int = opt(16, "LoRA rank (dimension of the low-rank update).", lo=1, hi=1024)
+    alpha: float = opt(16.0, "LoRA alpha; the update is scaled by alpha / rank.", lo=0.0, lo_open=True, hi=4096)
+    dropout: float = opt(0.0, "Dropout on the LoRA input during training.", lo=0.0, hi=0.9)
+    targets: str = opt("attention", "Which layers get a LoRA: 'attention' (q/k/v/out projections), 'all' (attention + MLP) or 'custom' (target_regex).", choices=lambda: ["attention", "all", "custom"])
+    target_regex: str = opt("", "With targets='custom': a regular expression matched (re.fullmatch) against module names.")
+    dtype: str = opt("fp32", "dtype of the trainable LoRA weights (fp32 keeps small updates exact under bf16 base weights).", choices=lambda: ["fp32", "bf16", "fp16"])
+
+    def check(self) -> None:
+        if self.targets == "custom":
+            import re
+
+            if not self.target_regex:
+                raise ConfigError("lora.target_regex is empty; targets='custom' needs a regex such as '.*attn.*'")
+            try:
+                re.compile(self.target_regex)
+            except re.error as e:
+                raise ConfigError(f"lora.target_regex={self.target_regex!r} is not a valid regex: {e}") from None
+
+
+@dataclass(frozen=True)
+class FlowConfig(_Validated):
+    _prefix = "flow"
+    sigma_scheme: str = opt("sigmoid", "How noise levels σ are drawn: uniform, sigmoid (logit-normal), shift, flux_shift (resolution-aware), content (high noise), style (low noise), balanced.", choices=_names("flow", "SIGMA_SCHEMES"))
+    sigmoid_mean: float = opt(0.0, "Mean of the logit-normal (sigmoid scheme).", lo=-5, hi=5)
+    sigmoid_std: float = opt(1.0, "Std of the logit-normal (sigmoid scheme).", lo=0.0, lo_open=True, hi=5)
+    shift: float = opt(3.0, "Shift s of the 'shift' scheme: σ' = sσ/(1+(s-1)σ).", lo=0.0, lo_open=True, hi=100)
+    weighting: str = opt("none", "Per-sample loss weight by σ: none or bell_shaped (emphasises mid noise).", choices=_names("flow", "WEIGHTINGS"))
+    noise_offset: float = opt(0.0, "Per-sample, per-channel constant added to the noise ε (std of the offset); 0 = off.", lo=0.0, hi=1.0)
+    pyramid_noise_discount: float = opt(0.0, "Multi-resolution (pyramid) noise discount; 0 = off, typical 0.3-0.8.", lo=0.0, hi=1.0)
+    ip_noise_gamma: float = opt(0.0, "Input perturbation: extra noise of this scale on the noisy input only (the target keeps ε); 0 = off.", lo=0.0, hi=1.0)
+    guidance: float = opt(1.0, "Guidance value fed to guidance-distilled models (FLUX.1-dev, FLUX.2-dev) during training; ignored by others.", lo=0.0, hi=100)
+
+
+@dataclass(frozen=True)
+class LossConfig(_Validated):
+    _prefix = "loss"
+    loss_type: str = opt("mse", "Elementwise loss on the velocity: mse, l1, huber or smooth_l1 (pseudo-Huber).", choices=_names("losses", "LOSS_FUNCTIONS"))
+    huber_c: float = opt(0.1, "Huber/smooth_l1 parameter c (its base value under a schedule).", lo=0.0, lo_open=True, hi=10)
+    huber_schedule: str = opt("constant", "How c varies with σ: constant, exponential (c^σ) or snr (flow-matching SNR form).", choices=_names("losses", "HUBER_SCHEDULES"))
+    min_snr_gamma: float = opt(0.0, "Min-SNR-γ weighting for flow matching, w = min((1-σ)², γσ²); 0 = off (typical γ = 5).", lo=0.0, hi=100)
+    wavelet_loss: float = opt(0.0, "Weight of an extra loss on the high-frequency wavelet bands of the predicted x0; 0 = off.", lo=0.0, hi=100)
+    wavelet: str = opt("db4", "Wavelet for wavelet_loss: db4 (Daubechies-4) or haar.", choices=lambda: ["db4", "haar"])
+    wavelet_levels: int = opt(2, "Decomposition levels for wavelet_loss.", lo=1, hi=6)
+    sigma_bins: int = opt(10, "Number of σ bins the loss is logged by.", lo=1, hi=100)
+
+
+@dataclass(frozen=True)
+class OptimConfig(_Validated):
+    _prefix = "optim"
+    optimizer: str = opt("adamw", "Optimizer name (see the optimizer registry: adamw, adamw8bit, prodigy, adafactor, lion8bit, ...).", choices=_names("optim", "OPTIMIZERS"))
+    lr: float = opt(1e-4, "Peak learning rate.", lo=0.0, lo_open=True, hi=10)
+    weight_decay: float = opt(1e-4, "Decoupled weight decay.", lo=0.0, hi=1)
+    betas: tuple[float, ...] = opt((0.9, 0.999), "Adam betas (beta1, beta2).", lo=0.0, hi=0.99999)
+    eps: float = opt(1e-8, "Adam epsilon.", lo=0.0, lo_open=True, hi=1)
+    schedule: str = opt("constant", "Learning-rate schedule after warmup (constant, linear, cosine, cosine_with_restarts, cosine_annealing_warm_restarts, polynomial).", choices=_names("optim", "SCHEDULES"))
+    warmup_steps: int = opt(0, "Optimizer steps of linear warmup from 0 to lr.", lo=0, hi=1_000_000)
+    min_lr_ratio: float = opt(0.0, "Floor of the schedule as a fraction of lr.", lo=0.0, hi=1.0)
+    num_cycles: int = opt(1, "Cosine restarts: number of cycles.", lo=1, hi=1000)
+    cycle_mult: float = opt(1.0, "Warm restarts: each cycle is this many times longer than the previous.", lo=1.0, hi=10)
+    cycle_gamma: float = opt(1.0, "Warm restarts: the peak lr is multiplied by this after each cycle.", lo=0.0, lo_open=True, hi=1.0)
+    power: float = opt(1.0, "Polynomial schedule power.", lo=0.0, lo_open=True, hi=10)
+    prodigy_d_coef: float = opt(1.0, "Prodigy: d_coef (scales its learning-rate estimate).", lo=0.0, lo_open=True, hi=100)
+    prodigy_safeguard_warmup: bool = opt(True, "Prodigy: safeguard_warmup (recommended with warmup).")
+    loraplus_lr_ratio: float = opt(0.0, "LoRA+: B matrices train at lr × this ratio (16 is typical); 0 = off.", lo=0.0, hi=1000)
+    grad_accum: int = opt(1, "Micro-batches accumulated per optimizer step.", lo=1, hi=1024)
+    max_grad_norm: float = opt(1.0, "Clip the gradient norm to this (0 = off).", lo=0.0, hi=1e6)
+
+    def check(self) -> None:
+        if len(self.betas) != 2:
+            raise ConfigError(f"optim.betas={self.betas!r} must be two numbers (beta1, beta2)")
+
+
+@dataclass(frozen=True)
+class EmaConfig(_Validated):
+    _prefix = "ema"
+    enabled: bool = opt(False, "Keep an exponential moving average of the LoRA weights.")
+    decay: float = opt(0.999, "Maximum EMA decay.", lo=0.0, hi=1.0)
+    power: float = opt(2 / 3, "EMA warmup power (decay = 1 - (1 + step/inv_gamma)^-power, capped at decay).", lo=0.0, lo_open=True, hi=10)
+    inv_gamma: float = opt(1.0, "EMA warmup inverse multiplicative factor.", lo=0.0, lo_open=True, hi=1e6)
+    update_every: int = opt(1, "Update the EMA every N optimizer steps.", lo=1, hi=100_000)
+    on_cpu: bool = opt(False, "Store the EMA weights on the CPU (saves accelerator memory).")
+    use_for_output: bool = opt(True, "Save and preview with the EMA weights (the raw weights are saved too).")
+
+
+@dataclass(frozen=True)
+class DopConfig(_Validated):
+    _prefix = "dop"
+    enabled: bool = opt(False, "Differential Output Preservation: keep the model's behaviour on class-word prompts (needs a trigger word).")
+    class_word: str = opt("", "Replaces the trigger word in the preservation captions (e.g. 'man'); empty = captions.class_word.")
+    multiplier: float = opt(1.0, "Weight of the preservation loss.", lo=0.0, hi=100)
+    every_n_steps: int = opt(1, "Run the preservation passes every N steps (4-8 saves time on large models).", lo=1, hi=10_000)
+    gradient_surgery: bool = opt(False, "PCGrad between the main and preservation gradients when they conflict.")
+
+
+@dataclass(frozen=True)
+class PreviewConfig(_Validated):
+    _prefix = "preview"
+    every_n_steps: int = opt(0, "Render previews every N steps (0 = off); also before the first step and at the end.", lo=0, hi=10_000_000)
+    prompts: tuple[str, ...] = opt((), "Preview prompts; each is rendered with and without the trigger word.")
+    seed: int = opt(0, "Preview seed (fixed so previews compare across steps).", lo=0, hi=2**62)
+    steps: int = opt(20, "Sampling steps per preview.", lo=1, hi=200)
+    width: int = opt(512, "Preview width in pixels.", lo=64, hi=4096)
+    height: int = opt(512, "Preview height in pixels.", lo=64, hi=4096)
+    guidance: float = opt(3.5, "Guidance for previews (FLUX.1-dev distilled guidance or CFG scale, per model).", lo=0.0, hi=100)
+
+
+@dataclass(frozen=True)
+class ValidationConfig(_Validated):
+    _prefix = "validation"
+    every_n_steps: int = opt(0, "Compute the validation loss every N steps (0 = off).", lo=0, hi=10_000_000)
+    sigmas: tuple[float, ...] = opt((0.1, 0.25, 0.5, 0.75, 0.9), "Fixed noise levels of the validation loss.", lo=0.0, lo_open=True, hi=1.0)
+    images: int = opt(4, "How many images (held out when the dataset has enough, else training images) the validation loss uses.", lo=1, hi=1000)
+    seed: int = opt(1, "Seed of the fixed validation noise.", lo=0, hi=2**62)
+
+
+@dataclass(frozen=True)
+class TrainConfig(_Validated):
+    _prefix = "train"
+    steps: int = opt(1000, "Optimizer steps to train.", lo=1, hi=10_000_000)
+    seed: int = opt(42, "Seed for every random choice (σ, noise, captions, data order).", lo=0, hi=2**62)
+    precision: str = opt("bf16", "Compute dtype of the base model: bf16, fp16 or fp32. LoRA weights stay in lora.dtype.", choices=lambda: ["bf16", "fp16", "fp32"])
+    gradient_checkpointing: bool = opt(True, "Recompute activations in backward: far less memory for some speed.")
+    save_every: int = opt(250, "Save a LoRA checkpoint every N steps (0 = only at the end).", lo=0, hi=10_000_000)
+    log_every: int = opt(10, "Log the loss every N steps.", lo=1, hi=1_000_000)
+    output_dir: str = opt("output", "Folder that holds run folders.")
+    output_name: str = opt("flowtrain_lora", "Run name: the run folder and LoRA file names.")
+    keep_checkpoints: int = opt(3, "Keep the newest N checkpoints (the newest complete one is never deleted); 0 = keep all.", lo=0, hi=100_000)
+    existing_run: str = opt("resume", "When the run folder already exists: resume (from its newest complete checkpoint) or refuse.", choices=lambda: ["resume", "refuse"])
+    resume_from: str = opt("", "Resume from this checkpoint folder instead of the newest one (empty = newest).")
+
+    def check(self) -> None:
+        name = self.output_name
+        if not name or "/" in name or "\\" in name or name in {".", ".."} or ".." in name.split(".")[0:1]:
+            raise ConfigError(f"train.output_name={name!r} must be a plain name without path separators or '..'")
+
+
+@dataclass(frozen=True)
+class TrainingConfig(_Validated):
+    """Everything one training run needs to know, and nothing about where models live."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EmaConfig = field(default_factory=EmaConfig)
+    dop: DopConfig = field(default_factory=DopConfig)
+    preview: PreviewConfig = field(default_factory=PreviewConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def check(self) -> None:
+        """Rules that span sections."""
+        if self.dop.enabled and not self.data.captions.trigger_word:
+            raise ConfigError("dop.enabled needs data.captions.trigger_word: preservation compares trigger "
+                              "captions with class-word captions, so without a trigger there is nothing to preserve")
+        if self.dop.enabled and not (self.dop.class_word or self.data.captions.class_word):
+            raise ConfigError("dop.enabled needs a class word (dop.class_word or data.captions.class_word), e.g. 'man'")
+        if self.optim.loraplus_lr_ratio and self.optim.optimizer == "prodigy":
+            raise ConfigError("optim.loraplus_lr_ratio does not combine with optimizer 'prodigy': Prodigy estimates one "
+                              "learning rate itself, so a fixed B/A ratio is overridden; use adamw, or set loraplus_lr_ratio=0")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainingConfig":
+        return _build(cls, d, "")
+
+    def replace(self, **sections: Any) -> "TrainingConfig":
+        return dataclasses.replace(self, **sections)
+
+

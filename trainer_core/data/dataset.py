@@ -1,0 +1,298 @@
+"""From a folder of images to an in-memory dataset of cached latents and embeddings.
+
+``prepare_dataset`` does all the encoding up front (through the on-disk caches), so the
+VAE and text encoder can be freed before training. ``CachedDataset.batch(index, g)`` is
+then a pure function of (seed, index, g): the data order of an epoch comes from its own
+generator seeded by (seed, epoch); caption variant and dropout come from ``g``, the step
+generator.
+
+One *entry* is one image at one resolution (an image large enough for three
+resolutions gives three entries, like ai-toolkit's per-resolution datasets); an epoch
+visits every entry ``repeats`` times.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from ..config import BucketConfig, ConfigError, DataConfig
+from ..types import Batch, LatentCodec, TextBatch, TextEmbedding, TextEncoder
+from .buckets import choose_bucket, cover_crop_box, resize_and_crop, resolutions_for
+from .cache import LatentCache, LatentJob, TextCache
+from .captions import CaptionPolicy
+from .images import ImageError, image_size, image_to_tensor, load_image
+from .scan import ImageRecord, scan_folder
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int, str], None] | None
+_LIST_AT_MOST = 20
+
+
+def derive_seed(*parts: object) -> int:
+    """A 63-bit seed from any parts (sha256, so nearby inputs give unrelated seeds)."""
+    digest = hashlib.sha256(repr(parts).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def _listing(items: list[str]) -> str:
+    shown = "\n  ".join(items[:_LIST_AT_MOST])
+    more = f"\n  ... and {len(items) - _LIST_AT_MOST} more" if len(items) > _LIST_AT_MOST else ""
+    return f"\n  {shown}{more}"
+
+
+@dataclass(frozen=True, eq=False)
+class Entry:
+    """One image at one bucket: ``latent`` [C, h, w], its caption variants (keys into the
+    dataset's embeddings), the source file and how often an epoch visits it."""
+
+    latent: torch.Tensor
+    bucket: tuple[int, int]
+    texts: tuple[str, ...]
+    source: Path
+    repeats: int
+
+
+@dataclass(frozen=True)
+class _Planned:
+    record: ImageRecord
+    size: tuple[int, int]
+    bucket: tuple[int, int]
+    key: str
+
+
+def check_bucket_step(buckets: BucketConfig, pixel_multiple: int) -> None:
+    if pixel_multiple < 1 or buckets.step % pixel_multiple:
+        fix = math.lcm(buckets.step, max(1, pixel_multiple))
+        raise ConfigError(
+            f"data.buckets.step={buckets.step} must be a multiple of {pixel_multiple} for this model "
+            f"(its latents are packed in {pixel_multiple}-pixel patches); use e.g. {fix}"
+        )
+
+
+def _probe_sizes(records: list[ImageRecord]) -> list[tuple[int, int]]:
+    """Upright sizes from the headers; every unreadable file is named in one ImageError."""
+    sizes, errors = [], []
+    for rec in records:
+        try:
+            sizes.append(image_size(rec.path))
+        except ImageError as e:
+            errors.append(str(e))
+    if errors:
+        raise ImageError(f"{len(errors)} image(s) cannot be read:{_listing(errors)}")
+    return sizes
+
+
+def _check_decodes(paths: list[Path]) -> None:
+    """Decode every image about to be encoded (JPEGs at 1/8 scale), before the first
+    encode: a truncated file fails now, not after minutes of VAE work."""
+    errors = []
+    for path in dict.fromkeys(paths):
+        try:
+            load_image(path, min_size=(1, 1))
+        except ImageError as e:
+            errors.append(str(e))
+    if errors:
+        raise ImageError(f"{len(errors)} image(s) cannot be decoded:{_listing(errors)}")
+
+
+def _pixels(path: Path, size: tuple[int, int], bucket: tuple[int, int]) -> torch.Tensor:
+    cover, _ = cover_crop_box(size, bucket)
+    img, _ = resize_and_crop(load_image(path, min_size=cover), bucket)
+    return image_to_tensor(img)
+
+
+def _plan(records, sizes, buckets: BucketConfig, codec_identity: str):
+    planned, skipped = [], []
+    for rec, size in zip(records, sizes):
+        for res in resolutions_for(*size, buckets.resolutions, buckets.allow_upscale):
+            bucket = choose_bucket(*size, res, buckets.step, buckets.min_side, buckets.max_side, buckets.allow_upscale)
+            if bucket is None:
+                skipped.append({"file": str(rec.path), "resolution": res,
+                                "reason": f"{size[0]}x{size[1]} is smaller than buckets.min_side={buckets.min_side}"})
+                continue
+            _, box = cover_crop_box(size, bucket)
+            key = LatentCache.key(rec.content_hash, bucket, box, codec_identity, flip=False)
+            planned.append(_Planned(rec, size, bucket, key))
+    return planned, skipped
+
+
+def prepare_dataset(
+    cfg: DataConfig,
+    codec: LatentCodec,
+    text_encoder: TextEncoder,
+    *,
+    cache_dir: Path,
+    pixel_multiple: int,
+    seed: int,
+    extra_captions: Mapping[str, Callable[[str], str]] | None = None,
+    progress: Progress = None,
+    latent_batch_size: int = 4,
+    text_batch_size: int = 16,
+) -> CachedDataset:
+    """Scan, bucket, encode (through the caches) and return a ``CachedDataset``.
+
+    Order of work: scan → read every header (all unreadable files reported at once) →
+    choose buckets → decode-check the images whose latents are not cached → encode
+    latents → caption variants → encode every distinct text once: the variants, ``""``
+    when caption_dropout > 0, and for each ``extra_captions`` name the transformed
+    variants plus the transform of a missing caption (used when a caption is dropped).
+    """
+    extra_captions = dict(extra_captions or {})
+    check_bucket_step(cfg.buckets, pixel_multiple)
+    records = scan_folder(cfg.path, cfg.captions.caption_extension)
+    sizes = _probe_sizes(records)
+    planned, skipped = _plan(records, sizes, cfg.buckets, codec.identity)
+    used = {p.record.path for p in planned}
+    missing = [str(r.path) for r in records if r.caption is None and r.path in used]
+    if missing:
+        log.warning("%d image(s) have no caption file (%s); they train on %r alone:%s", len(missing),
+                    cfg.captions.caption_extension, CaptionPolicy(cfg.captions).base_caption(None), _listing(missing))
+    if skipped:
+        log.warning("skipping %d image/resolution pair(s) too small for a bucket (set buckets.allow_upscale "
+                    "or lower buckets.min_side to keep them):%s",
+                    len(skipped), _listing([f"{s['file']} @ {s['resolution']}: {s['reason']}" for s in skipped]))
+    if not planned:
+        raise ValueError(
+            f"no image in {cfg.path} fits any bucket (resolutions {cfg.buckets.resolutions}, "
+            f"min_side {cfg.buckets.min_side}); add larger images, lower buckets.min_side or enable buckets.allow_upscale"
+        )
+
+    latent_cache = LatentCache(cache_dir)
+    path_of = {p.key: p.record.path for p in planned}
+    jobs = [LatentJob(p.key, p.bucket, partial(_pixels, p.record.path, p.size, p.bucket)) for p in planned]
+    latents = latent_cache.get_or_encode(
+        jobs, codec, batch_size=latent_batch_size, progress=progress,
+        check=lambda misses: _check_decodes([path_of[j.key] for j in misses]),
+    )
+
+    policy = CaptionPolicy(cfg.captions)
+    variants = {r.path: _variants(policy, r.caption, seed) for r in records if r.path in used}
+    texts, extras = _texts_to_encode(variants, policy, cfg.captions.caption_dropout > 0, extra_captions)
+    text_cache = TextCache(cache_dir)
+    embeddings = text_cache.get_or_encode(texts, text_encoder, batch_size=text_batch_size, progress=progress)
+
+    entries = [Entry(latents[p.key], p.bucket, variants[p.record.path], p.record.path, p.record.repeats) for p in planned]
+    summary = {
+        "images": len(used),
+        "captions_found": sum(r.caption is not None for r in records if r.path in used),
+        "missing_captions": missing,
+        "repeats": dict(sorted(_count(r.repeats for r in records if r.path in used).items())),
+        "buckets": dict(sorted(_count(f"{e.bucket[0]}x{e.bucket[1]}" for e in entries).items())),
+        "skipped": skipped,
+        "texts": len(texts),
+        "cache": {"latent_hits": latent_cache.hits, "latent_misses": latent_cache.misses,
+                  "text_hits": text_cache.hits, "text_misses": text_cache.misses},
+    }
+    return CachedDataset(entries, embeddings, batch_size=cfg.batch_size, seed=seed,
+                         caption_dropout=cfg.captions.caption_dropout, extras=extras,
+                         dropped_base=policy.base_caption(None), summary=summary)
+
+
+def _variants(policy: CaptionPolicy, raw: str | None, seed: int) -> tuple[str, ...]:
+    base = policy.base_caption(raw)
+    # Seeded by the caption itself: editing one caption leaves the others' variants alone.
+    return tuple(policy.variants(base, torch.Generator().manual_seed(derive_seed(seed, base))))
+
+
+def _texts_to_encode(variants: dict[Path, tuple[str, ...]], policy: CaptionPolicy, dropout: bool,
+                     extra_captions: Mapping[str, Callable[[str], str]]) -> tuple[list[str], dict[str, dict[str, str]]]:
+    """Every distinct text training can ask for, and per extra name the table
+    main text → extra text (including the missing-caption text used for dropped captions)."""
+    mains = list(dict.fromkeys(v for vs in variants.values() for v in vs))
+    sources = mains + ([policy.base_caption(None)] if dropout else [])
+    extras = {name: {t: fn(t) for t in sources} for name, fn in extra_captions.items()}
+    texts = mains + ([""] if dropout else []) + [t for table in extras.values() for t in table.values()]
+    return list(dict.fromkeys(texts)), extras
+
+
+def _count(items) -> dict:
+    out: dict = {}
+    for item in items:
+        out[item] = out.get(item, 0) + 1
+    return out
+
+
+class CachedDataset:
+    """Entries plus the embeddings of every text they can use; no encoder needed.
+
+    ``len(ds)``: samples per epoch (sum of repeats over entries). ``batch(index, g)``:
+    micro-batch ``index``; see the module docstring. A dropped caption (probability
+    ``caption_dropout``, drawn from ``g``) trains on the embedding of ``""``; its extras
+    (e.g. ``class_text``) use the transform of a *missing* caption, i.e. of the bare
+    trigger word, which the class-word transform turns into the class word alone
+    (ai-toolkit's DOP does the same).
+    """
+
+    def __init__(self, entries: list[Entry], embeddings: dict[str, TextEmbedding], *, batch_size: int,
+                 seed: int, caption_dropout: float, extras: dict[str, dict[str, str]],
+                 dropped_base: str, summary: dict):
+        if not entries:
+            raise ValueError("CachedDataset needs at least one entry")
+        self.entries = entries
+        self.embeddings = embeddings
+        self.batch_size = batch_size
+        self.seed = seed
+        self.caption_dropout = caption_dropout
+        self.extras = extras
+        self.dropped_base = dropped_base
+        self._summary = summary
+        per_bucket = _count(e.bucket for e in entries for _ in range(e.repeats))
+        self.batches_per_epoch = sum(math.ceil(n / batch_size) for n in per_bucket.values())
+        self._plan_cache: tuple[int, list[list[int]]] = (-1, [])
+
+    def __len__(self) -> int:
+        return sum(e.repeats for e in self.entries)
+
+    def summary(self) -> dict:
+        return dict(self._summary, samples_per_epoch=len(self), batches_per_epoch=self.batches_per_epoch)
+
+    def epoch_plan(self, epoch: int) -> list[list[int]]:
+        """The epoch's batches as lists of entry indices, each list from one bucket.
+
+        Samples (entry × repeats) are permuted by a generator seeded from (seed, epoch),
+        grouped by bucket in that order, cut into ``batch_size`` chunks (a bucket's last
+        chunk may be smaller) and the chunks permuted again, so buckets interleave.
+        """
+        if self._plan_cache[0] == epoch:
+            return self._plan_cache[1]
+        g = torch.Generator().manual_seed(derive_seed("epoch", self.seed, epoch))
+        samples = [i for i, e in enumerate(self.entries) for _ in range(e.repeats)]
+        by_bucket: dict[tuple[int, int], list[int]] = {}
+        for j in torch.randperm(len(samples), generator=g).tolist():
+            by_bucket.setdefault(self.entries[samples[j]].bucket, []).append(samples[j])
+        chunks = [ids[i : i + self.batch_size] for b in sorted(by_bucket) for ids in [by_bucket[b]]
+                  for i in range(0, len(ids), self.batch_size)]
+        plan = [chunks[k] for k in torch.randperm(len(chunks), generator=g).tolist()]
+        self._plan_cache = (epoch, plan)
+        return plan
+
+    def batch(self, index: int, generator: torch.Generator) -> Batch:
+        if index < 0:
+            raise ValueError(f"batch index must be >= 0, got {index}")
+        epoch, pos = divmod(index, self.batches_per_epoch)
+        ids = self.epoch_plan(epoch)[pos]
+        texts, extra_texts = [], {name: [] for name in self.extras}
+        for i in ids:
+            entry = self.entries[i]
+            # Always draw both numbers so the generator advances the same way every step.
+            pick = int(torch.randint(len(entry.texts), (1,), generator=generator))
+            dropped = bool(torch.rand((), generator=generator) < self.caption_dropout)
+            text = "" if dropped else entry.texts[pick]
+            texts.append(text)
+            for name, table in self.extras.items():
+                extra_texts[name].append(table[self.dropped_base if dropped else text])
+        return Batch(
+            latents=torch.stack([self.entries[i].latent for i in ids]),
+            text=TextBatch.collate([self.embeddings[t] for t in texts]),
+            captions=texts,
+            sources=[str(self.entries[i].source) for i in ids],
+            extras={name: TextBatch.collate([self.embeddings[t] for t in ts]) for name, ts in extra_texts.items()},
+        )

@@ -1,0 +1,204 @@
+"""The training loop: a short spine with three seams.
+
+1. parameter groups (``optim.PARAM_GROUPS``) decide what the optimizer sees;
+2. loss terms (``LossTerm``) are summed for one backward per micro-step;
+3. callbacks (``Callback``) react to the start, each finished step and the end
+   (logging, EMA, checkpoints, previews, control files).
+
+Every random choice of step k draws from ``step_generator(seed, k)``; data order is a
+pure function of (seed, micro-step index). Resuming at step k therefore replays step k.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Protocol
+
+import torch
+
+from .config import TrainingConfig
+from .flow import SigmaParams, interpolate, sample_sigmas, step_generator, velocity_target
+from .optim import grad_norm_clip
+from .types import Batch, FlowModel, TextBatch
+
+log = logging.getLogger(__name__)
+
+
+class BatchSource(Protocol):
+    """Deterministic batches: ``batch(index, generator)`` for micro-step ``index``."""
+
+    def batch(self, index: int, generator: torch.Generator) -> Batch: ...
+
+
+NoiseFn = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+
+
+def gaussian_noise(x0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    return torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device)
+
+
+@dataclass
+class StepContext:
+    """Everything a loss term may use on one micro-step; the noisy input is built once."""
+
+    step: int
+    micro: int
+    generator: torch.Generator
+    batch: Batch
+    model: FlowModel
+    network: Any  # lora.LoraNetwork: .disabled() switches the LoRA off
+    sigma: torch.Tensor  # [B] float32
+    noise: torch.Tensor  # [B, C, h, w]
+    x_t: torch.Tensor
+    target: torch.Tensor
+    guidance: float
+    logs: dict[str, Any] = field(default_factory=dict)
+    _main: Optional[torch.Tensor] = None
+
+    def predict(self, text: Optional[TextBatch] = None) -> torch.Tensor:
+        """Velocity on ``x_t``; with no ``text`` the batch's caption (computed once)."""
+        if text is None:
+            if self._main is None:
+                self._main = self.model.velocity(self.x_t, self.sigma, self.batch.text, self.guidance)
+            return self._main
+        return self.model.velocity(self.x_t, self.sigma, text, self.guidance)
+
+
+class LossTerm(Protocol):
+    name: str
+
+    def __call__(self, ctx: StepContext) -> Optional[torch.Tensor]: ...
+
+
+class Callback:
+    """Override what you need. ``state`` is the live ``RunState``."""
+
+    def on_train_start(self, state: "RunState") -> None: ...
+
+    def on_step_end(self, state: "RunState", logs: dict[str, Any]) -> None: ...
+
+    def on_train_end(self, state: "RunState", reason: str) -> None: ...
+
+
+class StopTraining(Exception):
+    """Raised by a callback to end training cleanly after the current step."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+@dataclass
+class RunState:
+    config: TrainingConfig
+    model: FlowModel
+    network: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    data: BatchSource
+    total_steps: int
+    step: int = 0  # optimizer steps completed
+    history: list[dict] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)  # callbacks' shared state (EMA, run dir)
+
+
+def make_context(state: RunState, step: int, micro: int, generator: torch.Generator,
+                 noise_fn: NoiseFn = gaussian_noise) -> StepContext:
+    cfg = state.config
+    index = step * cfg.optim.grad_accum + micro
+    batch = state.data.batch(index, generator)
+    x0 = batch.latents.float()
+    tokens = state.model.image_tokens(tuple(x0.shape[-2:]))
+    params = SigmaParams(cfg.flow.sigmoid_mean, cfg.flow.sigmoid_std, cfg.flow.shift, tokens)
+    sigma = sample_sigmas(x0.shape[0], scheme=cfg.flow.sigma_scheme, generator=generator, params=params).to(x0.device)
+    noise = noise_fn(x0, generator)
+    return StepContext(
+        step=step, micro=micro, generator=generator, batch=batch, model=state.model,
+        network=state.network, sigma=sigma, noise=noise, x_t=interpolate(x0, noise, sigma),
+        target=velocity_target(x0, noise), guidance=cfg.flow.guidance,
+    )
+
+
+def train_step(state: RunState, terms: list[LossTerm], noise_fn: NoiseFn = gaussian_noise) -> dict[str, Any]:
+    """One optimizer step over ``grad_accum`` micro-batches. Returns the step's logs."""
+    cfg = state.config
+    accum = cfg.optim.grad_accum
+    generator = step_generator(cfg.train.seed, state.step)
+    totals: dict[str, float] = {}
+    per_sample, sigmas = [], []
+    for micro in range(accum):
+        ctx = make_context(state, state.step, micro, generator, noise_fn)
+        values = {t.name: v for t in terms if (v := t(ctx)) is not None}
+        loss = sum(values.values())
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(
+                f"loss is {loss.item()} at step {state.step + 1} (terms: "
+                f"{ {k: float(v) for k, v in values.items()} }); likely causes: learning rate too "
+                f"high ({cfg.optim.lr}) or {cfg.train.precision} overflow; try a lower lr or fp32/bf16"
+            )
+        (loss / accum).backward()
+        for k, v in values.items():
+            totals[k] = totals.get(k, 0.0) + float(v) / accum
+        if "per_sample" in ctx.logs:
+            per_sample.append(ctx.logs["per_sample"].cpu())
+            sigmas.append(ctx.sigma.detach().cpu())
+    norm = grad_norm_clip(state.network.parameters(), cfg.optim.max_grad_norm)
+    state.optimizer.step()
+    state.scheduler.step()
+    state.optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    logs = {"step": state.step, "loss": sum(totals.values()), "terms": totals,
+            "lr": state.optimizer.param_groups[0]["lr"], "grad_norm": norm}
+    if per_sample:
+        logs["sigma"] = torch.cat(sigmas).tolist()
+        logs["per_sample"] = torch.cat(per_sample).tolist()
+    return logs
+
+
+def run_loop(
+    state: RunState,
+    terms: list[LossTerm],
+    callbacks: list[Callback] = (),
+    *,
+    should_stop: Callable[[], bool] = lambda: False,
+    noise_fn: NoiseFn = gaussian_noise,
+) -> str:
+    """Train from ``state.step`` to ``state.total_steps``. Returns why it ended:
+    ``"finished"``, ``"stopped"`` (should_stop or a callback), re-raises anything else
+    after telling the callbacks."""
+    for cb in callbacks:
+        cb.on_train_start(state)
+    reason = "finished"
+    model_module = state.model.module
+    model_module.train()
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            while state.step < state.total_steps:
+                t0 = time.perf_counter()
+                logs = train_step(state, terms, noise_fn)
+                logs["seconds"] = time.perf_counter() - t0
+                state.history.append({k: logs[k] for k in ("step", "loss", "lr", "seconds", "terms")})
+                for cb in callbacks:
+                    cb.on_step_end(state, logs)
+                if should_stop():
+                    reason = "stopped"
+                    break
+    except StopTraining as stop:
+        reason = stop.reason
+    except BaseException as e:  # interrupts are BaseExceptions: callbacks still save
+        reason = f"error: {type(e).__name__}: {e}"
+        for cb in callbacks:
+            cb.on_train_end(state, reason)
+        raise
+    finally:
+        model_module.eval()
+    for cb in callbacks:
+        cb.on_train_end(state, reason)
+    return reason
+
+

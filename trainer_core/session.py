@@ -1,0 +1,162 @@
+"""One call that trains a LoRA: data → cache → inject → loop → files.
+
+``train_lora`` is what the command line and the ComfyUI Trainer node call. Everything
+host-specific arrives as arguments: the model adapter, the codec and text encoder, a
+``release_encoders`` hook (free them once the dataset is cached), a ``progress`` callable
+and a ``should_stop`` callable (ComfyUI's Cancel, a signal, a control file).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from . import FORMAT_VERSION
+from .config import TrainingConfig
+from .data.dataset import prepare_dataset
+from .lora.formats import LORA_FORMATS
+from .lora.io import build_metadata, save_lora_file
+from .lora.network import LoraNetwork
+from .loop import Callback, LossTerm, RunState, run_loop
+from . import assemble
+from .optim import build_optimizer, build_scheduler
+from .report import write_learning_curve, write_state
+from .types import FlowModel, LatentCodec, TextEncoder
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+ProgressFn = Callable[[int, int, dict], None]
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    lora_path: Path
+    steps: int
+    reason: str
+    history: list[dict]
+    network: LoraNetwork  # still injected: the model now carries the trained LoRA
+    dataset_summary: dict[str, Any] = field(default_factory=dict)
+
+
+def run_folder(config: TrainingConfig) -> Path:
+    return Path(config.train.output_dir) / config.train.output_name
+
+
+def target_regex(config: TrainingConfig, model: FlowModel) -> str:
+    if config.lora.targets == "custom":
+        return config.lora.target_regex
+    return model.default_targets[config.lora.targets]
+
+
+def save_lora(path: Path, network: LoraNetwork, model: FlowModel, config: TrainingConfig, steps: int,
+              base_model: str = "") -> Path:
+    tensors = LORA_FORMATS.get(model.lora_format).to_tensors(network, model)
+    metadata = build_metadata(config, arch=model.arch, steps=steps, base_model=base_model)
+    save_lora_file(path, tensors, metadata)
+    return path
+
+
+class ReportCallback(Callback):
+    """Logs progress, and keeps ``training_state.json`` and ``learning_curve.svg`` current."""
+
+    def __init__(self, run_dir: Path, progress: Optional[ProgressFn], every: int):
+        self.run_dir, self.progress, self.every = run_dir, progress, every
+        self.t0 = time.perf_counter()
+
+    def on_step_end(self, state: RunState, logs: dict) -> None:
+        if self.progress is not None:
+            self.progress(state.step, state.total_steps, logs)
+        if state.step % self.every == 0 or state.step == state.total_steps:
+            log.info("step %d/%d loss %.4f lr %.2e (%.2fs/step)", state.step, state.total_steps,
+                     logs["loss"], logs["lr"], logs["seconds"])
+        if state.step % max(self.every, 50) == 0:
+            self.write(state, "running")
+
+    def on_train_end(self, state: RunState, reason: str) -> None:
+        self.write(state, reason)
+
+    def write(self, state: RunState, status: str) -> None:
+        extra = state.extra.get("curves", {})
+        write_learning_curve(self.run_dir / "learning_curve.svg", state.history, extra)
+        write_state(self.run_dir / "training_state.json", {
+            "format_version": FORMAT_VERSION, "status": status, "step": state.step,
+            "total_steps": state.total_steps, "losses": [h["loss"] for h in state.history],
+            "config": state.config.to_dict(), "elapsed_s": time.perf_counter() - self.t0,
+        })
+
+
+class LoraSaveCallback(Callback):
+    """Saves the LoRA every ``save_every`` steps and always at the end, including after a
+    stop or an interrupt, so finished steps are never lost."""
+
+    def __init__(self, run_dir: Path, every: int, base_model: str):
+        self.run_dir, self.every, self.base_model = run_dir, every, base_model
+        self.final_path = run_dir / "lora_final.safetensors"
+
+    def on_step_end(self, state: RunState, logs: dict) -> None:
+        if self.every and state.step % self.every == 0 and state.step < state.total_steps:
+            path = self.run_dir / f"checkpoint_{state.step:06d}" / "lora.safetensors"
+            save_lora(path, state.network, state.model, state.config, state.step, self.base_model)
+
+    def on_train_end(self, state: RunState, reason: str) -> None:
+        if state.step == 0:
+            log.warning("training ended before the first step (%s); no LoRA written", reason)
+            return
+        save_lora(self.final_path, state.network, state.model, state.config, state.step, self.base_model)
+        log.info("saved %s after %d steps (%s)", self.final_path, state.step, reason)
+
+
+def train_lora(
+    config: TrainingConfig,
+    model: FlowModel,
+    codec: LatentCodec,
+    text_encoder: TextEncoder,
+    *,
+    run_dir: Optional[Path] = None,
+    release_encoders: Optional[Callable[[], None]] = None,
+    progress: Optional[ProgressFn] = None,
+    should_stop: Callable[[], bool] = lambda: False,
+    callbacks: Sequence[Callback] = (),
+    extra_terms: Sequence[LossTerm] = (),
+    base_model: str = "",
+) -> TrainResult:
+    """Train a LoRA on ``model`` as ``config`` says; write it under the run folder.
+
+    The LoRA stays injected in ``model.module`` afterwards (``result.network.remove()``
+    restores the base model)."""
+    run_dir = Path(run_dir) if run_dir is not None else run_folder(config)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_state(run_dir / "config.json", {"format_version": FORMAT_VERSION, "config": config.to_dict()})
+    cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else run_dir / ".latent_cache"
+
+    dataset = prepare_dataset(config.data, codec, text_encoder, cache_dir=cache_dir,
+                              pixel_multiple=model.pixel_multiple, seed=config.train.seed,
+                              extra_captions=assemble.extra_captions(config))
+    if release_encoders is not None:
+        release_encoders()
+
+    prepare = getattr(model, "prepare_for_training", None)
+    if prepare is not None:
+        prepare(dtype=DTYPES[config.train.precision], gradient_checkpointing=config.train.gradient_checkpointing)
+    network = LoraNetwork.inject(model.module, config.lora, target_regex(config, model))
+    optimizer = build_optimizer(network, config.optim, assemble.param_grouping(config))
+    scheduler = build_scheduler(optimizer, config.optim, config.train.steps)
+    state = RunState(config=config, model=model, network=network, optimizer=optimizer,
+                     scheduler=scheduler, data=dataset, total_steps=config.train.steps)
+    state.extra["run_dir"] = run_dir
+    saver = LoraSaveCallback(run_dir, config.train.save_every, base_model)
+    terms = [*assemble.build_terms(config, model), *extra_terms]
+    all_callbacks = [*assemble.build_callbacks(config, run_dir), *callbacks,
+                     ReportCallback(run_dir, progress, config.train.log_every), saver]
+    log.info("training %d LoRA modules (%d parameters) for %d steps in %s",
+             len(network.modules_trained()), sum(p.numel() for p in network.parameters()),
+             config.train.steps, run_dir)
+    reason = run_loop(state, terms, all_callbacks, should_stop=should_stop, noise_fn=assemble.build_noise_fn(config))
+    return TrainResult(run_dir=run_dir, lora_path=saver.final_path, steps=state.step, reason=reason,
+                       history=state.history, network=network, dataset_summary=dataset.summary())
