@@ -128,8 +128,8 @@ class FlowModel(Protocol):
 @dataclass(frozen=True)
 class BflSlot:
     """Where a trained submodule lands in the BFL layout: module ``name`` and, for a fused
-    weight (qkv, single-block linear1), the ``part`` index among ``parts`` output slices
-    of sizes ``sizes``. An unfused module has parts == 1."""
+    weight (qkv, single-block linear1), the ``part`` index among the output-row slices of
+    sizes ``sizes``. An unfused module has empty ``sizes``."""
 
     name: str
     part: int = 0

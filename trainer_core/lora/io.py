@@ -1,0 +1,158 @@
+"""Reading and writing LoRA safetensors files, atomically, with kohya-style metadata.
+
+Metadata is a flat str → str map (the safetensors header allows nothing else). Our own keys
+are ``flowtrain.*`` (``flowtrain.format_version`` and the full config as JSON, so a file can
+be re-read by later versions and its run reproduced); the ``ss_*`` and ``modelspec.*`` keys
+are the ones kohya's sd-scripts writes, which UIs and model sites display.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as st_save
+
+import trainer_core
+from trainer_core.config import TrainingConfig
+
+log = logging.getLogger(__name__)
+
+NETWORK_MODULE = {"flux1": "networks.lora_flux", "flux2": "networks.lora_flux2"}
+"""``ss_network_module``: kohya's FLUX.1 module is ``networks.lora_flux``; for FLUX.2 no
+kohya value exists, we write ``networks.lora_flux2`` by analogy."""
+
+
+def save_lora_file(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write ``tensors`` + ``metadata`` to ``path`` atomically: a temp file in the same folder,
+    flushed and fsync'ed, then ``os.replace``. A failure leaves any old file untouched and no
+    temp file behind."""
+    bad = {k: type(v).__name__ for k, v in metadata.items() if not isinstance(k, str) or not isinstance(v, str)}
+    if bad:
+        raise ValueError(f"LoRA metadata values must be strings; not strings: {bad}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise ValueError(f"cannot save LoRA {path!r}: folder {folder!r} does not exist")
+    data = st_save(
+        {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+        metadata=metadata,
+    )
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(folder)
+    log.info("saved LoRA %s (%d tensors)", path, len(tensors))
+
+
+def _fsync_dir(folder: str) -> None:
+    """Make the rename durable; some filesystems refuse to open directories, which is fine."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # directory fsync is unsupported here; the data itself is already synced
+    finally:
+        os.close(fd)
+
+
+def load_lora_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors LoRA file; metadata is {} when the file has none."""
+    if not os.path.isfile(path):
+        raise ValueError(f"LoRA file {path!r} does not exist")
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safe_open handle, not a dict)
+    except Exception as e:  # safetensors raises its own error types for a corrupt header
+        raise ValueError(f"LoRA file {path!r} is not a readable safetensors file: {e}") from e
+    return tensors, metadata
+
+
+def modelspec_architecture(arch: str, base_model: str) -> str:
+    """``modelspec.architecture`` as kohya writes it: ``flux-1-dev/lora`` (or
+    ``flux-1-schnell``); for FLUX.2 ``flux-2-dev/lora`` or ``flux-2-klein/lora``."""
+    low = base_model.lower()
+    if arch == "flux1":
+        return "flux-1-schnell/lora" if "schnell" in low else "flux-1-dev/lora"
+    if arch == "flux2":
+        return "flux-2-klein/lora" if "klein" in low else "flux-2-dev/lora"
+    raise ValueError(f"unknown arch {arch!r}; use 'flux1' or 'flux2'")
+
+
+def build_metadata(
+    config: TrainingConfig,
+    *,
+    arch: str,
+    steps: int,
+    trigger_word: str,
+    base_model: str,
+    resolution: int | None = None,
+    extra: dict[str, str] | None = None,
+) -> dict[str, str]:
+    """The metadata of a LoRA file after ``steps`` optimizer steps.
+
+    ``resolution`` defaults to the largest configured bucket resolution; ``extra`` adds
+    further string keys (they may not overwrite the standard ones).
+    """
+    if arch not in NETWORK_MODULE:
+        raise ValueError(f"unknown arch {arch!r}; use one of {sorted(NETWORK_MODULE)}")
+    res = resolution if resolution is not None else max(config.data.buckets.resolutions)
+    md = {
+        "flowtrain.format_version": str(trainer_core.FORMAT_VERSION),
+        "flowtrain.config": config.to_json(),
+        "flowtrain.arch": arch,
+        "flowtrain.trigger_word": trigger_word,
+        "flowtrain.steps": str(int(steps)),
+        "flowtrain.base_model": base_model,
+        "ss_network_dim": str(config.lora.rank),
+        "ss_network_alpha": str(config.lora.alpha),
+        "ss_network_dropout": str(config.lora.dropout),
+        "ss_network_module": NETWORK_MODULE[arch],
+        "ss_resolution": f"({res}, {res})",
+        "ss_steps": str(int(steps)),
+        "ss_max_train_steps": str(config.train.steps),
+        "ss_learning_rate": str(config.optim.lr),
+        "ss_unet_lr": str(config.optim.lr),
+        "ss_optimizer": config.optim.optimizer,
+        "ss_lr_scheduler": config.optim.schedule,
+        "ss_seed": str(config.train.seed),
+        "ss_base_model_version": arch,
+        "ss_sd_model_name": base_model,
+        "ss_output_name": config.train.output_name,
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": modelspec_architecture(arch, base_model),
+        "modelspec.implementation": "https://github.com/black-forest-labs/flux",
+        "modelspec.title": config.train.output_name,
+    }
+    for k, v in (extra or {}).items():
+        if k in md:
+            raise ValueError(f"extra metadata key {k!r} would overwrite a standard key")
+        md[k] = v
+    return md
+
+
+def read_config(metadata: dict[str, str]) -> TrainingConfig:
+    """The ``TrainingConfig`` stored in a file's metadata (raises if absent or newer)."""
+    version = metadata.get("flowtrain.format_version")
+    if version is None or "flowtrain.config" not in metadata:
+        raise ValueError("this LoRA file has no flowtrain.config metadata (not written by FlowTrain)")
+    if int(version) > trainer_core.FORMAT_VERSION:
+        raise ValueError(
+            f"LoRA file format_version {version} is newer than this FlowTrain ({trainer_core.FORMAT_VERSION}); update FlowTrain"
+        )
+    return TrainingConfig.from_dict(json.loads(metadata["flowtrain.config"]))

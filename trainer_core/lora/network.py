@@ -1,0 +1,232 @@
+"""LoRA layers on any ``nn.Module``, injected with peft and removable without a trace.
+
+Each targeted ``nn.Linear`` (or subclass, e.g. ComfyUI's cast-on-forward layers holding
+bf16/fp8 weights; peft keeps calling the subclass' ``forward``) becomes
+
+    y = base(x) + m · (alpha / r) · B (A dropout(x)),  A [r, in], B [out, r]
+
+(Hu et al. 2021, "LoRA", eq. 3; ``m`` is the strength multiplier). A is Kaiming-uniform,
+B zero, so an injected network leaves outputs unchanged. A and B live in ``cfg.dtype``
+whatever the base dtype; every other parameter is frozen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from trainer_core.config import LoRAConfig
+
+log = logging.getLogger(__name__)
+
+ADAPTER = "default"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+LoraWeights = dict[str, tuple[torch.Tensor, torch.Tensor, float]]
+"""module name → (A [r, in] fp32, B [out, r] fp32, scale = alpha / r)."""
+
+
+def resolve_target_regex(cfg: LoRAConfig, presets: dict[str, str]) -> str:
+    """The regex for ``cfg.targets``: ``cfg.target_regex`` for 'custom', else the preset."""
+    if cfg.targets == "custom":
+        return cfg.target_regex
+    if cfg.targets not in presets:
+        raise ValueError(f"lora.targets={cfg.targets!r} has no preset for this model; known: {sorted(presets)}")
+    return presets[cfg.targets]
+
+
+def matching_linears(module: nn.Module, target_regex: str) -> list[str]:
+    """Names of the ``nn.Linear`` submodules whose full name ``re.fullmatch``-es the regex,
+    in module order. Matches that are not Linear layers are ignored."""
+    try:
+        pattern = re.compile(target_regex)
+    except re.error as e:
+        raise ValueError(f"LoRA target regex {target_regex!r} is not a valid regular expression: {e}") from None
+    return [n for n, m in module.named_modules() if n and isinstance(m, nn.Linear) and pattern.fullmatch(n)]
+
+
+class LoraNetwork:
+    """The LoRA layers injected into one module; use ``LoraNetwork.inject``."""
+
+    def __init__(
+        self,
+        root: nn.Module,
+        cfg: LoRAConfig,
+        layers: dict[str, nn.Module],
+        restore: dict,
+    ):
+        self.root = root
+        self.cfg = cfg
+        self._layers = layers  # module name → peft lora.Linear, in module order
+        self._restore = restore
+        self._multiplier = 1.0
+        self._removed = False
+
+    # ------------------------------------------------------------------ building
+    @classmethod
+    def inject(cls, module: nn.Module, cfg: LoRAConfig, target_regex: str) -> LoraNetwork:
+        """Wrap every Linear whose name fullmatches ``target_regex`` with a LoRA layer."""
+        import peft
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        if any(isinstance(m, BaseTunerLayer) for m in module.modules()):
+            raise ValueError("this module already carries LoRA layers; call remove() on the old LoraNetwork first")
+        names = matching_linears(module, target_regex)
+        if not names:
+            linears = [n for n, m in module.named_modules() if isinstance(m, nn.Linear)]
+            raise ValueError(
+                f"LoRA target regex {target_regex!r} matches no Linear layer (re.fullmatch on module names). "
+                f"{len(linears)} Linear layers exist, e.g.: {', '.join(linears[:8])}. Fix lora.target_regex "
+                "or choose targets='attention'/'all'."
+            )
+        restore = {
+            "requires_grad": [(p, p.requires_grad) for p in module.parameters()],
+            "had_peft_config": "peft_config" in vars(module),
+            "peft_config": vars(module).get("peft_config"),
+        }
+        exact = "(?:" + "|".join(re.escape(n) for n in names) + ")"
+        peft_cfg = peft.LoraConfig(
+            r=cfg.rank,
+            lora_alpha=cfg.alpha,
+            lora_dropout=cfg.dropout,
+            target_modules=exact,
+            init_lora_weights=True,
+        )
+        peft.inject_adapter_in_model(peft_cfg, module, adapter_name=ADAPTER)
+        dtype = DTYPES[cfg.dtype]
+        layers = {}
+        for n in names:
+            layer = module.get_submodule(n)
+            # peft casts A and B to the base weight's dtype (bf16, even fp8); move them to
+            # cfg.dtype and re-initialise there so the init is not quantised.
+            layer.lora_A[ADAPTER].to(dtype=dtype)
+            layer.lora_B[ADAPTER].to(dtype=dtype)
+            layer.reset_lora_parameters(ADAPTER, True)
+            layers[n] = layer
+        for p in module.parameters():
+            p.requires_grad_(False)
+        net = cls(module, cfg, layers, restore)
+        for _, p in net.named_parameters():
+            p.requires_grad_(True)
+        log.info("LoRA rank %d on %d layers (%s)", cfg.rank, len(names), cfg.dtype)
+        return net
+
+    # ------------------------------------------------------------------ parameters
+    def _check(self) -> None:
+        if self._removed:
+            raise RuntimeError("this LoRA network was removed; inject a new one")
+
+    def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """("<module>.lora_A", A) and ("<module>.lora_B", B) for each layer, in module order."""
+        self._check()
+        for n, layer in self._layers.items():
+            yield f"{n}.lora_A", layer.lora_A[ADAPTER].weight
+            yield f"{n}.lora_B", layer.lora_B[ADAPTER].weight
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [p for _, p in self.named_parameters()]
+
+    def modules_trained(self) -> list[str]:
+        return list(self._layers)
+
+    @property
+    def multiplier(self) -> float:
+        return self._multiplier
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Detached copies of A and B by their ``named_parameters`` names (checkpoints)."""
+        return {k: p.detach().clone() for k, p in self.named_parameters()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load tensors saved by ``state_dict``; the key set and shapes must match exactly."""
+        params = dict(self.named_parameters())
+        missing, extra = (
+            sorted(set(params) - set(state)),
+            sorted(set(state) - set(params)),
+        )
+        if missing or extra:
+            raise ValueError(f"LoRA state does not match this network: missing {missing[:5]}, unexpected {extra[:5]}")
+        with torch.no_grad():
+            for k, p in params.items():
+                if tuple(state[k].shape) != tuple(p.shape):
+                    raise ValueError(f"LoRA state {k!r} has shape {tuple(state[k].shape)}, expected {tuple(p.shape)}")
+                p.copy_(state[k])
+
+    def weights(self) -> LoraWeights:
+        """module → (A [r, in] fp32, B [out, r] fp32, scale alpha/r); the multiplier is not in it."""
+        self._check()
+        out = {}
+        for n, layer in self._layers.items():
+            a = layer.lora_A[ADAPTER].weight.detach().float().clone()
+            b = layer.lora_B[ADAPTER].weight.detach().float().clone()
+            out[n] = (a, b, float(layer.lora_alpha[ADAPTER]) / layer.r[ADAPTER])
+        return out
+
+    def load_weights(self, weights: LoraWeights) -> None:
+        """Set A and B from ``weights()``-form data covering exactly the trained modules.
+        A scale that differs from this network's alpha/r is folded into B (same ΔW)."""
+        self._check()
+        missing, extra = (
+            sorted(set(self._layers) - set(weights)),
+            sorted(set(weights) - set(self._layers)),
+        )
+        if missing or extra:
+            raise ValueError(f"LoRA weights do not match this network: missing {missing[:5]}, unexpected {extra[:5]}")
+        with torch.no_grad():
+            for n, (a, b, scale) in weights.items():
+                layer = self._layers[n]
+                pa, pb = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+                if tuple(a.shape) != tuple(pa.shape) or tuple(b.shape) != tuple(pb.shape):
+                    raise ValueError(
+                        f"LoRA weights for {n!r}: A {tuple(a.shape)}, B {tuple(b.shape)}; expected "
+                        f"A {tuple(pa.shape)}, B {tuple(pb.shape)} (rank {self.cfg.rank})"
+                    )
+                own = float(layer.lora_alpha[ADAPTER]) / layer.r[ADAPTER]
+                pa.copy_(a)
+                pb.copy_(b.float() * (scale / own) if scale != own else b)
+
+    # ------------------------------------------------------------------ switches
+    def set_multiplier(self, m: float) -> None:
+        """Strength: scale every update by ``m`` on top of alpha/r (1.0 = as trained)."""
+        self._check()
+        for layer in self._layers.values():
+            layer.set_scale(ADAPTER, float(m))
+        self._multiplier = float(m)
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Run the base model only (e.g. a preservation prior pass). LoRA parameters have
+        ``requires_grad`` False inside; everything is restored on exit, also on error."""
+        self._check()
+        flags = [(p, p.requires_grad) for p in self.parameters()]
+        for layer in self._layers.values():
+            layer.enable_adapters(False)
+        try:
+            yield
+        finally:
+            for layer in self._layers.values():
+                layer.enable_adapters(True)
+            for p, flag in flags:
+                p.requires_grad_(flag)
+
+    def remove(self) -> None:
+        """Put the original Linear objects back, restore every ``requires_grad`` flag and drop
+        the ``peft_config`` attribute peft added: the module is as before ``inject``."""
+        self._check()
+        for n, layer in self._layers.items():
+            parent_name, _, child = n.rpartition(".")
+            parent = self.root.get_submodule(parent_name) if parent_name else self.root
+            setattr(parent, child, layer.base_layer)
+        for p, flag in self._restore["requires_grad"]:
+            p.requires_grad_(flag)
+        if self._restore["had_peft_config"]:
+            self.root.peft_config = self._restore["peft_config"]
+        elif "peft_config" in vars(self.root):
+            del self.root.peft_config
+        self._layers = {}
+        self._removed = True
