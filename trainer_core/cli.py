@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import ConfigError, TrainingConfig
+from .loop import NonFiniteLoss
 
 log = logging.getLogger("trainer_core")
 
@@ -172,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
             result = train_lora(config, model, codec, text, release_encoders=lambda: (codec.release(), text.release()),
                                 progress=TerminalProgress(), should_stop=stop, base_model=str(args.model))
             log.info("LoRA: %s (%s after %d steps)", result.lora_path, result.reason, result.steps)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, ValueError, FileNotFoundError, NonFiniteLoss, OSError) as e:
+        # each of these carries a message that names the file or setting and the fix
         log.error("error: %s", e)
         return 2
     return 0

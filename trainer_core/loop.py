@@ -1,7 +1,8 @@
 """The training loop: a short spine with three seams.
 
 1. parameter groups (``optim.PARAM_GROUPS``) decide what the optimizer sees;
-2. loss terms (``LossTerm``) are summed for one backward per micro-step;
+2. loss terms (``LossTerm``) are summed for one backward per micro-step (a ``Backward``
+   strategy may combine their gradients otherwise, e.g. ``dop.pcgrad_backward``);
 3. callbacks (``Callback``) react to the start, each finished step and the end
    (logging, EMA, checkpoints, previews, control files).
 
@@ -26,16 +27,29 @@ log = logging.getLogger(__name__)
 
 
 class BatchSource(Protocol):
-    """Deterministic batches: ``batch(index, generator)`` for micro-step ``index``."""
+    """Deterministic batches: ``batch(index, generator, step=)`` for micro-step ``index``
+    of optimizer step ``step`` (for step-dependent choices such as a caption-dropout ramp)."""
 
-    def batch(self, index: int, generator: torch.Generator) -> Batch: ...
+    def batch(self, index: int, generator: torch.Generator, step: Optional[int] = None) -> Batch: ...
 
 
-NoiseFn = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
+# (x0, generator) -> ε, or (ε, ε_input): ε is the target's noise, ε_input the noise of x_t
+# (input perturbation; see noise.py). A single tensor is used for both.
+NoiseFn = Callable[[torch.Tensor, torch.Generator], "torch.Tensor | tuple[torch.Tensor, torch.Tensor]"]
 
 
 def gaussian_noise(x0: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device)
+
+
+# (term values, trainable params, scale = 1/grad_accum) -> None: turns one micro-step's
+# loss terms into accumulated ``.grad``s (e.g. ``dop.pcgrad_backward``).
+Backward = Callable[[dict[str, torch.Tensor], list[torch.Tensor], float], None]
+
+
+def sum_backward(values: dict[str, torch.Tensor], params: list[torch.Tensor], scale: float) -> None:
+    """The default: one backward of the scaled sum of the terms."""
+    (sum(values.values()) * scale).backward()
 
 
 @dataclass
@@ -49,7 +63,7 @@ class StepContext:
     model: FlowModel
     network: Any  # lora.LoraNetwork: .disabled() switches the LoRA off
     sigma: torch.Tensor  # [B] float32
-    noise: torch.Tensor  # [B, C, h, w]
+    noise: torch.Tensor  # [B, C, h, w], the target's ε (x_t may use a perturbed one)
     x_t: torch.Tensor
     target: torch.Tensor
     guidance: float
@@ -75,6 +89,8 @@ class Callback:
     """Override what you need. ``state`` is the live ``RunState``."""
 
     def on_train_start(self, state: "RunState") -> None: ...
+
+    def on_step_start(self, state: "RunState") -> None: ...
 
     def on_step_end(self, state: "RunState", logs: dict[str, Any]) -> None: ...
 
@@ -111,20 +127,22 @@ def make_context(state: RunState, step: int, micro: int, generator: torch.Genera
                  noise_fn: NoiseFn = gaussian_noise) -> StepContext:
     cfg = state.config
     index = step * cfg.optim.grad_accum + micro
-    batch = state.data.batch(index, generator)
+    batch = state.data.batch(index, generator, step=step)
     x0 = batch.latents.float()
     tokens = state.model.image_tokens(tuple(x0.shape[-2:]))
     params = SigmaParams(cfg.flow.sigmoid_mean, cfg.flow.sigmoid_std, cfg.flow.shift, tokens)
     sigma = sample_sigmas(x0.shape[0], scheme=cfg.flow.sigma_scheme, generator=generator, params=params).to(x0.device)
     noise = noise_fn(x0, generator)
+    noise, input_noise = noise if isinstance(noise, tuple) else (noise, noise)
     return StepContext(
         step=step, micro=micro, generator=generator, batch=batch, model=state.model,
-        network=state.network, sigma=sigma, noise=noise, x_t=interpolate(x0, noise, sigma),
+        network=state.network, sigma=sigma, noise=noise, x_t=interpolate(x0, input_noise, sigma),
         target=velocity_target(x0, noise), guidance=cfg.flow.guidance,
     )
 
 
-def train_step(state: RunState, terms: list[LossTerm], noise_fn: NoiseFn = gaussian_noise) -> dict[str, Any]:
+def train_step(state: RunState, terms: list[LossTerm], noise_fn: NoiseFn = gaussian_noise,
+               backward: Backward = sum_backward) -> dict[str, Any]:
     """One optimizer step over ``grad_accum`` micro-batches. Returns the step's logs."""
     cfg = state.config
     accum = cfg.optim.grad_accum
@@ -138,12 +156,12 @@ def train_step(state: RunState, terms: list[LossTerm], noise_fn: NoiseFn = gauss
         if not torch.isfinite(loss):
             raise NonFiniteLoss(
                 f"loss is {loss.item()} at step {state.step + 1} (terms: "
-                f"{ {k: float(v) for k, v in values.items()} }); likely causes: learning rate too "
+                f"{ {k: float(v.detach()) for k, v in values.items()} }); likely causes: learning rate too "
                 f"high ({cfg.optim.lr}) or {cfg.train.precision} overflow; try a lower lr or fp32/bf16"
             )
-        (loss / accum).backward()
+        backward(values, state.network.parameters(), 1.0 / accum)
         for k, v in values.items():
-            totals[k] = totals.get(k, 0.0) + float(v) / accum
+            totals[k] = totals.get(k, 0.0) + float(v.detach()) / accum
         if "per_sample" in ctx.logs:
             per_sample.append(ctx.logs["per_sample"].cpu())
             sigmas.append(ctx.sigma.detach().cpu())
@@ -167,6 +185,7 @@ def run_loop(
     *,
     should_stop: Callable[[], bool] = lambda: False,
     noise_fn: NoiseFn = gaussian_noise,
+    backward: Backward = sum_backward,
 ) -> str:
     """Train from ``state.step`` to ``state.total_steps``. Returns why it ended:
     ``"finished"``, ``"stopped"`` (should_stop or a callback), re-raises anything else
@@ -180,7 +199,9 @@ def run_loop(
         with torch.inference_mode(False), torch.enable_grad():
             while state.step < state.total_steps:
                 t0 = time.perf_counter()
-                logs = train_step(state, terms, noise_fn)
+                for cb in callbacks:
+                    cb.on_step_start(state)
+                logs = train_step(state, terms, noise_fn, backward)
                 logs["seconds"] = time.perf_counter() - t0
                 state.history.append({k: logs[k] for k in ("step", "loss", "lr", "seconds", "terms")})
                 for cb in callbacks:

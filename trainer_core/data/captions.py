@@ -4,9 +4,12 @@
   make sure the trigger word is present;
 * variant stages ``(caption, generator) -> caption`` are random: ``variants`` runs them
   repeatedly and keeps the distinct results, which are all pre-encoded so the text
-  encoder can be freed before training. Today the only variant stage is tag shuffling
-  (kohya's ``keep_tokens``: the first tags stay put); wildcards ``{a|b}`` and tag dropout
-  slot in as further variant stages.
+  encoder can be freed before training. In order: wildcards ``{a|b|c}`` (one choice per
+  group), tag dropout (each tag after the kept ones dropped with probability p) and tag
+  shuffling (kohya's ``keep_tokens``: the first tags stay put).
+
+Caption dropout (the empty caption for a whole step) happens later, per step, in the
+dataset; ``dropout_probability`` ramps it in linearly.
 
 Trigger matching is case-sensitive and whole-word: the trigger must not touch another
 word character on either side (``(?<!\\w)trigger(?!\\w)``, i.e. ``\\b`` for ordinary
@@ -60,6 +63,42 @@ def shuffle_tags(caption: str, generator: torch.Generator, *, keep: int, separat
     return join_tags(head + [tail[i] for i in order], separator)
 
 
+_WILDCARD = re.compile(r"\{([^{}]*\|[^{}]*)\}")
+
+
+def expand_wildcards(caption: str, generator: torch.Generator) -> str:
+    """Replace every ``{a|b|c}`` group by one of its options, each drawn uniformly (left
+    to right, one ``randint`` per group). Braces without a ``|`` are left as they are."""
+    if "{" not in caption:
+        return caption
+
+    def choose(m: re.Match) -> str:
+        options = m.group(1).split("|")
+        return options[int(torch.randint(len(options), (1,), generator=generator))].strip()
+
+    return _WILDCARD.sub(choose, caption)
+
+
+def drop_tags(caption: str, generator: torch.Generator, *, keep: int, separator: str, p: float) -> str:
+    """Drop each tag after the first ``keep`` independently with probability ``p``
+    (one ``rand`` per such tag)."""
+    tags = split_tags(caption, separator)
+    head, tail = tags[:keep], tags[keep:]
+    if not tail:
+        return caption
+    draws = torch.rand(len(tail), generator=generator).tolist()
+    return join_tags(head + [t for t, u in zip(tail, draws) if u >= p], separator)
+
+
+def dropout_probability(p: float, warmup_steps: int, step: int | None) -> float:
+    """Caption dropout at optimizer step ``step`` (0-based): ``p·min(1, step/warmup_steps)``,
+    i.e. 0 at the first step and ``p`` from step ``warmup_steps`` on; ``p`` when there is no
+    warmup or the step is unknown (``None``)."""
+    if warmup_steps <= 0 or step is None:
+        return p
+    return p * min(1.0, max(0, step) / warmup_steps)
+
+
 class CaptionPolicy:
     """What the text encoder sees for each image, from ``CaptionConfig``."""
 
@@ -71,6 +110,11 @@ class CaptionPolicy:
             partial(ensure_trigger, trigger=cfg.trigger_word, separator=cfg.separator),
         ]
         self.variant_stages: list[VariantStage] = []
+        if cfg.wildcards:
+            self.variant_stages.append(expand_wildcards)
+        if cfg.tag_dropout > 0:
+            self.variant_stages.append(partial(drop_tags, keep=cfg.keep_tokens, separator=cfg.separator,
+                                               p=cfg.tag_dropout))
         if cfg.shuffle:
             self.variant_stages.append(partial(shuffle_tags, keep=cfg.keep_tokens, separator=cfg.separator))
 

@@ -3,8 +3,14 @@
 ``prepare_dataset`` does all the encoding up front (through the on-disk caches), so the
 VAE and text encoder can be freed before training. ``CachedDataset.batch(index, g)`` is
 then a pure function of (seed, index, g): the data order of an epoch comes from its own
-generator seeded by (seed, epoch); caption variant and dropout come from ``g``, the step
-generator.
+generator seeded by (seed, epoch); caption variant, dropout and augmentation come from
+``g``, the step generator.
+
+Augmentation (``augment.py``): a flip-enabled dataset caches a second, mirrored latent per
+image (unless its caption opts out) and ``batch`` picks one; random crop or colour jitter
+switch to *live* encoding: the un-augmented latents are still cached (for validation),
+but every batch is re-encoded from augmented pixels, so the codec must stay loaded
+(``dataset.needs_codec``; the caller must not free it).
 
 One *entry* is one image at one resolution (an image large enough for three
 resolutions gives three entries, like ai-toolkit's per-resolution datasets); an epoch
@@ -26,7 +32,8 @@ from ..config import BucketConfig, ConfigError, DataConfig
 from ..types import Batch, LatentCodec, TextBatch, TextEmbedding, TextEncoder
 from .buckets import choose_bucket, cover_crop_box, resize_and_crop, resolutions_for
 from .cache import LatentCache, LatentJob, TextCache
-from .captions import CaptionPolicy
+from .augment import Augmenter, flip_allowed, needs_live_encoding
+from .captions import CaptionPolicy, dropout_probability
 from .images import ImageError, image_size, image_to_tensor, load_image
 from .scan import ImageRecord, scan_folder
 
@@ -51,13 +58,18 @@ def _listing(items: list[str]) -> str:
 @dataclass(frozen=True, eq=False)
 class Entry:
     """One image at one bucket: ``latent`` [C, h, w], its caption variants (keys into the
-    dataset's embeddings), the source file and how often an epoch visits it."""
+    dataset's embeddings), the source file and how often an epoch visits it. ``flipped``:
+    the mirrored image's latent (cached flip), ``flip_ok``: whether it may be flipped,
+    ``size``: the upright source size (live encoding re-crops from it)."""
 
     latent: torch.Tensor
     bucket: tuple[int, int]
     texts: tuple[str, ...]
     source: Path
     repeats: int
+    flipped: torch.Tensor | None = None
+    flip_ok: bool = False
+    size: tuple[int, int] = (0, 0)
 
 
 @dataclass(frozen=True)
@@ -66,6 +78,7 @@ class _Planned:
     size: tuple[int, int]
     bucket: tuple[int, int]
     key: str
+    flip_key: str | None = None
 
 
 def check_bucket_step(buckets: BucketConfig, pixel_multiple: int) -> None:
@@ -103,13 +116,14 @@ def _check_decodes(paths: list[Path]) -> None:
         raise ImageError(f"{len(errors)} image(s) cannot be decoded:{_listing(errors)}")
 
 
-def _pixels(path: Path, size: tuple[int, int], bucket: tuple[int, int]) -> torch.Tensor:
+def _pixels(path: Path, size: tuple[int, int], bucket: tuple[int, int], flip: bool = False) -> torch.Tensor:
     cover, _ = cover_crop_box(size, bucket)
     img, _ = resize_and_crop(load_image(path, min_size=cover), bucket)
-    return image_to_tensor(img)
+    x = image_to_tensor(img)
+    return x.flip(-1) if flip else x
 
 
-def _plan(records, sizes, buckets: BucketConfig, codec_identity: str):
+def _plan(records, sizes, buckets: BucketConfig, codec_identity: str, flips: set[Path] = frozenset()):
     planned, skipped = [], []
     for rec, size in zip(records, sizes):
         for res in resolutions_for(*size, buckets.resolutions, buckets.allow_upscale):
@@ -120,7 +134,8 @@ def _plan(records, sizes, buckets: BucketConfig, codec_identity: str):
                 continue
             _, box = cover_crop_box(size, bucket)
             key = LatentCache.key(rec.content_hash, bucket, box, codec_identity, flip=False)
-            planned.append(_Planned(rec, size, bucket, key))
+            flip_key = LatentCache.key(rec.content_hash, bucket, box, codec_identity, flip=True) if rec.path in flips else None
+            planned.append(_Planned(rec, size, bucket, key, flip_key))
     return planned, skipped
 
 
@@ -149,7 +164,11 @@ def prepare_dataset(
     check_bucket_step(cfg.buckets, pixel_multiple)
     records = scan_folder(cfg.path, cfg.captions.caption_extension)
     sizes = _probe_sizes(records)
-    planned, skipped = _plan(records, sizes, cfg.buckets, codec.identity)
+    policy = CaptionPolicy(cfg.captions)
+    aug = cfg.augment
+    live = needs_live_encoding(aug)
+    flip_ok = {r.path for r in records if aug.flip and flip_allowed(policy.base_caption(r.caption), aug.flip_opt_out_words)}
+    planned, skipped = _plan(records, sizes, cfg.buckets, codec.identity, set() if live else flip_ok)
     used = {p.record.path for p in planned}
     missing = [str(r.path) for r in records if r.caption is None and r.path in used]
     if missing:
@@ -168,18 +187,25 @@ def prepare_dataset(
     latent_cache = LatentCache(cache_dir)
     path_of = {p.key: p.record.path for p in planned}
     jobs = [LatentJob(p.key, p.bucket, partial(_pixels, p.record.path, p.size, p.bucket)) for p in planned]
+    jobs += [LatentJob(p.flip_key, p.bucket, partial(_pixels, p.record.path, p.size, p.bucket, True))
+             for p in planned if p.flip_key is not None]
+    for p in planned:
+        path_of.setdefault(p.flip_key, p.record.path)
     latents = latent_cache.get_or_encode(
         jobs, codec, batch_size=latent_batch_size, progress=progress,
         check=lambda misses: _check_decodes([path_of[j.key] for j in misses]),
     )
 
-    policy = CaptionPolicy(cfg.captions)
     variants = {r.path: _variants(policy, r.caption, seed) for r in records if r.path in used}
     texts, extras = _texts_to_encode(variants, policy, cfg.captions.caption_dropout > 0, extra_captions)
     text_cache = TextCache(cache_dir)
     embeddings = text_cache.get_or_encode(texts, text_encoder, batch_size=text_batch_size, progress=progress)
 
-    entries = [Entry(latents[p.key], p.bucket, variants[p.record.path], p.record.path, p.record.repeats) for p in planned]
+    entries = [Entry(latents[p.key], p.bucket, variants[p.record.path], p.record.path, p.record.repeats,
+                     flipped=latents.get(p.flip_key), flip_ok=p.record.path in flip_ok, size=p.size) for p in planned]
+    if live:
+        log.warning("data.augment random_crop/color_jitter: training latents cannot be cached, every batch is "
+                    "encoded from augmented pixels (slower; the image encoder stays loaded)")
     summary = {
         "images": len(used),
         "captions_found": sum(r.caption is not None for r in records if r.path in used),
@@ -188,12 +214,15 @@ def prepare_dataset(
         "buckets": dict(sorted(_count(f"{e.bucket[0]}x{e.bucket[1]}" for e in entries).items())),
         "skipped": skipped,
         "texts": len(texts),
+        "augment": {"flip_images": len(flip_ok & used), "live_encoding": live},
         "cache": {"latent_hits": latent_cache.hits, "latent_misses": latent_cache.misses,
                   "text_hits": text_cache.hits, "text_misses": text_cache.misses},
     }
     return CachedDataset(entries, embeddings, batch_size=cfg.batch_size, seed=seed,
                          caption_dropout=cfg.captions.caption_dropout, extras=extras,
-                         dropped_base=policy.base_caption(None), summary=summary)
+                         dropped_base=policy.base_caption(None), summary=summary,
+                         caption_dropout_warmup=cfg.captions.caption_dropout_warmup_steps, flip=aug.flip,
+                         augmenter=Augmenter(aug) if live else None, codec=codec if live else None)
 
 
 def _variants(policy: CaptionPolicy, raw: str | None, seed: int) -> tuple[str, ...]:
@@ -223,9 +252,10 @@ def _count(items) -> dict:
 class CachedDataset:
     """Entries plus the embeddings of every text they can use; no encoder needed.
 
-    ``len(ds)``: samples per epoch (sum of repeats over entries). ``batch(index, g)``:
-    micro-batch ``index``; see the module docstring. A dropped caption (probability
-    ``caption_dropout``, drawn from ``g``) trains on the embedding of ``""``; its extras
+    ``len(ds)``: samples per epoch (sum of repeats over entries). ``batch(index, g, step=)``:
+    micro-batch ``index`` of optimizer step ``step``; see the module docstring. A dropped
+    caption (probability ``captions.dropout_probability(caption_dropout,
+    caption_dropout_warmup, step)``, drawn from ``g``) trains on the embedding of ``""``; its extras
     (e.g. ``class_text``) use the transform of a *missing* caption, i.e. of the bare
     trigger word, which the class-word transform turns into the class word alone
     (ai-toolkit's DOP does the same).
@@ -233,7 +263,10 @@ class CachedDataset:
 
     def __init__(self, entries: list[Entry], embeddings: dict[str, TextEmbedding], *, batch_size: int,
                  seed: int, caption_dropout: float, extras: dict[str, dict[str, str]],
-                 dropped_base: str, summary: dict):
+                 dropped_base: str, summary: dict, caption_dropout_warmup: int = 0, flip: bool = False,
+                 augmenter: Augmenter | None = None, codec: LatentCodec | None = None):
+        if (augmenter is None) != (codec is None):
+            raise ValueError("CachedDataset: live augmentation needs both an augmenter and a codec")
         if not entries:
             raise ValueError("CachedDataset needs at least one entry")
         self.entries = entries
@@ -244,9 +277,17 @@ class CachedDataset:
         self.extras = extras
         self.dropped_base = dropped_base
         self._summary = summary
+        self.caption_dropout_warmup = caption_dropout_warmup
+        self.flip = flip
+        self.augmenter, self.codec = augmenter, codec
         per_bucket = _count(e.bucket for e in entries for _ in range(e.repeats))
         self.batches_per_epoch = sum(math.ceil(n / batch_size) for n in per_bucket.values())
         self._plan_cache: tuple[int, list[list[int]]] = (-1, [])
+
+    @property
+    def needs_codec(self) -> bool:
+        """True when batches are encoded live (random crop / colour jitter): keep the codec."""
+        return self.codec is not None
 
     def __len__(self) -> int:
         return sum(e.repeats for e in self.entries)
@@ -274,25 +315,38 @@ class CachedDataset:
         self._plan_cache = (epoch, plan)
         return plan
 
-    def batch(self, index: int, generator: torch.Generator) -> Batch:
+    def batch(self, index: int, generator: torch.Generator, step: int | None = None) -> Batch:
         if index < 0:
             raise ValueError(f"batch index must be >= 0, got {index}")
         epoch, pos = divmod(index, self.batches_per_epoch)
         ids = self.epoch_plan(epoch)[pos]
-        texts, extra_texts = [], {name: [] for name in self.extras}
+        texts, extra_texts, flips = [], {name: [] for name in self.extras}, []
+        p_drop = dropout_probability(self.caption_dropout, self.caption_dropout_warmup, step)
         for i in ids:
             entry = self.entries[i]
-            # Always draw both numbers so the generator advances the same way every step.
+            # Always draw every number so the generator advances the same way every step.
             pick = int(torch.randint(len(entry.texts), (1,), generator=generator))
-            dropped = bool(torch.rand((), generator=generator) < self.caption_dropout)
+            dropped = bool(torch.rand((), generator=generator) < p_drop)
+            coin = self.flip and bool(torch.rand((), generator=generator) < 0.5)  # drawn only with flip on
+            flips.append(coin and entry.flip_ok)
             text = "" if dropped else entry.texts[pick]
             texts.append(text)
             for name, table in self.extras.items():
                 extra_texts[name].append(table[self.dropped_base if dropped else text])
         return Batch(
-            latents=torch.stack([self.entries[i].latent for i in ids]),
+            latents=self._latents(ids, flips, generator),
             text=TextBatch.collate([self.embeddings[t] for t in texts]),
             captions=texts,
             sources=[str(self.entries[i].source) for i in ids],
             extras={name: TextBatch.collate([self.embeddings[t] for t in ts]) for name, ts in extra_texts.items()},
         )
+
+    def _latents(self, ids: list[int], flips: list[bool], generator: torch.Generator) -> torch.Tensor:
+        """[B, C, h, w]: cached (the mirrored latent where flipped), or encoded now from
+        augmented pixels (draws from ``generator`` per sample, in order)."""
+        if self.codec is None:
+            return torch.stack([e.flipped if f else e.latent for e, f in zip((self.entries[i] for i in ids), flips)])
+        pixels = torch.stack([self.augmenter.pixels(self.entries[i].source, self.entries[i].size,
+                                                    self.entries[i].bucket, f, generator) for i, f in zip(ids, flips)])
+        with torch.no_grad():
+            return self.codec.encode(pixels).detach().cpu()

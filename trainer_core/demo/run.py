@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 from ..models.diffusers_flux import DiffusersFlux1
+from ..previews import PreviewCallback, demo_renderer
 from ..session import train_lora
 from .codec import DctCodec
 from .dataset import sample_prompts, write_demo_dataset
@@ -38,12 +39,25 @@ DEMO_DEFAULTS = {
     "flow": {"sigma_scheme": "sigmoid"},
     "train": {"steps": 300, "precision": "fp32", "gradient_checkpointing": False,
               "save_every": 100, "log_every": 50, "output_name": "demo"},
+    "preview": {"every_n_steps": 100, "width": DEMO_SIZE, "height": DEMO_SIZE, "guidance": 1.0,
+                "prompts": ["sks, a red ring object on a blue background",
+                            "sks, a red ring object on a white gradient background"]},
 }
 
 
 def demo_parts(seed: int = 0):
     """The embedded default: (model adapter, codec, text encoder)."""
     return DiffusersFlux1(tiny_flux1(seed=seed)), DctCodec(), HashTextEncoder()
+
+
+def preview_callbacks(config, codec, text) -> list:
+    """Previews (``<run>/baseline``, ``checkpoint_*``, ``final``) when preview.every_n_steps > 0."""
+    p = config.preview
+    if p.every_n_steps <= 0:
+        return []
+    render = demo_renderer(codec, text, p.prompts, config.data.captions.trigger_word, p.seed, p.steps,
+                           (p.height, p.width))
+    return [PreviewCallback(render, p.every_n_steps)]
 
 
 def run_demo(args, *, stop: Callable[[], bool], progress, make_config) -> Path:
@@ -58,6 +72,7 @@ def run_demo(args, *, stop: Callable[[], bool], progress, make_config) -> Path:
     log.info("sampling 'before' images")
     before = sample_images(model, codec, text, with_trigger, seed=SAMPLE_SEED, size=(DEMO_SIZE, DEMO_SIZE))
     result = train_lora(config, model, codec, text, run_dir=run_dir, progress=progress, should_stop=stop,
+                        callbacks=preview_callbacks(config, codec, text),
                         base_model="embedded tiny FLUX.1 (random weights)")
     log.info("sampling 'after' images")
     after = sample_images(model, codec, text, with_trigger, seed=SAMPLE_SEED, size=(DEMO_SIZE, DEMO_SIZE))

@@ -1,0 +1,78 @@
+"""What several FlowTrain nodes share: the custom socket types, tooltips read from the
+engine's config help, and ComfyUI progress reporting for a training run."""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Optional
+
+from comfy_api.latest import io
+
+from trainer_core.config import field_help
+
+log = logging.getLogger(__name__)
+
+CATEGORY = "FlowTrain"
+Dataset = io.Custom("FLOWTRAIN_DATASET")
+LoraConfigType = io.Custom("FLOWTRAIN_LORA_CONFIG")
+DopType = io.Custom("FLOWTRAIN_DOP")
+PreviewType = io.Custom("FLOWTRAIN_PREVIEW")
+PROGRESS_EVENT = "flowtrain.progress"
+
+
+def tip(config_cls: type, name: str, extra: str = "") -> str:
+    """The tooltip of a widget that sets ``config_cls.name``: the config's help text."""
+    text = field_help(config_cls, name)
+    return f"{text} {extra}".strip()
+
+
+def bounds(config_cls: type, name: str) -> dict:
+    """``min``/``max`` of a numeric widget from the config field's range (open lower
+    bounds are left to the config's own validation, which names the field)."""
+    import dataclasses
+
+    meta = next(f.metadata for f in dataclasses.fields(config_cls) if f.name == name)
+    out = {}
+    if meta.get("lo") is not None:
+        out["min"] = meta["lo"]
+    if meta.get("hi") is not None:
+        out["max"] = meta["hi"]
+    return out
+
+
+def send_text(text: str, node_id: Optional[str]) -> None:
+    """Text shown on the node while it runs (no-op without a server, e.g. in scripts)."""
+    from server import PromptServer
+
+    server = getattr(PromptServer, "instance", None)
+    if server is not None and node_id is not None:
+        server.send_progress_text(text, node_id)
+
+
+class TrainingProgress:
+    """The engine's ``progress(step, total, logs)`` hook for one node: ComfyUI's progress
+    bar, the loss as node text and a ``flowtrain.progress`` event for the web chart.
+
+    The bar is left alone once Cancel was pressed: ComfyUI's progress hook would raise the
+    interrupt inside the engine's callback; instead the engine sees ``should_stop`` after
+    the step, saves, and returns ``"stopped"``."""
+
+    def __init__(self, node_id: Optional[str], total: int):
+        import comfy.utils
+
+        self.node_id, self.total = node_id, total
+        self.bar = comfy.utils.ProgressBar(total, node_id=node_id)
+
+    def __call__(self, step: int, total: int, logs: dict) -> None:
+        import comfy.model_management
+        from server import PromptServer
+
+        loss, lr = float(logs.get("loss", math.nan)), float(logs.get("lr", math.nan))
+        if not comfy.model_management.processing_interrupted():
+            self.bar.update_absolute(step, total)
+        send_text(f"step {step}/{total}  loss {loss:.4f}", self.node_id)
+        server = getattr(PromptServer, "instance", None)
+        if server is not None:
+            server.send_sync(PROGRESS_EVENT, {"node": self.node_id, "step": step, "total": total,
+                                              "loss": loss if math.isfinite(loss) else None,
+                                              "lr": lr if math.isfinite(lr) else None}, server.client_id)

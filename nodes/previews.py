@@ -1,0 +1,110 @@
+"""Training previews rendered by ComfyUI's sampler on the live model.
+
+During training the Trainer's ``model_patcher.model.diffusion_model`` carries the live LoRA
+layers, so sampling that patcher shows the LoRA as trained so far. The prompts are
+encoded before training (the text encoder is freed once the dataset is cached); each is
+rendered with and without the trigger word from the same seed.
+
+``preview_callback`` wires the renderer into the engine's ``trainer_core.previews.PreviewCallback``.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from trainer_core.config import PreviewConfig
+
+from . import specs
+from .sampling import Conditioning, encode_prompt, sample_image, save_png
+
+log = logging.getLogger(__name__)
+
+PREVIEW_EVENT = "flowtrain.preview"
+
+
+@contextlib.contextmanager
+def sampling_mode():
+    """Inference state for sampling in the middle of training: ComfyUI's inference rope
+    path (``in_training`` False) and inference mode, as in any node (the conditioning
+    tensors are inference tensors, which ops outside inference mode refuse to read in
+    place). Parameters are only read. The caller's state comes back after."""
+    import comfy.model_management as mm
+
+    was = mm.in_training
+    mm.in_training = False
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        mm.in_training = was
+
+
+def preview_pairs(settings: PreviewConfig, trigger: str, clip=None,
+                  conditioning: Optional[Conditioning] = None) -> list[tuple[Conditioning, Conditioning]]:
+    """(with-trigger, without-trigger) conditioning per preview prompt. Without a CLIP the
+    given ``conditioning`` stands for every prompt (tests, fixed-conditioning graphs)."""
+    prompts = settings.prompts or ("",)
+    if clip is None:
+        if conditioning is None:
+            raise ValueError("previews need a CLIP or a CONDITIONING to sample with")
+        return [(conditioning, conditioning) for _ in prompts]
+    pairs = []
+    for prompt in prompts:
+        with_t, without = specs.trigger_variants(prompt, trigger)
+        pairs.append((encode_prompt(clip, with_t), encode_prompt(clip, without)))
+    return pairs
+
+
+def comfy_renderer(model_patcher, vae, pairs: Sequence[tuple[Conditioning, Conditioning]],
+                   settings: PreviewConfig, *, negative: Optional[Conditioning] = None,
+                   sampler_name: str = "euler", scheduler: str = "simple") -> Callable:
+    """A ``Renderer`` (``(state, folder) -> [png paths]``) writing ``p{i}_trigger.png`` and
+    ``p{i}_plain.png`` per prompt."""
+
+    def render(state, folder: Path) -> list[Path]:
+        paths: list[Path] = []
+        with sampling_mode():
+            for i, pair in enumerate(pairs):
+                for kind, positive in zip(("trigger", "plain"), pair):
+                    image = sample_image(model_patcher, vae, positive, negative, seed=settings.seed,
+                                         steps=settings.steps, guidance=settings.guidance,
+                                         sampler_name=sampler_name, scheduler=scheduler,
+                                         width=settings.width, height=settings.height)
+                    paths.append(Path(save_png(image, Path(folder) / f"p{i}_{kind}.png")))
+        return paths
+
+    return render
+
+
+def announce(node_id: Optional[str], output_dir: str) -> Callable[[list[Path]], None]:
+    """``on_images`` hook: a ``flowtrain.preview`` event listing the images as ComfyUI
+    ``/view`` references (they live under the output folder)."""
+
+    def on_images(paths: list[Path]) -> None:
+        from server import PromptServer
+
+        server = getattr(PromptServer, "instance", None)
+        if server is None:
+            return
+        base = Path(output_dir).resolve()
+        images = []
+        for p in paths:
+            p = Path(p).resolve()
+            if base in p.parents:
+                images.append({"filename": p.name, "subfolder": str(p.parent.relative_to(base)), "type": "output"})
+        server.send_sync(PREVIEW_EVENT, {"node": node_id, "images": images}, server.client_id)
+
+    return on_images
+
+
+def preview_callback(render: Callable, settings: PreviewConfig, on_images: Optional[Callable] = None):
+    """The engine callback, or None when previews are off."""
+    if settings.every_n_steps < 1:
+        return None
+    from trainer_core.previews import PreviewCallback
+
+    return PreviewCallback(render, settings.every_n_steps, on_images)

@@ -1,0 +1,99 @@
+"""Sampler preview: sample a MODEL (the trained one, or base + a LORA_MODEL) with
+ComfyUI's own sampler, each prompt with and without the trigger word; or a grid of
+prompts × LoRA strengths."""
+from __future__ import annotations
+
+from comfy_api.latest import io, ui
+
+from . import specs
+from .common import CATEGORY
+from .sampling import encode_prompt, image_grid, sample_image
+
+MODES = ("images", "grid")
+
+
+def prompt_conditionings(clip, positive, prompts: tuple[str, ...], trigger: str, *, pairs: bool) -> list:
+    """Conditionings to render: per prompt (with trigger, without trigger) when ``pairs``,
+    else with the trigger only. Without a CLIP: the given positive CONDITIONING once."""
+    if clip is None:
+        if positive is None:
+            raise ValueError("FlowTrain Sampler Preview needs a CLIP (to encode the prompts) or a positive CONDITIONING")
+        return [positive]
+    if not prompts:
+        raise ValueError("FlowTrain Sampler Preview: prompts is empty; write one prompt per line")
+    out = []
+    for prompt in prompts:
+        with_t, without = specs.trigger_variants(prompt, trigger)
+        out.append(encode_prompt(clip, with_t))
+        if pairs and trigger:
+            out.append(encode_prompt(clip, without))
+    return out
+
+
+class FlowTrainSamplerPreview(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        import comfy.samplers
+
+        return io.Schema(
+            node_id="FlowTrainSamplerPreview", display_name="FlowTrain Sampler Preview", category=CATEGORY,
+            is_output_node=True,
+            description=("Renders each prompt with and without the trigger word (mode 'images'), or a grid of "
+                         "prompts (rows) × LoRA strengths (columns) (mode 'grid', needs the LoRA input)."),
+            inputs=[
+                io.Model.Input("model", tooltip="The model to sample: the Trainer's MODEL, or the base model with 'lora'."),
+                io.Vae.Input("vae", tooltip="VAE that decodes the samples."),
+                io.String.Input("prompts", multiline=True, default="a photo of sks", tooltip="One prompt per line."),
+                io.String.Input("trigger_word", default="sks", tooltip=(
+                    "Each prompt is rendered with it (prepended when missing) and without it.")),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
+                             tooltip="Noise seed, the same for every image so they compare."),
+                io.Int.Input("steps", default=20, min=1, max=200, tooltip="Sampling steps."),
+                io.Float.Input("guidance", default=3.5, min=0.0, max=100.0, step=0.1, tooltip=(
+                    "Distilled guidance for FLUX.1-dev/FLUX.2-dev (sampled at cfg 1); the CFG scale for others.")),
+                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="euler",
+                               tooltip="ComfyUI sampler."),
+                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="simple",
+                               tooltip="ComfyUI scheduler."),
+                io.Int.Input("width", default=512, min=64, max=4096, step=16, tooltip="Image width in pixels."),
+                io.Int.Input("height", default=512, min=64, max=4096, step=16, tooltip="Image height in pixels."),
+                io.Combo.Input("mode", options=list(MODES), default="images", tooltip=(
+                    "images: each prompt with and without the trigger; grid: prompts × LoRA strengths in one image.")),
+                io.String.Input("strengths", default="0, 0.5, 1.0", tooltip=(
+                    "Grid mode: comma-separated LoRA strengths, one column each (0 = base model).")),
+                io.Clip.Input("clip", optional=True, tooltip="Text encoder for the prompts."),
+                io.Conditioning.Input("positive", optional=True, tooltip="In place of clip + prompts: this CONDITIONING."),
+                io.Conditioning.Input("negative", optional=True, tooltip=(
+                    "Negative CONDITIONING for CFG models (default: the empty prompt, or zeros without a CLIP).")),
+                io.LoraModel.Input("lora", optional=True, tooltip=(
+                    "A LORA_MODEL applied to 'model' (strength 1 in images mode, each column's strength in grid mode).")),
+            ],
+            outputs=[io.Image.Output(display_name="images")],
+        )
+
+    @classmethod
+    def execute(cls, model, vae, prompts, trigger_word, seed, steps, guidance, sampler_name, scheduler, width, height,
+                mode, strengths, clip=None, positive=None, negative=None, lora=None) -> io.NodeOutput:
+        from . import comfy_bridge as bridge
+
+        bridge.detect_arch(model)
+        trigger = trigger_word.strip()
+        if negative is None and clip is not None:
+            negative = encode_prompt(clip, "")
+        kw = dict(seed=seed, steps=steps, guidance=guidance, sampler_name=sampler_name, scheduler=scheduler,
+                  width=width, height=height)
+        if mode == "grid":
+            if lora is None:
+                raise ValueError("FlowTrain Sampler Preview: grid mode needs the 'lora' input (columns are its strengths)")
+            conds = prompt_conditionings(clip, positive, specs.parse_prompts(prompts), trigger, pairs=False)
+            columns = [model if s == 0 else bridge.model_with_lora(model, lora, s)
+                       for s in specs.parse_float_list(strengths, "strengths")]
+            rows = [[sample_image(m, vae, c, negative, **kw) for m in columns] for c in conds]
+            images = image_grid(rows)
+        else:
+            m = model if lora is None else bridge.model_with_lora(model, lora, 1.0)
+            conds = prompt_conditionings(clip, positive, specs.parse_prompts(prompts), trigger, pairs=True)
+            import torch
+
+            images = torch.cat([sample_image(m, vae, c, negative, **kw) for c in conds])
+        return io.NodeOutput(images, ui=ui.PreviewImage(images, cls=cls))

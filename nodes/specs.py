@@ -1,0 +1,254 @@
+"""The pure part of the nodes: the values that travel between FlowTrain nodes, and the
+functions that turn widget values into the engine's ``TrainingConfig``.
+
+Nothing here imports ComfyUI, so all of it is unit-tested without it
+(``tests/test_node_specs.py``). The node modules only wire these to ComfyUI objects.
+
+Values passed between nodes are frozen: ComfyUI caches node outputs and hands the same
+object to every consumer, so a node must never mutate what it received.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+from trainer_core.config import (BucketConfig, CaptionConfig, DataConfig, DopConfig, FlowConfig, LoRAConfig,
+                                 OptimConfig, PreviewConfig, TrainConfig, TrainingConfig, field_help)
+
+LORA_SUFFIX = ".safetensors"
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+PRECISION_HELP = (field_help(TrainConfig, "precision")
+                  + " auto: the dtype ComfyUI runs the model in (fp32, fp16 or bf16; fp8 weights are cast per layer).")
+
+
+# ----------------------------------------------------------------------------- dataset
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A scanned image folder plus how to bucket it and how to treat its captions.
+
+    ``image_count``: images found; ``caption_count``: of those, how many have a caption
+    file; ``samples_per_epoch``: images weighted by their ``N_name`` folder repeats."""
+
+    path: str
+    image_count: int
+    caption_count: int
+    samples_per_epoch: int
+    caption_extension: str = ".txt"
+    buckets: BucketConfig = field(default_factory=BucketConfig)
+    captions: CaptionConfig = field(default_factory=CaptionConfig)
+
+    def with_buckets(self, buckets: BucketConfig) -> "DatasetSpec":
+        return dataclasses.replace(self, buckets=buckets)
+
+    def with_captions(self, captions: CaptionConfig) -> "DatasetSpec":
+        # the caption extension belongs to the folder scan, not to the caption policy
+        return dataclasses.replace(self, captions=dataclasses.replace(captions, caption_extension=self.caption_extension))
+
+    def data_config(self, batch_size: int) -> DataConfig:
+        return DataConfig(path=self.path, batch_size=batch_size, buckets=self.buckets, captions=self.captions)
+
+    def describe(self) -> str:
+        missing = self.image_count - self.caption_count
+        text = (f"{self.image_count} images, {self.caption_count} captions, "
+                f"{self.samples_per_epoch} samples per epoch (with repeats)")
+        if missing:
+            text += f"; {missing} without a caption (they train on the trigger/class word)"
+        return text
+
+
+def resolve_dataset_path(folder: str, input_dir: str) -> Path:
+    """``folder`` as an absolute path: absolute paths are taken as they are, anything else
+    is a subfolder of ComfyUI's input folder and must stay inside it."""
+    text = folder.strip()
+    if not text:
+        raise ValueError("dataset folder is empty; give an absolute path or a subfolder of ComfyUI's input folder")
+    path = Path(os.path.expanduser(text))
+    if not path.is_absolute():
+        base = Path(input_dir).resolve()
+        path = (base / path).resolve()
+        if base != path and base not in path.parents:
+            raise ValueError(f"dataset folder {folder!r} leaves ComfyUI's input folder {base}; "
+                             "use a subfolder name or an absolute path")
+    if not path.is_dir():
+        raise ValueError(f"dataset folder {path} does not exist or is not a folder; put your images "
+                         "(with same-name .txt captions) there, or fix the folder widget")
+    return path
+
+
+def summarize_records(records: Iterable[Any]) -> tuple[int, int, int]:
+    """(images, captions, samples per epoch) of ``scan_folder`` records."""
+    records = list(records)
+    return (len(records), sum(r.caption is not None for r in records), sum(r.repeats for r in records))
+
+
+# ----------------------------------------------------------------------------- parsing
+def parse_int_list(text: str, what: str) -> tuple[int, ...]:
+    """``"512, 768 1024"`` → (512, 768, 1024); commas and/or spaces separate."""
+    parts = [p for p in re.split(r"[,\s]+", text.strip()) if p]
+    if not parts:
+        raise ValueError(f"{what} is empty; give one or more whole numbers such as '512, 768'")
+    try:
+        return tuple(int(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"{what}={text!r} must be whole numbers separated by commas, e.g. '512, 768'") from None
+
+
+def parse_float_list(text: str, what: str) -> tuple[float, ...]:
+    """``"0, 0.5, 1.0"`` → (0.0, 0.5, 1.0)."""
+    parts = [p for p in re.split(r"[,\s]+", text.strip()) if p]
+    if not parts:
+        raise ValueError(f"{what} is empty; give numbers such as '0, 0.5, 1.0'")
+    try:
+        values = tuple(float(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"{what}={text!r} must be numbers separated by commas, e.g. '0, 0.5, 1.0'") from None
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"{what}={text!r} contains a non-finite number")
+    return values
+
+
+def parse_prompts(text: str) -> tuple[str, ...]:
+    """One prompt per non-empty line."""
+    return tuple(line.strip() for line in text.splitlines() if line.strip())
+
+
+def trigger_variants(prompt: str, trigger: str) -> tuple[str, str]:
+    """(prompt with the trigger, prompt without it), as the training previews pair them
+    (``trainer_core.previews``): the trigger is prepended when missing and removed as a
+    whole word for the second form, so the pair shows what the LoRA adds."""
+    from trainer_core.data.captions import ensure_trigger
+    from trainer_core.previews import without_trigger
+
+    return ensure_trigger(prompt.strip(), trigger, ","), without_trigger(prompt, trigger)
+
+
+def safe_lora_filename(name: str) -> str:
+    """A file name that stays inside the LoRA folder: no separators, no '..', not absolute,
+    no control characters; '.safetensors' is added when missing."""
+    text = name.strip()
+    if text.lower().endswith(LORA_SUFFIX):
+        text = text[: -len(LORA_SUFFIX)]
+    bad = (not text or "/" in text or "\\" in text or ".." in text or os.path.isabs(name.strip())
+           or text.startswith(".") or any(ord(c) < 32 for c in text) or ":" in text)
+    if bad:
+        raise ValueError(f"LoRA name {name!r} must be a plain file name (no folders, '..', ':' or leading '.'), "
+                         "e.g. 'my_subject'")
+    return text + LORA_SUFFIX
+
+
+def resolve_precision(choice: str, compute_dtype: str) -> str:
+    """The config's precision for ``choice`` ('auto' or a config value) given the dtype
+    ComfyUI computes this model in (e.g. 'float32', 'bfloat16'; fp8 weights compute in
+    bf16/fp16/fp32): 'auto' trains in that compute dtype."""
+    if choice not in PRECISIONS:
+        raise ValueError(f"precision={choice!r} is not one of {', '.join(PRECISIONS)}")
+    if choice != "auto":
+        return choice
+    name = compute_dtype.replace("torch.", "")
+    return {"float32": "fp32", "float16": "fp16"}.get(name, "bf16")
+
+
+def tensor_fingerprint(items: Iterable[tuple[str, Any]], *, sample: int = 64) -> str:
+    """A short hex digest of named tensors (their names, shapes, dtypes and a strided
+    sample of ``sample`` values each): enough to tell base models apart, cheap on GB-size
+    weights. Tensors are read as float32 on the CPU."""
+    import torch
+
+    digest = hashlib.sha256()
+    with torch.inference_mode():  # reads ComfyUI's inference tensors as well as normal ones
+        for name, tensor in items:
+            flat = tensor.detach().reshape(-1)
+            stride = max(1, flat.numel() // sample)
+            values = flat[::stride][:sample].float().cpu().contiguous()
+            digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+            digest.update(values.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- node settings
+@dataclass(frozen=True)
+class DopSettings:
+    """DOP settings node output: the engine's ``DopConfig`` plus an optional class-word
+    CONDITIONING (for graphs without a text encoder)."""
+
+    config: DopConfig
+    class_conditioning: Any = None
+
+
+@dataclass(frozen=True)
+class TrainerSettings:
+    """The Trainer node's training widgets, one field per widget."""
+
+    steps: int = 1000
+    learning_rate: float = 1e-4
+    optimizer: str = "adamw"
+    schedule: str = "constant"
+    warmup_steps: int = 0
+    batch_size: int = 1
+    gradient_accumulation: int = 1
+    sigma_scheme: str = "sigmoid"
+    sigmoid_mean: float = 0.0
+    sigmoid_std: float = 1.0
+    shift: float = 3.0
+    loss_weighting: str = "none"
+    guidance: float = 1.0
+    precision: str = "auto"
+    gradient_checkpointing: bool = True
+    seed: int = 42
+    save_every: int = 250
+    output_name: str = "flowtrain_lora"
+
+
+def build_training_config(dataset: DatasetSpec, lora: LoRAConfig, settings: TrainerSettings, *, output_dir: str,
+                          compute_dtype: str = "float32", dop: Optional[DopSettings] = None,
+                          preview: Optional[PreviewConfig] = None) -> TrainingConfig:
+    """One validated ``TrainingConfig`` from the nodes' values. Config errors name the
+    config field (e.g. ``optim.lr``), which the Trainer's widget of the same meaning sets."""
+    if not isinstance(dataset, DatasetSpec):
+        raise ValueError("the Trainer's dataset input must come from a FlowTrain Dataset node")
+    s = settings
+    return TrainingConfig(
+        data=dataset.data_config(s.batch_size),
+        lora=lora,
+        flow=FlowConfig(sigma_scheme=s.sigma_scheme, sigmoid_mean=s.sigmoid_mean, sigmoid_std=s.sigmoid_std,
+                        shift=s.shift, weighting=s.loss_weighting, guidance=s.guidance),
+        optim=OptimConfig(optimizer=s.optimizer, lr=s.learning_rate, schedule=s.schedule,
+                          warmup_steps=s.warmup_steps, grad_accum=s.gradient_accumulation),
+        dop=dop.config if dop is not None else DopConfig(),
+        preview=preview if preview is not None else PreviewConfig(),
+        train=TrainConfig(steps=s.steps, seed=s.seed, precision=resolve_precision(s.precision, compute_dtype),
+                          gradient_checkpointing=s.gradient_checkpointing, save_every=s.save_every,
+                          output_dir=output_dir, output_name=s.output_name, existing_run="resume"),
+    )
+
+
+# ----------------------------------------------------------------------------- widget order
+NODE_WIDGETS: dict[str, tuple[str, ...]] = {
+    "FlowTrainDataset": ("folder", "caption_extension"),
+    "FlowTrainBucketer": ("resolutions", "step", "min_side", "max_side", "allow_upscale"),
+    "FlowTrainCaptions": ("trigger_word", "class_word", "keep_tokens", "separator", "shuffle", "caption_dropout"),
+    "FlowTrainLoraConfig": ("rank", "alpha", "dropout", "targets", "target_regex", "dtype"),
+    "FlowTrainDopSettings": ("enabled", "class_word", "multiplier", "every_n_steps", "gradient_surgery"),
+    "FlowTrainPreviewSettings": ("every_n_steps", "prompts", "seed", "steps", "width", "height", "guidance"),
+    "FlowTrainTrainer": tuple(f.name for f in dataclasses.fields(TrainerSettings)),
+    "FlowTrainSaveLora": ("name",),
+    "FlowTrainSamplerPreview": ("prompts", "trigger_word", "seed", "steps", "guidance", "sampler_name", "scheduler",
+                                "width", "height", "mode", "strengths"),
+}
+"""Widget inputs of each FlowTrain node, in schema order (= the order of a UI-format
+node's ``widgets_values``). The ComfyUI tests check the schemas against this."""
+
+
+class LoraTensors(dict):
+    """A LORA_MODEL (name → tensor, what ComfyUI's Load LoRA Model takes) that also carries
+    the safetensors metadata of the file it came from, for FlowTrain Save LoRA."""
+
+    def __init__(self, tensors: dict, metadata: Optional[dict] = None):
+        super().__init__(tensors)
+        self.metadata = dict(metadata or {})

@@ -1,0 +1,214 @@
+"""The Trainer node: widgets → ``TrainingConfig`` → ``trainer_core.session.train_lora`` on
+the MODEL ComfyUI already loaded (no second copy) → the trained LoRA as a file, a
+LORA_MODEL, a MODEL with it applied and the loss curve.
+
+The input MODEL is left as it was: the bridge trains the patcher's own module in place and
+``result.network.remove()`` takes the LoRA layers out again; the MODEL output is a clone
+patched with the saved file's tensors (``comfy_bridge.model_with_lora``).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from comfy_api.latest import io, ui
+
+from trainer_core.config import FlowConfig, OptimConfig, TrainConfig
+
+from . import specs
+from .common import CATEGORY, Dataset, DopType, LoraConfigType, PreviewType, TrainingProgress, bounds, send_text, tip
+
+log = logging.getLogger(__name__)
+
+
+def base_model_identity(model_patcher) -> str:
+    """A stable name for the MODEL being trained on: class, model type, a fingerprint of
+    a few base weights and of any patches (another LoRA) already on it. Stored with the run
+    so a run folder is never reused for a different base model."""
+    base = model_patcher.model
+    sd = base.diffusion_model.state_dict()
+    names = sorted(sd)
+    picked = [(n, sd[n]) for n in names[:4] + names[-4:]]
+    patches = []
+    for key in sorted(getattr(model_patcher, "patches", {}) or {}):
+        for i, patch in enumerate(model_patcher.patches[key]):
+            patches.extend((f"{key}#{i}#{patch[0]}#{patch[2]}", t) for t in _tensors_in(patch[1]))
+    kind = f"{type(base).__name__}:{type(getattr(base, 'model_config', None)).__name__}"
+    digest = specs.tensor_fingerprint(picked + patches)
+    return f"comfy:{kind}:{digest}:patches={len(model_patcher.patches or {})}"
+
+
+def _tensors_in(obj: Any, depth: int = 0) -> list[torch.Tensor]:
+    if depth > 4:
+        return []
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (list, tuple)):
+        return [t for o in obj for t in _tensors_in(o, depth + 1)]
+    weights = getattr(obj, "weights", None)
+    return _tensors_in(weights, depth + 1) if weights is not None else []
+
+
+def text_encoder(bridge, arch, clip, conditioning, dop: Optional[specs.DopSettings], trigger: str):
+    """The engine's text encoder for this graph: the CLIP, else the fixed CONDITIONING."""
+    if clip is not None and conditioning is not None:
+        raise ValueError("connect either clip or conditioning to the FlowTrain Trainer, not both")
+    if clip is not None:
+        return bridge.ClipTextEncoder(clip, arch)
+    if conditioning is None:
+        raise ValueError("the FlowTrain Trainer needs a text encoder: connect a CLIP (DualCLIPLoader for FLUX.1, "
+                         "CLIPLoader type flux2 for FLUX.2) or a CONDITIONING used for every caption")
+    if dop is not None and dop.class_conditioning is not None and trigger:
+        from trainer_core.data.captions import word_pattern
+
+        pattern = word_pattern(trigger)  # captions without the trigger are DOP's class captions
+        return bridge.FixedConditioningEncoder(conditioning, dop.class_conditioning,
+                                               select=lambda text: "main" if pattern.search(text) else "class")
+    return bridge.FixedConditioningEncoder(conditioning)
+
+
+def release(vae, clip, encoder) -> None:
+    """Once the dataset is cached: unload the VAE's and CLIP's weights from the accelerator
+    (they reload on next use, e.g. for previews) and drop the encoder's CLIP reference."""
+    import comfy.model_management as mm
+
+    getattr(encoder, "release", lambda: None)()
+    objects = (vae, clip)
+    patchers = [getattr(o, "patcher", None) for o in objects if o is not None]
+    for i in range(len(mm.current_loaded_models) - 1, -1, -1):
+        loaded = mm.current_loaded_models[i]
+        if any(p is not None and loaded.model is p for p in patchers):
+            loaded.model_unload()
+            mm.current_loaded_models.pop(i)
+    mm.soft_empty_cache()
+
+
+def preview_callbacks(model, vae, clip, conditioning, preview, trigger: str, node_id, output_dir: str) -> list:
+    """The in-training preview callback (empty when previews are off)."""
+    from . import previews
+
+    if preview is None or preview.every_n_steps < 1:
+        return []
+    pairs = previews.preview_pairs(preview, trigger, clip, conditioning)
+    negative = previews.encode_prompt(clip, "") if clip is not None else None
+    render = previews.comfy_renderer(model, vae, pairs, preview, negative=negative)
+    return [previews.preview_callback(render, preview, previews.announce(node_id, output_dir))]
+
+
+def loss_curve_tensor(history: list[dict]) -> torch.Tensor:
+    from trainer_core.plot import image_to_array, loss_curve_image
+
+    return torch.from_numpy(image_to_array(loss_curve_image(history)))[None]
+
+
+def run_training(model, vae, clip, conditioning, dataset, lora_config, settings: specs.TrainerSettings,
+                 dop=None, preview=None, node_id: Optional[str] = None):
+    """Train; returns ``(TrainResult, trained MODEL, LoRA tensors)``. Raises ComfyUI's
+    interrupt after a Cancel (the LoRA trained so far is saved first)."""
+    import comfy.model_management as mm
+    import folder_paths
+
+    from trainer_core.lora.io import load_lora_file
+    from trainer_core.session import train_lora
+
+    from . import comfy_bridge as bridge
+
+    arch = bridge.detect_arch(model)
+    output_root = folder_paths.get_output_directory()
+    config = specs.build_training_config(dataset, lora_config, settings, output_dir=os.path.join(output_root, "flowtrain"),
+                                         compute_dtype=str(model.model.get_dtype_inference()), dop=dop, preview=preview)
+    trigger = config.data.captions.trigger_word
+    encoder = text_encoder(bridge, arch, clip, conditioning, dop, trigger)
+    codec = bridge.VaeCodec(vae, model)
+    callbacks = preview_callbacks(model, vae, clip, conditioning, preview, trigger, node_id, output_root)
+    identity = base_model_identity(model)
+    result = None
+    with bridge.training_model(model, gradient_checkpointing=settings.gradient_checkpointing,
+                               precision=settings.precision) as flow_model:
+        try:
+            result = train_lora(config, flow_model, codec, encoder, release_encoders=lambda: release(vae, clip, encoder),
+                                progress=TrainingProgress(node_id, config.train.steps),
+                                should_stop=mm.processing_interrupted, callbacks=callbacks,
+                                base_model=identity)
+        finally:
+            if result is not None:
+                result.network.remove()
+    if result.reason == "stopped":
+        mm.throw_exception_if_processing_interrupted()
+    if not Path(result.lora_path).is_file():
+        raise ValueError(f"training ended ({result.reason}) without writing {result.lora_path}")
+    tensors, metadata = load_lora_file(str(result.lora_path))
+    return result, bridge.model_with_lora(model, tensors), specs.LoraTensors(tensors, metadata)
+
+
+class FlowTrainTrainer(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        from trainer_core.flow import SIGMA_SCHEMES, WEIGHTINGS
+        from trainer_core.optim import OPTIMIZERS, SCHEDULES
+
+        return io.Schema(
+            node_id="FlowTrainTrainer", display_name="FlowTrain Trainer", category=CATEGORY, is_output_node=True,
+            description=("Trains a LoRA on the loaded FLUX.1/FLUX.2 MODEL (no second copy) and outputs the MODEL with "
+                         "it applied, the LoRA, its file path and the loss curve. Re-queueing an unchanged graph "
+                         "reuses the finished run."),
+            inputs=[
+                io.Model.Input("model", tooltip="The FLUX.1 or FLUX.2 model to train on (UNETLoader / checkpoint loader). "
+                               "It is left unchanged."),
+                io.Vae.Input("vae", tooltip="The model's VAE: encodes the dataset once (cached in the run folder)."),
+                Dataset.Input("dataset", tooltip="Training images from FlowTrain Dataset (→ Bucketer → Caption Processor)."),
+                LoraConfigType.Input("lora_config", tooltip="LoRA shape from FlowTrain LoRA Config."),
+                io.Int.Input("steps", default=1000, **bounds(TrainConfig, "steps"), tooltip=tip(TrainConfig, "steps")),
+                io.Float.Input("learning_rate", default=1e-4, min=0.0, max=10.0, step=1e-5, round=1e-7,
+                               tooltip=tip(OptimConfig, "lr")),
+                io.Combo.Input("optimizer", options=OPTIMIZERS.names(), default="adamw", tooltip=tip(OptimConfig, "optimizer")),
+                io.Combo.Input("schedule", options=SCHEDULES.names(), default="constant", tooltip=tip(OptimConfig, "schedule")),
+                io.Int.Input("warmup_steps", default=0, **bounds(OptimConfig, "warmup_steps"),
+                             tooltip=tip(OptimConfig, "warmup_steps")),
+                io.Int.Input("batch_size", default=1, min=1, max=256, tooltip="Images per micro-batch (all from one bucket)."),
+                io.Int.Input("gradient_accumulation", default=1, **bounds(OptimConfig, "grad_accum"),
+                             tooltip=tip(OptimConfig, "grad_accum")),
+                io.Combo.Input("sigma_scheme", options=SIGMA_SCHEMES.names(), default="sigmoid",
+                               tooltip=tip(FlowConfig, "sigma_scheme")),
+                io.Float.Input("sigmoid_mean", default=0.0, step=0.05, **bounds(FlowConfig, "sigmoid_mean"),
+                               tooltip=tip(FlowConfig, "sigmoid_mean")),
+                io.Float.Input("sigmoid_std", default=1.0, min=0.0, max=5.0, step=0.05, tooltip=tip(FlowConfig, "sigmoid_std")),
+                io.Float.Input("shift", default=3.0, min=0.0, max=100.0, step=0.05, tooltip=tip(FlowConfig, "shift")),
+                io.Combo.Input("loss_weighting", options=WEIGHTINGS.names(), default="none", tooltip=tip(FlowConfig, "weighting")),
+                io.Float.Input("guidance", default=1.0, step=0.1, **bounds(FlowConfig, "guidance"),
+                               tooltip=tip(FlowConfig, "guidance")),
+                io.Combo.Input("precision", options=list(specs.PRECISIONS), default="auto", tooltip=specs.PRECISION_HELP),
+                io.Boolean.Input("gradient_checkpointing", default=True, tooltip=tip(TrainConfig, "gradient_checkpointing")),
+                io.Int.Input("seed", default=42, min=0, max=2**62, control_after_generate=False, tooltip=tip(TrainConfig, "seed")),
+                io.Int.Input("save_every", default=250, **bounds(TrainConfig, "save_every"), tooltip=tip(TrainConfig, "save_every")),
+                io.String.Input("output_name", default="flowtrain_lora", tooltip=tip(
+                    TrainConfig, "output_name", "The run folder is <ComfyUI output>/flowtrain/<output_name>.")),
+                io.Clip.Input("clip", optional=True, tooltip="Text encoder for the captions (freed once they are cached)."),
+                io.Conditioning.Input("conditioning", optional=True, tooltip=(
+                    "In place of the text encoder: every caption uses this CONDITIONING.")),
+                DopType.Input("dop", optional=True, tooltip="Optional FlowTrain DOP Settings."),
+                PreviewType.Input("preview", optional=True, tooltip="Optional FlowTrain Preview Settings (images while training)."),
+            ],
+            outputs=[
+                io.Model.Output(display_name="MODEL", tooltip="The input model with the trained LoRA applied."),
+                io.LoraModel.Output(display_name="LORA", tooltip="The trained LoRA (for Load LoRA Model / FlowTrain Save LoRA)."),
+                io.String.Output(display_name="lora_path", tooltip="Path of the saved LoRA file in the run folder."),
+                io.Image.Output(display_name="loss_curve", tooltip="The training loss and its moving average."),
+            ],
+            hidden=[io.Hidden.unique_id],
+        )
+
+    @classmethod
+    def execute(cls, model, vae, dataset, lora_config, clip=None, conditioning=None, dop=None, preview=None,
+                **widgets) -> io.NodeOutput:
+        settings = specs.TrainerSettings(**widgets)
+        node_id = cls.hidden.unique_id
+        result, trained, tensors = run_training(model, vae, clip, conditioning, dataset, lora_config, settings,
+                                                dop=dop, preview=preview, node_id=node_id)
+        last = result.history[-1]["loss"] if result.history else float("nan")
+        send_text(f"{result.reason}: {result.steps} steps, loss {last:.4f} → {result.lora_path}", node_id)
+        curve = loss_curve_tensor(result.history)
+        return io.NodeOutput(trained, tensors, str(result.lora_path), curve, ui=ui.PreviewImage(curve, cls=cls))

@@ -1,0 +1,213 @@
+"""Writes the example workflows in both formats from one description, so they stay in step:
+``example_workflows/<name>.json`` (UI/LiteGraph format: what ComfyUI's template menu
+loads) and ``example_workflows/api/<name>.json`` (API format: what the tests submit).
+
+Run: ``python scripts/build_example_workflows.py``. ``tests/test_node_specs.py`` checks
+the files against each other and against the nodes' widget lists.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+OUTPUT_TYPES = {
+    "UNETLoader": ["MODEL"], "DualCLIPLoader": ["CLIP"], "CLIPLoader": ["CLIP"], "VAELoader": ["VAE"],
+    "CLIPTextEncode": ["CONDITIONING"], "FluxGuidance": ["CONDITIONING"], "EmptySD3LatentImage": ["LATENT"],
+    "EmptyFlux2LatentImage": ["LATENT"], "KSampler": ["LATENT"], "VAEDecode": ["IMAGE"], "SaveImage": [],
+    "PreviewImage": [],
+    "FlowTrainDataset": ["FLOWTRAIN_DATASET"], "FlowTrainBucketer": ["FLOWTRAIN_DATASET"],
+    "FlowTrainCaptions": ["FLOWTRAIN_DATASET"], "FlowTrainLoraConfig": ["FLOWTRAIN_LORA_CONFIG"],
+    "FlowTrainPreviewSettings": ["FLOWTRAIN_PREVIEW"], "FlowTrainDopSettings": ["FLOWTRAIN_DOP"],
+    "FlowTrainTrainer": ["MODEL", "LORA_MODEL", "STRING", "IMAGE"], "FlowTrainSaveLora": ["STRING"],
+    "FlowTrainSamplerPreview": ["IMAGE"],
+}
+OUTPUT_NAMES = {"FlowTrainTrainer": ["MODEL", "LORA", "lora_path", "loss_curve"]}
+UI_ONLY = {"MarkdownNote"}
+
+
+@dataclass
+class N:
+    id: int
+    type: str
+    widgets: dict = field(default_factory=dict)       # name -> value, in schema order
+    links: dict = field(default_factory=dict)         # input name -> (source id, slot, type)
+    pos: tuple = (0, 0)
+    title: str = ""
+    ui_extra: list = field(default_factory=list)      # extra UI-only widget values after a name: (after, value)
+
+
+def api_format(nodes: list[N]) -> dict:
+    out = {}
+    for n in nodes:
+        if n.type in UI_ONLY:
+            continue
+        inputs = dict(n.widgets)
+        inputs.update({k: [str(src), slot] for k, (src, slot, _) in n.links.items()})
+        out[str(n.id)] = {"class_type": n.type, "inputs": inputs, "_meta": {"title": n.title or n.type}}
+    return out
+
+
+def ui_format(nodes: list[N]) -> dict:
+    links, by_id = [], {n.id: n for n in nodes}
+    out_links: dict = {}
+    for n in nodes:
+        for slot_in, (name, (src, slot, typ)) in enumerate(n.links.items()):
+            lid = len(links) + 1
+            links.append([lid, src, slot, n.id, slot_in, typ])
+            out_links.setdefault((src, slot), []).append(lid)
+    ui_nodes = []
+    for order, n in enumerate(nodes):
+        values = []
+        for name, value in n.widgets.items():
+            values.append(value)
+            values.extend(v for after, v in n.ui_extra if after == name)
+        inputs = [{"name": name, "type": typ, "link": links_for}
+                  for name, (src, slot, typ), links_for in
+                  [(k, v, next(l[0] for l in links if l[3] == n.id and l[1] == v[0] and l[2] == v[1]
+                                and n.links[k] is v)) for k, v in n.links.items()]]
+        names = OUTPUT_NAMES.get(n.type, OUTPUT_TYPES.get(n.type, []))
+        outputs = [{"name": names[i], "type": t, "links": out_links.get((n.id, i), []), "slot_index": i}
+                   for i, t in enumerate(OUTPUT_TYPES.get(n.type, []))]
+        node = {"id": n.id, "type": n.type, "pos": list(n.pos), "size": [320, 130 if n.type != "MarkdownNote" else 360],
+                "flags": {}, "order": order, "mode": 0, "inputs": inputs, "outputs": outputs,
+                "properties": {"Node name for S&R": n.type}, "widgets_values": values}
+        if n.title:
+            node["title"] = n.title
+        ui_nodes.append(node)
+    digest = hashlib.sha256(json.dumps([n.type for n in nodes]).encode()).hexdigest()
+    return {"id": f"{digest[:8]}-{digest[8:12]}-4{digest[13:16]}-8{digest[17:20]}-{digest[20:32]}",
+            "revision": 0, "last_node_id": max(by_id), "last_link_id": len(links), "nodes": ui_nodes,
+            "links": links, "groups": [], "config": {}, "extra": {"ds": {"scale": 0.7, "offset": [0, 0]}},
+            "version": 0.4}
+
+
+def common_training(first: int, *, clip: tuple, vae: int, model: int, trigger: str, class_word: str, name: str,
+                    prompt: str, guidance_train: float, preview_guidance: float, res: str, x0: int = 420) -> list[N]:
+    d, b, c, l, p, t, s, sp, si = range(first, first + 9)
+    return [
+        N(d, "FlowTrainDataset", {"folder": "flowtrain_dataset", "caption_extension": ".txt"}, pos=(x0, 0)),
+        N(b, "FlowTrainBucketer", {"resolutions": res, "step": 64, "min_side": 256, "max_side": 2048,
+                                   "allow_upscale": False}, {"dataset": (d, 0, "FLOWTRAIN_DATASET")}, pos=(x0, 180)),
+        N(c, "FlowTrainCaptions", {"trigger_word": trigger, "class_word": class_word, "keep_tokens": 1, "separator": ",",
+                                   "shuffle": False, "caption_dropout": 0.05},
+          {"dataset": (b, 0, "FLOWTRAIN_DATASET")}, pos=(x0, 420)),
+        N(l, "FlowTrainLoraConfig", {"rank": 16, "alpha": 16.0, "dropout": 0.0, "targets": "attention",
+                                     "target_regex": "", "dtype": "fp32"}, pos=(x0, 680)),
+        N(p, "FlowTrainPreviewSettings", {"every_n_steps": 250, "prompts": prompt, "seed": 0, "steps": 20,
+                                          "width": 512, "height": 512, "guidance": preview_guidance}, pos=(x0, 900)),
+        N(t, "FlowTrainTrainer", {"steps": 1000, "learning_rate": 1e-4, "optimizer": "adamw", "schedule": "constant",
+                                  "warmup_steps": 0, "batch_size": 1, "gradient_accumulation": 1,
+                                  "sigma_scheme": "sigmoid", "sigmoid_mean": 0.0, "sigmoid_std": 1.0, "shift": 3.0,
+                                  "loss_weighting": "none", "guidance": guidance_train, "precision": "auto",
+                                  "gradient_checkpointing": True, "seed": 42, "save_every": 250, "output_name": name},
+          {"model": (model, 0, "MODEL"), "vae": (vae, 0, "VAE"), "dataset": (c, 0, "FLOWTRAIN_DATASET"),
+           "lora_config": (l, 0, "FLOWTRAIN_LORA_CONFIG"), "clip": clip + ("CLIP",),
+           "preview": (p, 0, "FLOWTRAIN_PREVIEW")}, pos=(x0 + 380, 0)),
+        N(s, "FlowTrainSaveLora", {"name": name}, {"lora": (t, 1, "LORA_MODEL")}, pos=(x0 + 760, 0)),
+        N(sp, "FlowTrainSamplerPreview", {"prompts": prompt, "trigger_word": trigger, "seed": 0, "steps": 20,
+                                          "guidance": preview_guidance, "sampler_name": "euler", "scheduler": "simple",
+                                          "width": 512, "height": 512, "mode": "images", "strengths": "0, 0.5, 1.0"},
+          {"model": (t, 0, "MODEL"), "vae": (vae, 0, "VAE"), "clip": clip + ("CLIP",)}, pos=(x0 + 760, 160)),
+        N(si, "SaveImage", {"filename_prefix": f"flowtrain/{name}_preview"}, {"images": (sp, 0, "IMAGE")},
+          pos=(x0 + 1140, 160)),
+    ]
+
+
+NOTE_FLUX1 = """## FlowTrain: FLUX.1-dev subject LoRA
+
+Put the model files here:
+- `models/diffusion_models/flux1-dev.safetensors` (FLUX.1-dev transformer; fp8 works too)
+- `models/text_encoders/clip_l.safetensors` and `models/text_encoders/t5xxl_fp16.safetensors` (or t5xxl_fp8_e4m3fn)
+- `models/vae/ae.safetensors` (FLUX.1 VAE)
+
+Put 10-30 photos of your subject in `input/flowtrain_dataset/` with same-name `.txt` captions
+(e.g. `sks person, smiling, outdoors`). Press Queue: the Trainer shows the loss chart, saves
+`output/flowtrain/flux1_subject/lora_final.safetensors`, Save LoRA copies it to `models/loras/`,
+and the nodes on the right sample with the new LoRA in the same run."""
+
+NOTE_KLEIN = """## FlowTrain: FLUX.2 Klein style LoRA
+
+Put the model files here:
+- `models/diffusion_models/flux-2-klein-base-4b.safetensors` (train on the base model)
+- `models/text_encoders/qwen_3_4b.safetensors` (loaded by CLIPLoader with type `flux2`)
+- `models/vae/flux2-vae.safetensors`
+
+Put 20-50 images in the style in `input/flowtrain_dataset/` with captions describing the content
+(the trigger word `xyzstyle` is added). Klein base samples with CFG (guidance = CFG scale here)."""
+
+
+def flux1_dev_subject() -> list[N]:
+    nodes = [
+        N(1, "UNETLoader", {"unet_name": "flux1-dev.safetensors", "weight_dtype": "default"}, pos=(0, 0)),
+        N(2, "DualCLIPLoader", {"clip_name1": "clip_l.safetensors", "clip_name2": "t5xxl_fp16.safetensors",
+                                "type": "flux", "device": "default"}, pos=(0, 160)),
+        N(3, "VAELoader", {"vae_name": "ae.safetensors"}, pos=(0, 360)),
+        N(4, "MarkdownNote", {"text": NOTE_FLUX1}, pos=(0, 500), title="Read me"),
+    ]
+    nodes += common_training(5, clip=(2, 0), vae=3, model=1, trigger="sks", class_word="person",
+                             name="flux1_subject", prompt="a photo of sks person at the beach",
+                             guidance_train=1.0, preview_guidance=3.5, res="512")
+    t = 10
+    nodes += [
+        N(20, "CLIPTextEncode", {"text": "a portrait photo of sks person in a cafe, soft light"},
+          {"clip": (2, 0, "CLIP")}, pos=(1180, 480), title="Prompt"),
+        N(21, "FluxGuidance", {"guidance": 3.5}, {"conditioning": (20, 0, "CONDITIONING")}, pos=(1180, 700)),
+        N(22, "CLIPTextEncode", {"text": ""}, {"clip": (2, 0, "CLIP")}, pos=(1180, 820), title="Negative (unused at cfg 1)"),
+        N(23, "EmptySD3LatentImage", {"width": 512, "height": 512, "batch_size": 1}, pos=(1180, 960)),
+        N(24, "KSampler", {"seed": 0, "steps": 20, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
+                           "denoise": 1.0},
+          {"model": (t, 0, "MODEL"), "positive": (21, 0, "CONDITIONING"), "negative": (22, 0, "CONDITIONING"),
+           "latent_image": (23, 0, "LATENT")}, pos=(1560, 480), ui_extra=[("seed", "fixed")]),
+        N(25, "VAEDecode", {}, {"samples": (24, 0, "LATENT"), "vae": (3, 0, "VAE")}, pos=(1940, 480)),
+        N(26, "SaveImage", {"filename_prefix": "flowtrain/flux1_subject_ksampler"}, {"images": (25, 0, "IMAGE")},
+          pos=(2200, 480)),
+    ]
+    return nodes
+
+
+def flux2_klein_style() -> list[N]:
+    nodes = [
+        N(1, "UNETLoader", {"unet_name": "flux-2-klein-base-4b.safetensors", "weight_dtype": "default"}, pos=(0, 0)),
+        N(2, "CLIPLoader", {"clip_name": "qwen_3_4b.safetensors", "type": "flux2", "device": "default"}, pos=(0, 160)),
+        N(3, "VAELoader", {"vae_name": "flux2-vae.safetensors"}, pos=(0, 360)),
+        N(4, "MarkdownNote", {"text": NOTE_KLEIN}, pos=(0, 500), title="Read me"),
+    ]
+    nodes += common_training(5, clip=(2, 0), vae=3, model=1, trigger="xyzstyle", class_word="style",
+                             name="flux2_klein_style", prompt="a lighthouse on a cliff, xyzstyle",
+                             guidance_train=1.0, preview_guidance=4.0, res="512")
+    t = 10
+    nodes += [
+        N(20, "CLIPTextEncode", {"text": "a city street at night, xyzstyle"}, {"clip": (2, 0, "CLIP")},
+          pos=(1180, 480), title="Prompt"),
+        N(22, "CLIPTextEncode", {"text": ""}, {"clip": (2, 0, "CLIP")}, pos=(1180, 820), title="Negative"),
+        N(23, "EmptyFlux2LatentImage", {"width": 512, "height": 512, "batch_size": 1}, pos=(1180, 960)),
+        N(24, "KSampler", {"seed": 0, "steps": 20, "cfg": 4.0, "sampler_name": "euler", "scheduler": "simple",
+                           "denoise": 1.0},
+          {"model": (t, 0, "MODEL"), "positive": (20, 0, "CONDITIONING"), "negative": (22, 0, "CONDITIONING"),
+           "latent_image": (23, 0, "LATENT")}, pos=(1560, 480), ui_extra=[("seed", "fixed")]),
+        N(25, "VAEDecode", {}, {"samples": (24, 0, "LATENT"), "vae": (3, 0, "VAE")}, pos=(1940, 480)),
+        N(26, "SaveImage", {"filename_prefix": "flowtrain/flux2_klein_style_ksampler"}, {"images": (25, 0, "IMAGE")},
+          pos=(2200, 480)),
+    ]
+    return nodes
+
+
+WORKFLOWS = {"flux1_dev_subject_lora": flux1_dev_subject, "flux2_klein_style_lora": flux2_klein_style}
+
+
+def main(out: Path = ROOT / "example_workflows") -> None:
+    (out / "api").mkdir(parents=True, exist_ok=True)
+    for name, make in WORKFLOWS.items():
+        nodes = make()
+        (out / f"{name}.json").write_text(json.dumps(ui_format(nodes), indent=1) + "\n", encoding="utf-8")
+        (out / "api" / f"{name}.json").write_text(json.dumps(api_format(nodes), indent=1) + "\n", encoding="utf-8")
+        print(f"wrote {name} ({len(nodes)} nodes)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,307 @@
+"""Real ComfyUI in this process, for tests and benchmarks (no HTTP server).
+
+* ``init_comfyui(path)``: import ComfyUI from ``path`` on CPU, once per process. ComfyUI's
+  ``comfy.model_management`` reads the ``--cpu`` flag at import time, so this must run
+  before anything imports ``comfy``. ``load_nodes=True`` also imports the built-in and
+  custom nodes (~8 s) and installs a stub ``PromptServer`` so prompts run in-process.
+* ``flux_state_dict`` / ``write_tiny_flux``: tiny random FLUX.1 (dev/schnell) and FLUX.2
+  diffusion-model files in the BFL layout that ComfyUI's model detection reads
+  (``comfy/model_detection.py``: hidden size from ``img_in``, FLUX.2 from
+  ``double_stream_modulation_img``, dev from ``guidance_in``). Hidden size must be a
+  multiple of 128 (ComfyUI fixes the head dim at 128).
+* ``vae_state_dict`` / ``write_tiny_vae``: a random FLUX.1/FLUX.2 VAE that ``VAELoader``
+  accepts (ComfyUI fixes the encoder at width 128, so only the decoder is small).
+* ``load_flux(path, ...)``: ``comfy.sd.load_diffusion_model`` under ``torch.inference_mode``,
+  as UNETLoader does inside a prompt, so the weights are inference tensors.
+* ``StubServer`` / ``run_prompt``: execute an API-format prompt in-process.
+
+Only torch and safetensors are imported at module level; ComfyUI is imported lazily.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+import uuid
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+log = logging.getLogger(__name__)
+
+HEAD_DIM = 128  # ComfyUI derives num_heads = hidden // 128 for FLUX files
+_STATE: dict = {}
+
+
+# ---------------------------------------------------------------------- ComfyUI import
+def _apply_torchvision_shim() -> None:
+    """On machines whose torchvision is a CUDA build over CPU torch, the dev venv ships a
+    shim module (``comfyui_tv_shim``) that defines the missing operator schemas. Optional."""
+    try:
+        import comfyui_tv_shim  # type: ignore
+    except ImportError:
+        log.debug("no comfyui_tv_shim in this environment; assuming torchvision imports cleanly")
+        return
+    comfyui_tv_shim.install()
+
+
+def init_comfyui(comfy_path: str | os.PathLike, *, load_nodes: bool = False, output_dir: str | None = None):
+    """Import ComfyUI from ``comfy_path`` in CPU mode; idempotent. Returns the stub server
+    when ``load_nodes`` (else None until nodes are loaded)."""
+    comfy_path = str(Path(comfy_path).resolve())
+    if not _STATE.get("imported"):
+        if not (Path(comfy_path) / "comfy" / "model_base.py").is_file():
+            raise ValueError(f"COMFYUI_PATH={comfy_path} is not a ComfyUI checkout (no comfy/model_base.py)")
+        _apply_torchvision_shim()
+        if comfy_path not in sys.path:
+            sys.path.insert(0, comfy_path)
+        if "comfy.model_management" in sys.modules:
+            raise RuntimeError("comfy.model_management was imported before init_comfyui(); it would not be in CPU mode")
+        from comfy.cli_args import args
+
+        args.cpu = True
+        args.database_url = "sqlite:///:memory:"
+        import comfy.model_management  # noqa: F401  (device setup reads args.cpu here)
+
+        _STATE["imported"] = True
+    if output_dir:
+        import folder_paths
+
+        folder_paths.set_output_directory(os.path.abspath(output_dir))
+    if load_nodes and not _STATE.get("nodes"):
+        import nodes
+        import server
+
+        stub = StubServer()
+        server.PromptServer.instance = stub
+        failed = asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
+        if failed:
+            log.warning("ComfyUI extras that failed to import: %s", failed)
+        _STATE["nodes"] = stub
+    return _STATE.get("nodes")
+
+
+class StubServer:
+    """The parts of ``server.PromptServer`` that the executor and V3 nodes use."""
+
+    def __init__(self):
+        from app.node_replace_manager import NodeReplaceManager
+
+        self.client_id = None
+        self.last_node_id = None
+        self.last_prompt_id = None
+        self.sockets_metadata = {}
+        self.node_replace_manager = NodeReplaceManager()
+        self.messages: list = []
+        self.progress_text: list = []
+
+    def send_sync(self, event, data, sid=None):
+        self.messages.append((event, data, sid))
+
+    def queue_updated(self):
+        pass
+
+    def send_progress_text(self, text, node_id, sid=None):
+        if isinstance(text, (bytes, bytearray)):
+            text = bytes(text).decode("utf-8", "replace")
+        self.progress_text.append((str(node_id), text))
+
+
+def run_prompt(prompt: dict, client_id: str = "tests"):
+    """Validate and execute an API-format prompt; returns ``(executor, stub)``.
+    ``executor.success`` and ``executor.caches.outputs.get_local(node).outputs`` hold the result."""
+    import execution
+
+    stub = _STATE.get("nodes")
+    if stub is None:
+        raise RuntimeError("call init_comfyui(..., load_nodes=True) first")
+    pid = str(uuid.uuid4())
+    valid = asyncio.run(execution.validate_prompt(pid, prompt, None))
+    if not valid[0]:
+        raise ValueError(f"prompt failed validation: {valid[1]} {valid[3]}")
+    ex = execution.PromptExecutor(stub, cache_type=execution.CacheType.CLASSIC,
+                                  cache_args={"lru": 0, "ram": 0.0, "ram_inactive": 0.0})
+    stub.messages.clear()
+    ex.execute(prompt, pid, {"client_id": client_id}, valid[2])
+    return ex, stub
+
+
+# ---------------------------------------------------------------------- tiny FLUX files
+def _linear(sd: dict, name: str, out_f: int, in_f: int, bias: bool, g: torch.Generator, std: float) -> None:
+    sd[f"{name}.weight"] = torch.randn(out_f, in_f, generator=g) * std
+    if bias:
+        sd[f"{name}.bias"] = torch.randn(out_f, generator=g) * std
+
+
+def flux_state_dict(arch: str = "flux1", *, guidance: bool = True, hidden: int = 128, depth: int = 1,
+                    depth_single: int = 1, context_dim: int = 64, vec_dim: int = 32, seed: int = 0,
+                    std: float = 0.02, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Every weight of ComfyUI's ``comfy.ldm.flux.model.Flux`` for a FLUX layout, BFL names.
+
+    ``flux1``: patch 2, 16 latent channels (img_in 64 wide), MLP 4·H GELU, biases, per-block
+    modulation, ``vector_in`` for the pooled CLIP vector. ``flux2``: patch 1, 128 channels,
+    gated-SiLU MLP (first linear 2·3·H wide), no biases, global modulation, no ``vector_in``.
+    Weights N(0, std²); RMSNorm scales 1.
+    """
+    if hidden % HEAD_DIM:
+        raise ValueError(f"hidden={hidden} must be a multiple of {HEAD_DIM} (ComfyUI fixes the FLUX head dim)")
+    if arch not in ("flux1", "flux2"):
+        raise ValueError(f"arch={arch!r}; expected 'flux1' or 'flux2'")
+    g = torch.Generator().manual_seed(seed)
+    sd: dict[str, torch.Tensor] = {}
+    h = hidden
+    v1 = arch == "flux1"
+    bias, in_ch, mlp, mlp_first = (True, 64, 4 * h, 4 * h) if v1 else (False, 128, 3 * h, 6 * h)
+    _linear(sd, "img_in", h, in_ch, bias, g, std)
+    _linear(sd, "time_in.in_layer", h, 256, bias, g, std)
+    _linear(sd, "time_in.out_layer", h, h, bias, g, std)
+    if guidance:
+        _linear(sd, "guidance_in.in_layer", h, 256, bias, g, std)
+        _linear(sd, "guidance_in.out_layer", h, h, bias, g, std)
+    if v1:
+        _linear(sd, "vector_in.in_layer", h, vec_dim, True, g, std)
+        _linear(sd, "vector_in.out_layer", h, h, True, g, std)
+    _linear(sd, "txt_in", h, context_dim, bias, g, std)
+    for i in range(depth):
+        p = f"double_blocks.{i}"
+        for s in ("img", "txt"):
+            if v1:
+                _linear(sd, f"{p}.{s}_mod.lin", 6 * h, h, True, g, std)
+            _linear(sd, f"{p}.{s}_attn.qkv", 3 * h, h, bias, g, std)
+            sd[f"{p}.{s}_attn.norm.query_norm.scale"] = torch.ones(HEAD_DIM)
+            sd[f"{p}.{s}_attn.norm.key_norm.scale"] = torch.ones(HEAD_DIM)
+            _linear(sd, f"{p}.{s}_attn.proj", h, h, bias, g, std)
+            _linear(sd, f"{p}.{s}_mlp.0", mlp_first, h, bias, g, std)
+            _linear(sd, f"{p}.{s}_mlp.2", h, mlp, bias, g, std)
+    for i in range(depth_single):
+        p = f"single_blocks.{i}"
+        _linear(sd, f"{p}.linear1", 3 * h + mlp_first, h, bias, g, std)
+        _linear(sd, f"{p}.linear2", h, h + mlp, bias, g, std)
+        sd[f"{p}.norm.query_norm.scale"] = torch.ones(HEAD_DIM)
+        sd[f"{p}.norm.key_norm.scale"] = torch.ones(HEAD_DIM)
+        if v1:
+            _linear(sd, f"{p}.modulation.lin", 3 * h, h, True, g, std)
+    _linear(sd, "final_layer.linear", in_ch, h, bias, g, std)
+    _linear(sd, "final_layer.adaLN_modulation.1", 2 * h, h, bias, g, std)
+    if not v1:
+        _linear(sd, "double_stream_modulation_img.lin", 6 * h, h, False, g, std)
+        _linear(sd, "double_stream_modulation_txt.lin", 6 * h, h, False, g, std)
+        _linear(sd, "single_stream_modulation.lin", 3 * h, h, False, g, std)
+    return {k: v.to(dtype).contiguous() for k, v in sd.items()}
+
+
+def write_tiny_flux(path: str | os.PathLike, arch: str = "flux1", **kw) -> Path:
+    """Write ``flux_state_dict(arch, **kw)`` to ``path`` (safetensors); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(flux_state_dict(arch, **kw), str(path), metadata={"format": "pt", "note": "random FLUX for tests"})
+    return path
+
+
+def _conv(sd, name, out_c, in_c, k, g, std):
+    sd[f"{name}.weight"] = torch.randn(out_c, in_c, k, k, generator=g) * std
+    sd[f"{name}.bias"] = torch.zeros(out_c)
+
+
+def _norm(sd, name, c):
+    sd[f"{name}.weight"] = torch.ones(c)
+    sd[f"{name}.bias"] = torch.zeros(c)
+
+
+def _resnet(sd, p, cin, cout, g, std):
+    _norm(sd, f"{p}.norm1", cin)
+    _conv(sd, f"{p}.conv1", cout, cin, 3, g, std)
+    _norm(sd, f"{p}.norm2", cout)
+    _conv(sd, f"{p}.conv2", cout, cout, 3, g, std)
+    if cin != cout:
+        _conv(sd, f"{p}.nin_shortcut", cout, cin, 1, g, std)
+
+
+def _attn(sd, p, c, g, std):
+    _norm(sd, f"{p}.norm", c)
+    for n in ("q", "k", "v", "proj_out"):
+        _conv(sd, f"{p}.{n}", c, c, 1, g, std)
+
+
+def vae_state_dict(arch: str = "flux1", *, dec_ch: int = 32, seed: int = 0, std: float = 0.02,
+                   dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+    """A FLUX ``ae`` (ldm AutoencoderKL layout): encoder at ComfyUI's fixed width 128,
+    ch_mult (1, 2, 4, 4), 2 res blocks; a decoder of width ``dec_ch``. ``flux2`` adds
+    quant convs and the batch-norm latent statistics (z 32 → 128 channels at /16)."""
+    z = 16 if arch == "flux1" else 32
+    enc_ch, mult, nres = 128, (1, 2, 4, 4), 2
+    g = torch.Generator().manual_seed(seed)
+    sd: dict[str, torch.Tensor] = {}
+    _conv(sd, "encoder.conv_in", enc_ch, 3, 3, g, std)
+    block_in = enc_ch
+    for i, m in enumerate(mult):
+        block_in, block_out = enc_ch * ((1,) + mult)[i], enc_ch * m
+        for j in range(nres):
+            _resnet(sd, f"encoder.down.{i}.block.{j}", block_in, block_out, g, std)
+            block_in = block_out
+        if i != len(mult) - 1:
+            _conv(sd, f"encoder.down.{i}.downsample.conv", block_in, block_in, 3, g, std)
+    _resnet(sd, "encoder.mid.block_1", block_in, block_in, g, std)
+    _attn(sd, "encoder.mid.attn_1", block_in, g, std)
+    _resnet(sd, "encoder.mid.block_2", block_in, block_in, g, std)
+    _norm(sd, "encoder.norm_out", block_in)
+    _conv(sd, "encoder.conv_out", 2 * z, block_in, 3, g, std)
+    block_in = dec_ch * mult[-1]
+    _conv(sd, "decoder.conv_in", block_in, z, 3, g, std)
+    _resnet(sd, "decoder.mid.block_1", block_in, block_in, g, std)
+    _attn(sd, "decoder.mid.attn_1", block_in, g, std)
+    _resnet(sd, "decoder.mid.block_2", block_in, block_in, g, std)
+    for i in reversed(range(len(mult))):
+        for j in range(nres + 1):
+            _resnet(sd, f"decoder.up.{i}.block.{j}", block_in, dec_ch * mult[i], g, std)
+            block_in = dec_ch * mult[i]
+        if i != 0:
+            _conv(sd, f"decoder.up.{i}.upsample.conv", block_in, block_in, 3, g, std)
+    _norm(sd, "decoder.norm_out", block_in)
+    _conv(sd, "decoder.conv_out", 3, block_in, 3, g, std)
+    if arch == "flux2":
+        sd["quant_conv.weight"] = torch.eye(2 * z).reshape(2 * z, 2 * z, 1, 1)
+        sd["quant_conv.bias"] = torch.zeros(2 * z)
+        sd["post_quant_conv.weight"] = torch.eye(z).reshape(z, z, 1, 1)
+        sd["post_quant_conv.bias"] = torch.zeros(z)
+        sd["bn.running_mean"] = torch.zeros(4 * z)
+        sd["bn.running_var"] = torch.ones(4 * z)
+        sd["bn.num_batches_tracked"] = torch.tensor(0, dtype=torch.long)
+    return {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in sd.items()}
+
+
+def write_tiny_vae(path: str | os.PathLike, arch: str = "flux1", **kw) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(vae_state_dict(arch, **kw), str(path))
+    return path
+
+
+# ---------------------------------------------------------------------- loading
+def load_flux(path: str | os.PathLike, *, dtype: torch.dtype | None = None, inference: bool = True):
+    """A ComfyUI ``ModelPatcher`` for a diffusion-model file, loaded like UNETLoader.
+
+    ``dtype`` goes to ``model_options["dtype"]`` (e.g. ``torch.float8_e4m3fn`` is what
+    UNETLoader's ``weight_dtype=fp8_e4m3fn`` does). ``inference=True`` loads inside
+    ``torch.inference_mode()`` as every node does, so the weights are inference tensors."""
+    import comfy.sd
+
+    options = {} if dtype is None else {"dtype": dtype}
+    if inference:
+        with torch.inference_mode():
+            return comfy.sd.load_diffusion_model(str(path), model_options=options)
+    return comfy.sd.load_diffusion_model(str(path), model_options=options)
+
+
+def load_vae(path: str | os.PathLike):
+    """A ComfyUI ``VAE`` from a file, loaded like VAELoader (inside inference mode)."""
+    import comfy.sd
+    import comfy.utils
+
+    with torch.inference_mode():
+        sd, metadata = comfy.utils.load_torch_file(str(path), return_metadata=True)
+        vae = comfy.sd.VAE(sd=sd, metadata=metadata)
+        vae.throw_exception_if_invalid()
+    return vae

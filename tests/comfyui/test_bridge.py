@@ -1,0 +1,280 @@
+"""nodes/comfy_bridge.py on real ComfyUI (in-process, CPU) with tiny random FLUX models.
+
+Skipped unless COMFYUI_PATH is set. Models are loaded the way UNETLoader does inside a prompt
+(under ``torch.inference_mode``), so their weights are inference tensors.
+"""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from trainer_core.config import LoRAConfig
+from trainer_core.flow import interpolate, velocity_target
+from trainer_core.lora.formats import LORA_FORMATS
+from trainer_core.lora.network import LoraNetwork
+from trainer_core.models.bfl_flux import BflFlux
+from trainer_core.types import TextBatch
+
+EXPECTED = {  # name: (arch, latent channels, guidance_embed, ComfyUI config class)
+    "flux1_dev": ("flux1", 16, True, "Flux"),
+    "flux1_schnell": ("flux1", 16, False, "FluxSchnell"),
+    "flux2": ("flux2", 128, False, "Flux2"),
+}
+
+
+def _batch(arch: str, seed: int = 0, b: int = 2):
+    """(x_t, sigma, text, target) for a 64 px image: 16 image tokens in both layouts."""
+    g = torch.Generator().manual_seed(seed)
+    c, hw = (16, 8) if arch == "flux1" else (128, 4)
+    x0, noise = torch.randn(b, c, hw, hw, generator=g), torch.randn(b, c, hw, hw, generator=g)
+    sigma = torch.rand(b, generator=g) * 0.8 + 0.1
+    text = TextBatch(torch.randn(b, 7, 64, generator=g), torch.randn(b, 32, generator=g) if arch == "flux1" else None)
+    return interpolate(x0, noise, sigma), sigma, text, velocity_target(x0, noise)
+
+
+def _loss(model: BflFlux, batch) -> torch.Tensor:
+    x_t, sigma, text, target = batch
+    return F.mse_loss(model.velocity(x_t, sigma, text, 1.0), target)
+
+
+def _train(model: BflFlux, steps: int = 6, lr: float = 1e-2, rank: int = 4) -> list[float]:
+    """A few AdamW steps of a rank-``rank`` LoRA on one fixed batch; removes the LoRA."""
+    net = LoraNetwork.inject(model.module, LoRAConfig(rank=rank, alpha=float(rank)), model.default_targets["all"])
+    opt = torch.optim.AdamW(net.parameters(), lr=lr)
+    batch, losses = _batch(model.arch), []
+    try:
+        for _ in range(steps):
+            loss = _loss(model, batch)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+    finally:
+        net.remove()
+    return losses
+
+
+def _load(comfyui, path, **kw):
+    import comfy.model_management as mm  # noqa: F811  (the package, not the fixture)
+
+    mp = comfyui.load_flux(path, **kw)
+    with torch.inference_mode():
+        mm.load_models_gpu([mp], force_full_load=True)
+    return mp
+
+
+# ---------------------------------------------------------------------- detection
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_detect_arch(comfyui, bridge, tiny_files, name):
+    arch, channels, guidance, kind = EXPECTED[name]
+    info = bridge.detect_arch(comfyui.load_flux(tiny_files[name]))
+    assert info == bridge.ArchInfo(arch, guidance, channels, 2 if arch == "flux1" else 1, kind)
+
+
+def test_detect_arch_refuses_other_models(comfyui, bridge):
+    import comfy.model_base
+    import comfy.supported_models
+
+    class Stub:  # an (uninitialised) SDXL BaseModel instance, as a MODEL's .model would be
+        model = object.__new__(comfy.model_base.SDXL)
+
+    Stub.model.model_config = object.__new__(comfy.supported_models.SDXL)
+    with pytest.raises(ValueError, match=r"FlowTrain trains FLUX.1/FLUX.2 models; the MODEL input is a SDXL"):
+        bridge.detect_arch(Stub())
+
+
+# ---------------------------------------------------------------------- training
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_lora_training_lowers_loss(comfyui, bridge, tiny_files, name):
+    import comfy.model_management as mm
+
+    mp = comfyui.load_flux(tiny_files[name])
+    with bridge.training_model(mp, gradient_checkpointing=True) as model:
+        assert mm.in_training and model.arch == EXPECTED[name][0] and model.checkpoint == "blocks"
+        assert model.context_tokens == (512 if model.arch == "flux2" else None)
+        losses = _train(model)
+    assert not mm.in_training
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], losses
+
+
+@pytest.mark.parametrize("name", ["flux1_dev", "flux2"])
+def test_checkpoint_modes_give_equal_gradients(comfyui, bridge, tiny_files, name):
+    mp = comfyui.load_flux(tiny_files[name])
+    with bridge.training_model(mp, gradient_checkpointing="off") as model:
+        net = LoraNetwork.inject(model.module, LoRAConfig(rank=4), model.default_targets["all"])
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(0)
+            for p in net.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        grads = {}
+        for mode in ("off", "blocks", "selective"):
+            model.checkpoint = mode
+            _loss(model, _batch(model.arch)).backward()
+            grads[mode] = torch.cat([p.grad.flatten() for p in net.parameters()])
+            for p in net.parameters():
+                p.grad = None
+        net.remove()
+    assert grads["off"].abs().max() > 0
+    for mode in ("blocks", "selective"):
+        assert (grads[mode] - grads["off"]).abs().max() <= 1e-5, mode
+
+
+def test_input_model_is_unchanged_after_training(comfyui, bridge, tiny_files):
+    mp = _load(comfyui, tiny_files["flux1_dev"])
+    dm = mp.model.diffusion_model
+    before = {n: (p, p.detach().clone(), p.dtype, p.requires_grad, p.is_inference()) for n, p in dm.named_parameters()}
+    assert all(v[4] for v in before.values())  # loaded like UNETLoader in a prompt: inference tensors
+    x_t, sigma, text, _ = _batch("flux1")
+
+    def run():
+        with torch.inference_mode():
+            return dm(x_t, sigma, text.context, y=text.pooled, guidance=torch.ones(2)).clone()
+
+    out_before = run()
+    with bridge.training_model(mp, gradient_checkpointing=True) as model:
+        _train(model, steps=2)
+    after = dict(dm.named_parameters())
+    assert list(after) == list(before)
+    for n, (p, value, dtype, flag, inference) in before.items():
+        assert after[n] is p and p.dtype == dtype and p.requires_grad == flag and p.is_inference() == inference, n
+        assert torch.equal(p.detach(), value), n
+    assert torch.equal(run(), out_before)
+
+
+def test_errors_inside_training_restore_the_model(comfyui, bridge, tiny_files):
+    import comfy.model_management as mm
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    mp = _load(comfyui, tiny_files["flux1_schnell"])
+    dm = mp.model.diffusion_model
+    qkv = dm.double_blocks[0].img_attn.qkv
+    with pytest.raises(KeyboardInterrupt):
+        with bridge.training_model(mp, gradient_checkpointing=False) as model:
+            LoraNetwork.inject(model.module, LoRAConfig(rank=4), model.default_targets["all"])  # never removed
+            raise KeyboardInterrupt
+    assert not mm.in_training
+    assert not any(isinstance(m, BaseTunerLayer) for m in dm.modules())
+    assert dm.double_blocks[0].img_attn.qkv is qkv and qkv.weight.is_inference()
+
+
+def test_fp8_weights_train(comfyui, bridge, tiny_files):
+    mp = comfyui.load_flux(tiny_files["flux1_dev"], dtype=torch.float8_e4m3fn)
+    with bridge.training_model(mp, gradient_checkpointing=True) as model:
+        qkv = model.module.double_blocks[0].img_attn.qkv.weight
+        assert qkv.dtype == torch.float8_e4m3fn
+        losses = _train(model)
+        assert qkv.dtype == torch.float8_e4m3fn
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], losses
+
+
+def _random_lora(module: torch.nn.Module, rank: int = 2, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, m in module.named_modules():
+        if isinstance(m, torch.nn.Linear):
+            out[f"diffusion_model.{name}.lora_A.weight"] = torch.randn(rank, m.in_features, generator=g) * 0.1
+            out[f"diffusion_model.{name}.lora_B.weight"] = torch.randn(m.out_features, rank, generator=g) * 0.1
+    return out
+
+
+def test_training_on_top_of_another_lora(comfyui, bridge, tiny_files):
+    mp = comfyui.load_flux(tiny_files["flux2"])
+    dm = mp.model.diffusion_model
+    w0 = dm.double_blocks[0].img_attn.qkv.weight.detach().clone()
+    other = _random_lora(dm)
+    patched = bridge.model_with_lora(mp, other)
+    a = other["diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight"]
+    b = other["diffusion_model.double_blocks.0.img_attn.qkv.lora_B.weight"]
+    with bridge.training_model(patched, gradient_checkpointing=True) as model:
+        merged = model.module.double_blocks[0].img_attn.qkv.weight
+        assert torch.allclose(merged, w0 + b @ a, atol=1e-6)  # the other LoRA is in the weights we train on
+        losses = _train(model)
+    assert losses[-1] < losses[0], losses
+
+
+@pytest.mark.parametrize("name", ["flux1_dev", "flux2"])
+def test_saved_lora_loads_in_comfy_and_matches_live_model(comfyui, bridge, tiny_files, name):
+    import comfy.model_management as mm
+
+    mp = comfyui.load_flux(tiny_files[name])
+    batch = _batch(EXPECTED[name][0], seed=5)
+    with bridge.training_model(mp, gradient_checkpointing=True) as model:
+        net = LoraNetwork.inject(model.module, LoRAConfig(rank=4), model.default_targets["all"])
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(1)
+            for p in net.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+            live = model.velocity(batch[0], batch[1], batch[2], 1.0)
+        tensors = LORA_FORMATS.get(model.lora_format).to_tensors(net, model)
+        trained = len(net.modules_trained())
+        net.remove()
+    assert model.lora_format == ("flux1_kohya" if name == "flux1_dev" else "flux2_diffusion_model")
+    with_lora = bridge.model_with_lora(mp, tensors)  # raises on any key ComfyUI did not load
+    assert len(with_lora.patches) == trained
+    with torch.inference_mode():
+        mm.load_models_gpu([with_lora], force_full_load=True)
+        again = BflFlux(with_lora.model.diffusion_model, arch=model.arch, guidance_embed=model.guidance_embed,
+                        latent_channels=model.latent_channels, patch_size=model.patch_size,
+                        context_tokens=model.context_tokens)
+        from_file = again.velocity(batch[0], batch[1], batch[2], 1.0)
+    assert (from_file - live).abs().max() <= 1e-3 * live.abs().max()
+
+
+def test_model_with_lora_refuses_unknown_keys(comfyui, bridge, tiny_files, caplog):
+    mp = comfyui.load_flux(tiny_files["flux1_schnell"])
+    bad = {"lora_unet_double_blocks_7_img_attn_qkv.lora_down.weight": torch.zeros(2, 128),
+           "lora_unet_double_blocks_7_img_attn_qkv.lora_up.weight": torch.zeros(384, 2)}
+    with caplog.at_level(logging.WARNING), pytest.raises(ValueError, match="did not load 2 LoRA key"):
+        bridge.model_with_lora(mp, bad)
+
+
+# ---------------------------------------------------------------------- codec and text
+def test_vae_codec(comfyui, bridge, tiny_files, tiny_vae_file):
+    vae = comfyui.load_vae(tiny_vae_file)
+    mp = comfyui.load_flux(tiny_files["flux1_dev"])
+    codec = bridge.VaeCodec(vae, mp)
+    assert codec.downscale == 8 and codec.identity == bridge.VaeCodec(vae, mp).identity
+    assert codec.identity.endswith("-Flux")
+    pixels = torch.rand(1, 3, 64, 64) * 2 - 1
+    z = codec.encode(pixels)
+    assert z.shape == (1, 16, 8, 8) and z.dtype == torch.float32 and not z.is_inference()
+    with torch.inference_mode():
+        raw = vae.encode(((pixels + 1) / 2).movedim(1, -1)).float()
+    assert torch.allclose(z, (raw - 0.1159) * 0.3611, atol=1e-5)  # FLUX.1 latent format
+    img = codec.decode(z)
+    assert img.shape == (1, 3, 64, 64) and img.min() >= -1 and img.max() <= 1
+
+
+def test_fixed_conditioning_encoder(bridge):
+    cond = [[torch.randn(1, 5, 64), {"pooled_output": torch.randn(1, 32)}]]
+    other = [[torch.randn(1, 3, 64), {"pooled_output": torch.randn(1, 32)}]]
+    enc = bridge.FixedConditioningEncoder(cond, other, select=lambda t: "main" if "sks" in t else "class")
+    a, b = enc.encode(["sks dog", "a dog"])
+    assert torch.equal(a.context, cond[0][0][0]) and torch.equal(a.pooled, cond[0][1]["pooled_output"][0])
+    assert torch.equal(b.context, other[0][0][0])
+    assert enc.identity != bridge.FixedConditioningEncoder(other).identity
+    assert enc.identity == bridge.FixedConditioningEncoder(cond, other).identity
+    with pytest.raises(ValueError, match="must be a \[1, T, D\] tensor"):
+        bridge.FixedConditioningEncoder([[torch.zeros(3), {}]])
+
+
+def test_clip_text_encoder_with_a_stub_clip(bridge):
+    """Plumbing only (a real FLUX CLIP needs T5-XXL): the stub answers like comfy.sd.CLIP."""
+
+    class StubClip:
+        cond_stage_model = torch.nn.Linear(4, 4)
+
+        def tokenize(self, text):
+            return {"len": len(text)}
+
+        def encode_from_tokens(self, tokens, return_pooled=False, return_dict=False):
+            n = tokens["len"]
+            return {"cond": torch.full((1, n, 8), float(n), dtype=torch.bfloat16), "pooled_output": torch.ones(1, 6)}
+
+    e1 = bridge.ClipTextEncoder(StubClip(), "flux1").encode(["abc"])[0]
+    assert e1.context.shape == (3, 8) and e1.context.dtype == torch.float32 and e1.pooled.shape == (6,)
+    info = bridge.ArchInfo("flux2", False, 128, 1, "Flux2")
+    assert bridge.ClipTextEncoder(StubClip(), info).encode(["ab"])[0].pooled is None

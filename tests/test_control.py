@@ -1,0 +1,126 @@
+"""Control files (.pause, .checkpoint, .stop), stop requests, interrupts and NaN losses:
+each ends or continues as documented and never loses a finished step."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import trainer_core.control as control
+from trainer_core.checkpoint import is_complete, list_checkpoints, load_checkpoint
+from trainer_core.loop import NonFiniteLoss
+
+
+def _touch_at(path, step: int):
+    """A progress callable that creates ``path`` when ``step`` finishes."""
+    def progress(s, total, logs):
+        if s == step:
+            path.touch()
+    return progress
+
+
+def _final_steps(path) -> str:
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata()["flowtrain.steps"]
+
+
+class _RaiseAt:
+    """A loss term that misbehaves on the optimizer step with 0-based index ``step``."""
+
+    name = "fault"
+
+    def __init__(self, step: int, fault):
+        self.step, self.fault = step, fault
+
+    def __call__(self, ctx):
+        if ctx.step != self.step:
+            return None
+        if self.fault == "nan":
+            return ctx.predict().sum() * float("nan")
+        raise self.fault
+
+
+def test_checkpoint_file_saves_and_continues(tiny_training):
+    run = tiny_training.out / "run"
+    result = tiny_training.train(tiny_training.config(), progress=_touch_at(run / ".checkpoint", 2))
+    assert (result.steps, result.reason) == (4, "finished")
+    assert [s for s, _ in list_checkpoints(run)] == [2, 4]
+    assert not (run / ".checkpoint").exists()
+
+
+def test_stop_file_ends_gracefully(tiny_training):
+    run = tiny_training.out / "run"
+    result = tiny_training.train(tiny_training.config(**{"train.steps": 6}), progress=_touch_at(run / ".stop", 2))
+    assert (result.steps, result.reason) == (2, "stopped (.stop file)")
+    assert [s for s, _ in list_checkpoints(run)] == [2]
+    assert _final_steps(result.lora_path) == "2" and not (run / ".stop").exists()
+
+
+def test_pause_waits_until_the_file_is_removed(tiny_training, monkeypatch):
+    monkeypatch.setattr(control, "POLL_S", 0.02)
+    run = tiny_training.out / "run"
+    run.mkdir(parents=True)
+    (run / control.PAUSE).touch()
+    seen = {}
+
+    def unpause():
+        deadline = time.monotonic() + 30
+        while not is_complete(run / "checkpoint_000001") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)
+        seen["steps_while_paused"] = sorted(s for s, _ in list_checkpoints(run))
+        (run / control.PAUSE).unlink()
+
+    thread = threading.Thread(target=unpause)
+    thread.start()
+    steps: list[int] = []
+    result = tiny_training.train(tiny_training.config(), progress=lambda s, t, logs: steps.append(s))
+    thread.join()
+    assert (result.steps, result.reason) == (4, "finished")
+    assert seen["steps_while_paused"] == [1]  # saved at the pause, and no further step ran during it
+    assert steps == [1, 2, 3, 4]
+
+
+def test_cancel_while_paused_stops(tiny_training, monkeypatch):
+    monkeypatch.setattr(control, "POLL_S", 0.02)
+    run = tiny_training.out / "run"
+    run.mkdir(parents=True)
+    (run / control.PAUSE).touch()
+    cancel = threading.Event()
+    threading.Timer(0.3, cancel.set).start()
+    result = tiny_training.train(tiny_training.config(), should_stop=cancel.is_set)
+    assert (result.steps, result.reason) == (1, "stopped")
+    assert [s for s, _ in list_checkpoints(run)] == [1] and result.lora_path.is_file()
+
+
+class Interrupt(BaseException):
+    """Like ComfyUI's InterruptProcessingException: not an Exception."""
+
+
+def test_interrupt_mid_step_checkpoints_the_last_finished_step(tiny_training):
+    with pytest.raises(Interrupt):
+        tiny_training.train(tiny_training.config(), extra_terms=[_RaiseAt(2, Interrupt("cancel"))])
+    run = tiny_training.out / "run"
+    assert [s for s, _ in list_checkpoints(run)] == [2]
+    assert _final_steps(run / "lora_final.safetensors") == "2"
+    resumed = tiny_training.train(tiny_training.config())  # and it resumes from there
+    assert [h["step"] for h in resumed.history] == [1, 2, 3, 4]
+
+
+def test_nan_loss_stops_keeps_last_good_state_and_says_so(tiny_training):
+    cfg = tiny_training.config(**{"train.steps": 6})
+    with pytest.raises(NonFiniteLoss) as e:
+        tiny_training.train(cfg, extra_terms=[_RaiseAt(2, "nan")])
+    msg = str(e.value)
+    run = tiny_training.out / "run"
+    assert "at step 3" in msg and "checkpoint_000002" in msg and "lower optim.lr" in msg
+    assert [s for s, _ in list_checkpoints(run)] == [2]
+    # the saved state is exactly that of a clean 2-step run (the NaN step changed nothing)
+    clean = tiny_training.train(tiny_training.config(**{"train.steps": 2, "train.output_name": "clean"}))
+    saved = load_checkpoint(run / "checkpoint_000002").lora_state()
+    ref = clean.network.state_dict()
+    assert all(torch.equal(saved[k], ref[k]) for k in ref)
+    assert all(torch.isfinite(v).all() for v in saved.values())

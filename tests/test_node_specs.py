@@ -1,0 +1,229 @@
+"""The nodes' pure logic (``nodes/specs.py``), the example workflows' two formats and the
+web extension's syntax, all without ComfyUI.
+
+``nodes/specs.py`` is loaded by file path: importing the ``nodes`` package would need
+ComfyUI, and the name ``nodes`` is also ComfyUI's own module."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer_core.config import ConfigError, LoRAConfig, PreviewConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load(name: str, path: Path):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+specs = _load("flowtrain_node_specs", ROOT / "nodes" / "specs.py")
+builder = _load("flowtrain_build_workflows", ROOT / "scripts" / "build_example_workflows.py")
+
+# Widget inputs of the core nodes the examples use, in schema order (checked against the
+# real schemas by tests/comfyui/test_workflows.py). "+control" = the UI-only
+# control_after_generate value the frontend adds after a seed.
+CORE_WIDGETS = {
+    "UNETLoader": ("unet_name", "weight_dtype"),
+    "DualCLIPLoader": ("clip_name1", "clip_name2", "type", "device"),
+    "CLIPLoader": ("clip_name", "type", "device"),
+    "VAELoader": ("vae_name",),
+    "CLIPTextEncode": ("text",),
+    "FluxGuidance": ("guidance",),
+    "EmptySD3LatentImage": ("width", "height", "batch_size"),
+    "EmptyFlux2LatentImage": ("width", "height", "batch_size"),
+    "KSampler": ("seed", "+control", "steps", "cfg", "sampler_name", "scheduler", "denoise"),
+    "VAEDecode": (),
+    "SaveImage": ("filename_prefix",),
+}
+
+
+def dataset(tmp_path) -> specs.DatasetSpec:
+    return specs.DatasetSpec(path=str(tmp_path), image_count=3, caption_count=2, samples_per_epoch=5)
+
+
+# ----------------------------------------------------------------------------- parsing
+def test_parse_lists_and_prompts():
+    assert specs.parse_int_list("512, 768 1024", "resolutions") == (512, 768, 1024)
+    assert specs.parse_float_list("0, 0.5,1.0", "strengths") == (0.0, 0.5, 1.0)
+    assert specs.parse_prompts("a cat\n\n  a dog  \n") == ("a cat", "a dog")
+    with pytest.raises(ValueError, match="resolutions"):
+        specs.parse_int_list("512, big", "resolutions")
+    with pytest.raises(ValueError, match="empty"):
+        specs.parse_int_list(" , ", "resolutions")
+    with pytest.raises(ValueError, match="non-finite"):
+        specs.parse_float_list("1, nan", "strengths")
+
+
+@pytest.mark.parametrize("name, expected", [("my_lora", "my_lora.safetensors"), ("x.safetensors", "x.safetensors"),
+                                            ("  a b  ", "a b.safetensors")])
+def test_safe_lora_filename_accepts(name, expected):
+    assert specs.safe_lora_filename(name) == expected
+
+
+@pytest.mark.parametrize("name", ["", "../evil", "a/b", "a\\b", "/abs/path", "..", ".hidden", "c:evil", "a..b"])
+def test_safe_lora_filename_rejects(name):
+    with pytest.raises(ValueError, match="plain file name"):
+        specs.safe_lora_filename(name)
+
+
+def test_resolve_dataset_path(tmp_path):
+    inp = tmp_path / "input"
+    (inp / "faces").mkdir(parents=True)
+    (tmp_path / "outside").mkdir()
+    assert specs.resolve_dataset_path("faces", str(inp)) == (inp / "faces").resolve()
+    assert specs.resolve_dataset_path(str(tmp_path / "outside"), str(inp)) == tmp_path / "outside"
+    with pytest.raises(ValueError, match="leaves ComfyUI's input folder"):
+        specs.resolve_dataset_path("../outside", str(inp))
+    with pytest.raises(ValueError, match="does not exist"):
+        specs.resolve_dataset_path("missing", str(inp))
+    with pytest.raises(ValueError, match="empty"):
+        specs.resolve_dataset_path("  ", str(inp))
+
+
+def test_resolve_precision():
+    assert specs.resolve_precision("auto", "torch.float32") == "fp32"
+    assert specs.resolve_precision("auto", "float16") == "fp16"
+    assert specs.resolve_precision("auto", "bfloat16") == "bf16"
+    assert specs.resolve_precision("fp16", "float32") == "fp16"
+    with pytest.raises(ValueError, match="precision"):
+        specs.resolve_precision("fp64", "float32")
+
+
+def test_trigger_variants():
+    assert specs.trigger_variants("a photo of a dog", "sks") == ("sks, a photo of a dog", "a photo of a dog")
+    with_t, without = specs.trigger_variants("a photo of sks dog", "sks")
+    assert with_t == "a photo of sks dog" and "sks" not in without and "dog" in without
+    assert specs.trigger_variants("a cat", "") == ("a cat", "a cat")
+
+
+def test_tensor_fingerprint_tells_weights_apart():
+    a = [("w", torch.arange(1000.0).reshape(10, 100))]
+    b = [("w", torch.arange(1000.0).reshape(10, 100) * 1.5)]
+    assert specs.tensor_fingerprint(a) == specs.tensor_fingerprint([("w", a[0][1].clone())])
+    assert specs.tensor_fingerprint(a) != specs.tensor_fingerprint(b)
+    assert specs.tensor_fingerprint(a) != specs.tensor_fingerprint([("v", a[0][1])])
+
+
+# ----------------------------------------------------------------------------- config building
+def test_build_training_config_maps_every_widget(tmp_path):
+    ds = dataset(tmp_path).with_captions(specs.CaptionConfig(trigger_word="sks", class_word="man", shuffle=True))
+    settings = specs.TrainerSettings(steps=7, learning_rate=3e-4, optimizer="adamw", schedule="cosine", warmup_steps=2,
+                                     batch_size=2, gradient_accumulation=3, sigma_scheme="shift", shift=2.5,
+                                     loss_weighting="bell_shaped", guidance=1.5, precision="auto",
+                                     gradient_checkpointing=False, seed=5, save_every=3, output_name="run1")
+    cfg = specs.build_training_config(ds, LoRAConfig(rank=4, alpha=2.0), settings, output_dir=str(tmp_path / "out"),
+                                      compute_dtype="bfloat16", preview=PreviewConfig(every_n_steps=2, prompts=("a",)))
+    assert (cfg.train.steps, cfg.train.seed, cfg.train.precision, cfg.train.save_every) == (7, 5, "bf16", 3)
+    assert (cfg.train.output_dir, cfg.train.output_name) == (str(tmp_path / "out"), "run1")
+    assert not cfg.train.gradient_checkpointing
+    assert (cfg.optim.lr, cfg.optim.schedule, cfg.optim.warmup_steps, cfg.optim.grad_accum) == (3e-4, "cosine", 2, 3)
+    assert (cfg.flow.sigma_scheme, cfg.flow.shift, cfg.flow.weighting, cfg.flow.guidance) == ("shift", 2.5, "bell_shaped", 1.5)
+    assert cfg.data.batch_size == 2 and cfg.data.path == str(tmp_path)
+    assert cfg.data.captions.trigger_word == "sks" and cfg.data.captions.shuffle
+    assert cfg.lora.rank == 4 and cfg.preview.every_n_steps == 2 and not cfg.dop.enabled
+
+
+@pytest.mark.parametrize("change, field", [({"learning_rate": 0.0}, "optim.lr"), ({"output_name": "../x"}, "train.output_name"),
+                                           ({"optimizer": "sgd"}, "optim.optimizer"), ({"steps": 0}, "train.steps"),
+                                           ({"sigma_scheme": "nope"}, "flow.sigma_scheme")])
+def test_build_training_config_errors_name_the_field(tmp_path, change, field):
+    settings = specs.TrainerSettings(**change)
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        specs.build_training_config(dataset(tmp_path), LoRAConfig(), settings, output_dir=str(tmp_path))
+
+
+def test_dop_needs_a_trigger(tmp_path):
+    dop = specs.DopSettings(specs.DopConfig(enabled=True, class_word="man"))
+    with pytest.raises(ConfigError, match="trigger_word"):
+        specs.build_training_config(dataset(tmp_path), LoRAConfig(), specs.TrainerSettings(), output_dir=str(tmp_path),
+                                    dop=dop)
+
+
+def test_dataset_spec_keeps_its_caption_extension(tmp_path):
+    ds = specs.DatasetSpec(path=str(tmp_path), image_count=3, caption_count=2, samples_per_epoch=5, caption_extension=".cap")
+    ds2 = ds.with_captions(specs.CaptionConfig(trigger_word="sks"))
+    assert ds2.captions.caption_extension == ".cap" and ds2.captions.trigger_word == "sks"
+    assert ds.captions.trigger_word == ""  # frozen values: the input is never changed
+    assert "3 images, 2 captions, 5 samples" in ds.describe() and "1 without a caption" in ds.describe()
+
+
+def test_lora_tensors_is_a_dict_with_metadata():
+    t = specs.LoraTensors({"a": torch.zeros(1)}, {"k": "v"})
+    assert isinstance(t, dict) and list(t) == ["a"] and t.metadata == {"k": "v"}
+
+
+def test_trainer_widgets_match_settings_fields():
+    import dataclasses
+
+    assert specs.NODE_WIDGETS["FlowTrainTrainer"] == tuple(f.name for f in dataclasses.fields(specs.TrainerSettings))
+
+
+# ----------------------------------------------------------------------------- loss curve
+def test_loss_curve_image():
+    from trainer_core.plot import image_to_array, loss_curve_image
+
+    arr = image_to_array(loss_curve_image([{"step": i + 1, "loss": 1.0 / (i + 1)} for i in range(30)], width=200, height=100))
+    assert arr.shape == (100, 200, 3) and arr.dtype.name == "float32" and 0.0 <= arr.min() and arr.max() <= 1.0
+    assert (arr < 0.5).any()  # something was drawn
+    empty = image_to_array(loss_curve_image([], width=64, height=48))
+    assert empty.shape == (48, 64, 3)
+
+
+# ----------------------------------------------------------------------------- workflows
+def _widget_names(node_type: str) -> tuple[str, ...]:
+    names = specs.NODE_WIDGETS.get(node_type) or CORE_WIDGETS.get(node_type)
+    assert names is not None, f"no widget list for {node_type}; add it to CORE_WIDGETS"
+    return names
+
+
+@pytest.mark.parametrize("name", sorted(builder.WORKFLOWS))
+def test_workflow_formats_are_in_step(name):
+    ui = json.loads((ROOT / "example_workflows" / f"{name}.json").read_text())
+    api = json.loads((ROOT / "example_workflows" / "api" / f"{name}.json").read_text())
+    ui_nodes = {str(n["id"]): n for n in ui["nodes"] if n["type"] not in builder.UI_ONLY}
+    assert set(ui_nodes) == set(api)
+    links = {link[0]: link for link in ui["links"]}
+    for nid, node in api.items():
+        u = ui_nodes[nid]
+        assert u["type"] == node["class_type"]
+        names = _widget_names(u["type"])
+        expected = [node["inputs"][n] if n != "+control" else None for n in names]
+        got = u["widgets_values"]
+        assert len(got) == len(expected), (nid, u["type"], got, names)
+        for n, e, g in zip(names, expected, got):
+            if n == "+control":
+                assert g in ("fixed", "increment", "decrement", "randomize")
+            else:
+                assert e == g, (nid, u["type"], n)
+        sockets = {k: v for k, v in node["inputs"].items() if isinstance(v, list)}
+        ui_sockets = {i["name"]: [str(links[i["link"]][1]), links[i["link"]][2]] for i in u["inputs"] if i["link"]}
+        assert sockets == ui_sockets, (nid, u["type"])
+    assert any(n["type"] == "MarkdownNote" and "models/" in n["widgets_values"][0] for n in ui["nodes"])
+
+
+def test_workflow_files_are_what_the_builder_writes(tmp_path):
+    builder.main(tmp_path)
+    for path in sorted(tmp_path.rglob("*.json")):
+        rel = path.relative_to(tmp_path)
+        assert (ROOT / "example_workflows" / rel).read_text() == path.read_text(), f"rerun the builder: {rel}"
+
+
+# ----------------------------------------------------------------------------- web extension
+@pytest.mark.skipif(shutil.which("node") is None, reason="node.js is not installed")
+def test_web_extension_parses():
+    source = (ROOT / "web" / "flowtrain.js").read_text()
+    done = subprocess.run(["node", "--input-type=module", "--check"], input=source, text=True, capture_output=True)
+    assert done.returncode == 0, done.stderr
+    assert "flowtrain.progress" in source and "registerExtension" in source

@@ -1,0 +1,85 @@
+"""Validation loss: fixed inputs, eval mode, EMA weights, files, and no effect on training."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tiny_run import make_config, one_thread, tiny_model, train, write_data  # noqa: F401 (fixture)
+
+from trainer_core.config import EmaConfig
+from trainer_core.data.dataset import prepare_dataset
+from trainer_core.demo.codec import DctCodec
+from trainer_core.demo.text import HashTextEncoder
+from trainer_core.ema import LoraEMA
+from trainer_core.loop import RunState
+from trainer_core.lora.network import LoraNetwork
+from trainer_core.validation import ValidationCallback, ValidationSet, output_weights
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_validation_does_not_change_training_and_is_recorded(tmp_path):
+    write_data(tmp_path / "data", count=3)
+    common = {"steps": 5, "lora": {"dropout": 0.1}}  # dropout: training draws from the global RNG too
+    off, _ = train(make_config(tmp_path / "data", **common), tmp_path / "off")
+    on, _ = train(make_config(tmp_path / "data", validation={"every_n_steps": 2, "images": 2}, **common),
+                  tmp_path / "on")
+    a, b = off.network.state_dict(), on.network.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not (tmp_path / "off" / "validation.json").exists()
+
+    doc = json.loads((tmp_path / "on" / "validation.json").read_text())
+    assert [h["step"] for h in doc["history"]] == [0, 2, 4, 5]  # baseline, every 2, the last step
+    assert doc["sigmas"] == [0.1, 0.25, 0.5, 0.75, 0.9] and len(doc["images"]) == 2 and doc["held_out"] is False
+    for h in doc["history"]:
+        assert len(h["per_sigma"]) == 5 and abs(h["loss"] - sum(h["per_sigma"]) / 5) < 1e-6
+    assert "validation" in (tmp_path / "on" / "learning_curve.svg").read_text()
+
+
+def _state(tmp_path, dropout: float = 0.0, **sections):
+    write_data(tmp_path / "data", count=2)
+    cfg = make_config(tmp_path / "data", lora={"dropout": dropout}, **sections)
+    ds = prepare_dataset(cfg.data, DctCodec(), HashTextEncoder(), cache_dir=tmp_path / "cache", pixel_multiple=16, seed=0)
+    model = tiny_model()
+    network = LoraNetwork.inject(model.module, cfg.lora, model.default_targets["all"])
+    with torch.no_grad():
+        for p in network.parameters():
+            p.normal_(0, 0.3, generator=torch.Generator().manual_seed(p.numel()))
+    state = RunState(config=cfg, model=model, network=network, optimizer=None, scheduler=None, data=ds, total_steps=10)
+    return state
+
+
+def test_validation_is_fixed_and_runs_in_eval_mode(tmp_path):
+    state = _state(tmp_path, dropout=0.5, validation={"every_n_steps": 1, "images": 2})
+    state.model.module.train()
+    cb = ValidationCallback(state.config.validation)
+    cb.on_train_start(state)  # the step-0 baseline
+    torch.manual_seed(123)  # the global RNG does not matter
+    second = cb.evaluate(state)
+    assert state.extra["curves"]["validation"] == [(0, second), (0, second)]
+    assert state.model.module.training  # train mode restored
+    # the same loss in train mode would differ between calls (LoRA dropout 0.5): eval mode matters
+    vset = ValidationSet(state.data, state.config.validation)
+    assert not torch.equal(vset.loss(state.model, 1.0), vset.loss(state.model, 1.0))
+
+
+def test_validation_uses_the_ema_weights_when_the_run_outputs_them(tmp_path):
+    state = _state(tmp_path, ema={"enabled": True})
+    ema = LoraEMA(state.network, EmaConfig(enabled=True))
+    for t in ema.shadow.values():
+        t.zero_()  # EMA = the base model
+    state.extra["ema"] = ema
+    raw = state.network.state_dict()
+    with output_weights(state) as which:
+        assert which == "ema" and all(float(p.abs().sum()) == 0 for p in state.network.parameters())
+    assert all(torch.equal(p, raw[n]) for n, p in state.network.named_parameters())
+
+    vset = ValidationSet(state.data, state.config.validation)
+    with state.network.disabled():
+        base = vset.loss(state.model, 1.0)
+    cb = ValidationCallback(state.config.validation.__class__(every_n_steps=1))
+    cb.vset = vset
+    assert abs(cb.evaluate(state) - float(base.mean())) < 1e-6
+    state.config = state.config.replace(ema=EmaConfig(enabled=True, use_for_output=False))
+    assert abs(cb.evaluate(state) - float(base.mean())) > 1e-3  # raw weights now

@@ -1,0 +1,109 @@
+"""File-based control of a running training, and a watch on the dataset folder.
+
+Create one of these empty files in the run folder (``touch <run>/.pause``):
+
+* ``.checkpoint``: save a checkpoint after the current step and continue (the file is removed);
+* ``.pause``: save a checkpoint, then wait until the file is removed (a Cancel / Ctrl+C
+  while paused still stops the run);
+* ``.stop``: end after the current step: a checkpoint and ``lora_final`` are written
+  (the file is removed, so a later resume does not stop at once).
+
+The files are checked after every optimizer step, so they act within one step.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+from .loop import Callback, RunState, StopTraining
+
+log = logging.getLogger(__name__)
+
+PAUSE, CHECKPOINT, STOP = ".pause", ".checkpoint", ".stop"
+POLL_S = 1.0  # how often a pause checks for the file's removal and for a stop request
+
+
+class ControlCallback(Callback):
+    """Acts on the control files; ``save(state)`` writes a checkpoint (``CheckpointCallback.save``)."""
+
+    def __init__(self, run_dir: Path, save: Callable[[RunState], Path], should_stop: Callable[[], bool],
+                 poll_s: float | None = None):
+        self.run_dir, self.save, self.should_stop = Path(run_dir), save, should_stop
+        self.poll_s = POLL_S if poll_s is None else poll_s
+
+    def on_train_start(self, state: RunState) -> None:
+        stale = self.run_dir / STOP
+        if stale.exists():
+            log.warning("removing %s left from an earlier run (create it again to stop this one)", stale)
+            stale.unlink(missing_ok=True)
+
+    def on_step_end(self, state: RunState, logs: dict) -> None:
+        if (self.run_dir / STOP).exists():
+            (self.run_dir / STOP).unlink(missing_ok=True)
+            log.info("%s found: stopping after step %d", self.run_dir / STOP, state.step)
+            raise StopTraining("stopped (.stop file)")
+        if (self.run_dir / CHECKPOINT).exists():
+            folder = self.save(state)
+            (self.run_dir / CHECKPOINT).unlink(missing_ok=True)
+            log.info("%s found: saved %s", self.run_dir / CHECKPOINT, folder)
+        if (self.run_dir / PAUSE).exists():
+            self.pause(state)
+
+    def pause(self, state: RunState) -> None:
+        folder = self.save(state)
+        log.info("paused after step %d (checkpoint %s); delete %s to continue", state.step, folder,
+                 self.run_dir / PAUSE)
+        while (self.run_dir / PAUSE).exists():
+            if self.should_stop():
+                raise StopTraining("stopped")
+            time.sleep(self.poll_s)
+        log.info("resuming after the pause")
+
+
+FolderSnapshot = dict[str, tuple[int, int]]
+
+
+def folder_snapshot(path: Path | str) -> FolderSnapshot:
+    """relative path → (size, mtime_ns) of every non-hidden file under ``path``."""
+    root = Path(path)
+    out: FolderSnapshot = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            if name.startswith("."):
+                continue
+            p = Path(dirpath) / name
+            try:
+                st = p.stat()
+            except OSError:
+                continue
+            out[str(p.relative_to(root))] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def snapshot_changes(before: FolderSnapshot, after: FolderSnapshot) -> list[str]:
+    """Human-readable list of added, removed and modified files."""
+    added = [f"added {k}" for k in sorted(set(after) - set(before))]
+    removed = [f"removed {k}" for k in sorted(set(before) - set(after))]
+    changed = [f"modified {k}" for k in sorted(set(before) & set(after)) if before[k] != after[k]]
+    return added + removed + changed
+
+
+class DatasetWatchCallback(Callback):
+    """Warns at the end when the dataset folder changed while training. The run itself is
+    unaffected: every latent and caption was cached before step 1."""
+
+    def __init__(self, data_path: Path | str, before: FolderSnapshot):
+        self.path, self.before = Path(data_path), before
+        self.changes: list[str] = []
+
+    def on_train_end(self, state: RunState, reason: str) -> None:
+        self.changes = snapshot_changes(self.before, folder_snapshot(self.path))
+        if self.changes:
+            shown = "\n  ".join(self.changes[:20]) + (f"\n  ... and {len(self.changes) - 20} more" if len(self.changes) > 20 else "")
+            log.warning("the dataset folder %s changed during training; this run used the images and captions "
+                        "as they were when it started (all were cached before step 1). Train again to use the "
+                        "changes:\n  %s", self.path, shown)

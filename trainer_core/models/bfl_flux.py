@@ -1,0 +1,270 @@
+"""FLUX.1 / FLUX.2 through a module with ComfyUI's BFL call signature (no ComfyUI import).
+
+``module(x [B, C, h, w], timestep [B], context [B, T, D], y=pooled|None, guidance=[B]|None,
+transformer_options=...)`` returns the raw velocity [B, C, h, w]; this is
+``comfy.ldm.flux.model.Flux.forward``. The adapter feeds it exactly what ComfyUI's sampler
+does (``comfy/model_base.py`` ``BaseModel._apply_model``, ``Flux.extra_conds``,
+``Flux2.extra_conds``):
+
+* ``timestep = model_sampling.timestep(σ) = σ`` in float32 for FLUX.1-dev, schnell and FLUX.2
+  (``ModelSamplingFlux.timestep`` is the identity; schnell's discrete-flow multiplier is 1.0);
+  the module multiplies timestep and guidance by 1000 in its embedders.
+* x, context, y and guidance in the model's inference dtype; guidance only for
+  guidance-embedded models; y = the pooled CLIP-L vector for FLUX.1, None for FLUX.2.
+* FLUX.2 text context is left-padded with zeros to 512 tokens (``context_tokens``).
+* ``BaseModel.apply_model`` returns x0 = x - σ·v; the module itself returns v = ε - x0,
+  which is ``trainer_core.flow.velocity_target``'s convention.
+
+Training through ComfyUI's blocks. They update their residual inputs in place
+(``img += ...``, ``comfy/ldm/flux/layers.py``), after a LayerNorm saved that same tensor
+for backward, so plain autograd fails ("modified by an inplace operation"), and
+checkpoint recomputation would even read the mutated values. While gradients are on, every
+block runs through ComfyUI's own replacement hook (``transformer_options["patches_replace"]
+["dit"][("double_block"|"single_block", i)]``, see ``forward_orig``) with:
+
+* the residual inputs cloned first (the caller's tensors are never mutated), and
+* a ``TorchFunctionMode`` that hands ``layer_norm`` a copy of its input whenever that input
+  is one of the block's residual tensors, so what autograd saves is never written later.
+
+Checkpoint modes (``CHECKPOINT_MODES``): ``off`` keeps every activation; ``blocks`` recomputes
+each block in backward (``torch.utils.checkpoint``, non-reentrant); ``selective`` recomputes
+each block but keeps matmul and attention outputs (``create_selective_checkpoint_contexts``),
+so only cheap elementwise ops run twice.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
+
+from ..lora.bfl_names import bfl_identity, bfl_target_presets
+from ..types import BflSlot, TextBatch
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_MODES = ("off", "blocks", "selective")
+GRADIENT_CHECKPOINTING_MODE = "blocks"
+"""What ``prepare_for_training(gradient_checkpointing=True)`` selects (see the benchmark)."""
+
+ARCHS = {
+    # arch: (VAE downscale, LoRA file format)
+    "flux1": (8, "flux1_kohya"),
+    "flux2": (16, "flux2_diffusion_model"),
+}
+FLUX2_CONTEXT_TOKENS = 512  # comfy.model_base.Flux2.extra_conds pads the text to this length
+
+_aten = torch.ops.aten
+_SAVED_OPS = {
+    _aten.mm.default,
+    _aten.addmm.default,
+    _aten.bmm.default,
+    _aten.baddbmm.default,
+    _aten._scaled_dot_product_flash_attention_for_cpu.default,
+    _aten._scaled_dot_product_flash_attention.default,
+    _aten._scaled_dot_product_efficient_attention.default,
+    _aten._scaled_dot_product_cudnn_attention.default,
+}
+
+
+def _keep_matmuls(ctx, op, *args, **kwargs):
+    """Selective-checkpoint policy: keep matmul / attention outputs, recompute the rest."""
+    return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+class _CopyResidualsForNorms(TorchFunctionMode):
+    """Inside one block: a ``layer_norm`` whose input shares storage with a residual stream
+    gets a clone, so the tensor autograd saves is not the one the block then updates in place."""
+
+    def __init__(self, residuals: tuple[torch.Tensor, ...]):
+        super().__init__()
+        self.storages = {r.untyped_storage().data_ptr() for r in residuals}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.layer_norm and args and isinstance(args[0], torch.Tensor):
+            if args[0].untyped_storage().data_ptr() in self.storages:
+                args = (args[0].clone(), *args[1:])
+        return func(*args, **kwargs)
+
+
+def _module_dtype(module: nn.Module) -> torch.dtype:
+    for p in module.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+class BflFlux:
+    """``FlowModel`` over a ComfyUI-style BFL FLUX module (``comfy.ldm.flux.model.Flux``).
+
+    ``arch`` "flux1" | "flux2"; ``guidance_embed``: the module has ``guidance_in`` (FLUX.1-dev);
+    ``latent_channels`` 16 (FLUX.1) / 128 (FLUX.2); ``patch_size`` 2 / 1; ``context_tokens``:
+    left-pad the text context with zeros to this many tokens (512 for FLUX.2, None for FLUX.1).
+    ``checkpoint``: one of ``CHECKPOINT_MODES``, or "auto" = decided by
+    ``prepare_for_training`` (``GRADIENT_CHECKPOINTING_MODE`` when asked for checkpointing,
+    else "off"). ``compute_dtype``: dtype of the inputs given to the module (ComfyUI's
+    ``get_dtype_inference()``; default the first floating parameter's dtype).
+    ``autocast_dtype``: run the module under ``torch.autocast`` in this dtype (weights are
+    never cast). ``precision_fixed``: ignore ``prepare_for_training``'s dtype.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        *,
+        arch: str,
+        guidance_embed: bool,
+        latent_channels: int,
+        patch_size: int,
+        context_tokens: Optional[int] = None,
+        checkpoint: str = "auto",
+        compute_dtype: Optional[torch.dtype] = None,
+        autocast_dtype: Optional[torch.dtype] = None,
+        precision_fixed: bool = False,
+    ):
+        if arch not in ARCHS:
+            raise ValueError(f"BflFlux arch={arch!r}; expected one of {sorted(ARCHS)}")
+        if checkpoint not in (*CHECKPOINT_MODES, "auto"):
+            raise ValueError(f"BflFlux checkpoint={checkpoint!r}; expected 'auto' or one of {list(CHECKPOINT_MODES)}")
+        for name in ("double_blocks", "single_blocks"):
+            if not isinstance(getattr(module, name, None), nn.ModuleList):
+                raise ValueError(
+                    f"BflFlux needs a ComfyUI/BFL FLUX module with a '{name}' ModuleList; got {type(module).__name__}"
+                )
+        vae_factor, self.lora_format = ARCHS[arch]
+        self.module = module
+        self.arch = arch
+        self.guidance_embed = bool(guidance_embed)
+        self.latent_channels = int(latent_channels)
+        self.patch_size = int(patch_size)
+        self.pixel_multiple = vae_factor * self.patch_size
+        self.context_tokens = context_tokens
+        self.checkpoint_setting = checkpoint
+        self.checkpoint = GRADIENT_CHECKPOINTING_MODE if checkpoint == "auto" else checkpoint
+        self.compute_dtype = compute_dtype or _module_dtype(module)
+        self.autocast_dtype = autocast_dtype
+        self.precision_fixed = precision_fixed
+        self.default_targets: dict[str, str] = dict(bfl_target_presets())
+
+    # ------------------------------------------------------------------ FlowModel
+    def bfl_name(self, module_name: str) -> Optional[BflSlot]:
+        """Submodule names of ComfyUI's FLUX module already are the BFL names."""
+        return bfl_identity(module_name)
+
+    def image_tokens(self, latent_hw: tuple[int, int]) -> int:
+        h, w = latent_hw
+        return (h // self.patch_size) * (w // self.patch_size)
+
+    def prepare_for_training(self, dtype: Optional[torch.dtype] = None, gradient_checkpointing: bool = True) -> None:
+        """Pick the checkpoint mode (unless fixed at construction) and, unless
+        ``precision_fixed``, autocast to ``dtype`` when it differs from ``compute_dtype``."""
+        if self.checkpoint_setting == "auto":
+            self.checkpoint = GRADIENT_CHECKPOINTING_MODE if gradient_checkpointing else "off"
+        if dtype is not None and not self.precision_fixed:
+            self.autocast_dtype = None if dtype == self.compute_dtype else dtype
+        log.info("BflFlux %s: checkpoint=%s compute=%s autocast=%s", self.arch, self.checkpoint,
+                 self.compute_dtype, self.autocast_dtype)
+
+    def velocity(
+        self,
+        x_t: torch.Tensor,
+        sigma: torch.Tensor,
+        text: TextBatch,
+        guidance: Optional[float] = None,
+    ) -> torch.Tensor:
+        """Velocity [B, C, h, w] float32 for ``x_t`` [B, C, h, w] at σ [B] in (0, 1).
+
+        ``text.context`` [B, T, D]; ``text.pooled`` [B, P] (FLUX.1; ignored for FLUX.2);
+        ``guidance``: distilled guidance (guidance-embedded models only; None → 1.0).
+        """
+        b, c, h, w = x_t.shape
+        if c != self.latent_channels:
+            raise ValueError(f"{self.arch} expects {self.latent_channels}-channel latents, got {c} channels")
+        if h % self.patch_size or w % self.patch_size:
+            raise ValueError(f"latent {h}×{w} is not a multiple of the patch size {self.patch_size}")
+        if text.context.shape[0] != b or sigma.shape != (b,):
+            raise ValueError(f"batch sizes disagree: latents {b}, context {text.context.shape[0]}, sigma {tuple(sigma.shape)}")
+        dtype, device = self.compute_dtype, _module_device(self.module)
+        context = text.context.to(device=device, dtype=dtype)
+        if self.context_tokens is not None and context.shape[1] < self.context_tokens:
+            context = nn.functional.pad(context, (0, 0, self.context_tokens - context.shape[1], 0))
+        y = None
+        if self.arch == "flux1" and text.pooled is not None:
+            y = text.pooled.to(device=device, dtype=dtype)
+        g = None
+        if self.guidance_embed:
+            g = torch.full((b,), 1.0 if guidance is None else float(guidance), device=device, dtype=dtype)
+        options = {"patches_replace": {"dit": self._block_patches()}} if torch.is_grad_enabled() else {}
+        call = functools.partial(
+            self.module,
+            x_t.to(device=device, dtype=dtype),
+            timestep=sigma.to(device=device, dtype=torch.float32),
+            context=context,
+            y=y,
+            guidance=g,
+            transformer_options=options,
+        )
+        if self.autocast_dtype is not None:
+            with torch.autocast(device.type, dtype=self.autocast_dtype):
+                out = call()
+        else:
+            out = call()
+        return out.float()
+
+    # ------------------------------------------------------------------ blocks
+    def _block_patches(self) -> dict:
+        patches = {}
+        for i in range(len(self.module.double_blocks)):
+            patches[("double_block", i)] = functools.partial(self._double, i)
+        for i in range(len(self.module.single_blocks)):
+            patches[("single_block", i)] = functools.partial(self._single, i)
+        return patches
+
+    def _run(self, fn: Callable, *residuals: torch.Tensor):
+        """``fn(*clones)`` under the residual guard, with this adapter's checkpoint mode."""
+
+        def guarded(*inputs):
+            copies = tuple(t.clone() for t in inputs)
+            with _CopyResidualsForNorms(copies):
+                return fn(*copies)
+
+        if self.checkpoint == "off":
+            return guarded(*residuals)
+        context_fn = functools.partial(create_selective_checkpoint_contexts, _keep_matmuls) \
+            if self.checkpoint == "selective" else None
+        kwargs = {"context_fn": context_fn} if context_fn is not None else {}
+        return checkpoint(guarded, *residuals, use_reentrant=False, **kwargs)
+
+    def _double(self, index: int, args: dict, extra: dict) -> dict:
+        # Call the block directly: ComfyUI's ``original_block`` closure binds the loop
+        # variable ``block`` late, so a recompute in backward would run the wrong block.
+        block = self.module.double_blocks[index]
+        opts = dict(args.get("transformer_options") or {})
+        vec, pe, mask = args["vec"], args["pe"], args.get("attn_mask")
+
+        def fn(img, txt):
+            return block(img=img, txt=txt, vec=vec, pe=pe, attn_mask=mask, transformer_options=opts)
+
+        img, txt = self._run(fn, args["img"], args["txt"])
+        return {"img": img, "txt": txt}
+
+    def _single(self, index: int, args: dict, extra: dict) -> dict:
+        block = self.module.single_blocks[index]
+        opts = dict(args.get("transformer_options") or {})
+        vec, pe, mask = args["vec"], args["pe"], args.get("attn_mask")
+
+        def fn(img):
+            return block(img, vec=vec, pe=pe, attn_mask=mask, transformer_options=opts)
+
+        return {"img": self._run(fn, args["img"])}

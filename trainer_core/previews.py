@@ -1,0 +1,117 @@
+"""Preview images during training: a callback that decides *when* and *where*, and a
+renderer (host-specific) that decides *how*.
+
+``Renderer = (state, folder) -> [png paths]``. ``PreviewCallback`` calls it
+
+* before the first step into ``<run>/baseline/`` (the base model: the LoRA is still zero),
+* after every ``every_n_steps``-th step into ``<run>/checkpoint_{step:06d}/`` (the same
+  folder as that step's checkpoint, when one is saved),
+* at the end into ``<run>/final/`` (next to ``lora_final.safetensors``; also after a stop,
+  not after an error),
+
+in eval mode, under ``no_grad``, with the EMA weights when the run outputs them
+(``validation.output_weights``). ``on_images`` receives the paths after each render so
+a host (ComfyUI) can show them while training runs.
+
+Note: a ``checkpoint_*`` folder that holds previews but no ``COMPLETE`` checkpoint (when
+``preview.every_n_steps`` is not a multiple of ``train.save_every``) counts as an
+incomplete checkpoint and is removed when the run resumes, and old checkpoints are pruned
+with their previews (``train.keep_checkpoints``); choose ``every_n_steps`` a multiple of
+``save_every`` and ``keep_checkpoints = 0`` to keep every preview.
+
+``demo_renderer`` is the engine-only renderer (demo, tests, command line).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .data.captions import ensure_trigger, join_tags, split_tags, word_pattern
+from .loop import Callback, RunState
+from .validation import output_weights
+
+log = logging.getLogger(__name__)
+
+Renderer = Callable[[RunState, Path], list[Path]]
+ImagesFn = Callable[[list[Path]], None]
+
+
+class PreviewCallback(Callback):
+    """Renders previews at the start, every ``every_n_steps`` steps and at the end."""
+
+    def __init__(self, render: Renderer, every_n_steps: int, on_images: ImagesFn | None = None):
+        if every_n_steps < 1:
+            raise ValueError(f"PreviewCallback needs every_n_steps >= 1, got {every_n_steps} "
+                             "(preview.every_n_steps=0 means off: do not add the callback)")
+        self.render, self.every, self.on_images = render, every_n_steps, on_images
+        self.rendered: dict[str, list[Path]] = {}  # folder name -> images
+
+    def on_train_start(self, state: RunState) -> None:
+        if state.step == 0:
+            self._render(state, "baseline")
+
+    def on_step_end(self, state: RunState, logs: dict) -> None:
+        if state.step % self.every == 0 and state.step < state.total_steps:
+            self._render(state, f"checkpoint_{state.step:06d}")
+
+    def on_train_end(self, state: RunState, reason: str) -> None:
+        if state.step > 0 and not reason.startswith("error"):
+            self._render(state, "final")
+
+    def _render(self, state: RunState, name: str) -> list[Path]:
+        folder = Path(state.extra["run_dir"]) / name
+        folder.mkdir(parents=True, exist_ok=True)
+        with output_weights(state) as weights:
+            paths = list(self.render(state, folder))
+        log.info("step %d: %d preview(s) in %s (%s weights)", state.step, len(paths), folder, weights)
+        self.rendered[name] = paths
+        if self.on_images is not None:
+            self.on_images(paths)
+        return paths
+
+
+def without_trigger(prompt: str, trigger: str, separator: str = ",") -> str:
+    """``prompt`` with the whole-word trigger removed, and separators tidied
+    (``"sks, a red ring"`` → ``"a red ring"``; ``"a photo of sks dog"`` → ``"a photo of dog"``)."""
+    if not trigger:
+        return prompt.strip()
+    removed = word_pattern(trigger).sub("", prompt)
+    tags = [" ".join(t.split()) for t in split_tags(removed, separator)]
+    return join_tags([t for t in tags if t], separator)
+
+
+def save_png(image: torch.Tensor, path: Path) -> Path:
+    """``[3, H, W]`` in [-1, 1] → an RGB PNG."""
+    x = ((image.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    Image.fromarray(np.ascontiguousarray(x.permute(1, 2, 0).cpu().numpy()), "RGB").save(path)
+    return path
+
+
+def demo_renderer(codec, text_encoder, prompts: Sequence[str], trigger: str, seed: int, steps: int,
+                  size: tuple[int, int] | int) -> Renderer:
+    """A ``Renderer`` that Euler-samples (``demo.grid.sample_images``) every prompt with and
+    without the trigger word from the same noise and writes ``p{i}_trigger.png`` and
+    ``p{i}_plain.png``. ``size`` is (height, width) or one side in pixels; guidance comes
+    from ``state.config.preview.guidance``."""
+    from .demo.grid import sample_images
+
+    if not prompts:
+        raise ValueError("demo_renderer needs at least one prompt (preview.prompts)")
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    pairs = [(ensure_trigger(p.strip(), trigger, ","), without_trigger(p, trigger)) for p in prompts]
+
+    def render(state: RunState, folder: Path) -> list[Path]:
+        paths = []
+        for i, pair in enumerate(pairs):
+            for kind, prompt in zip(("trigger", "plain"), pair):  # one call each: the same noise
+                image = sample_images(state.model, codec, text_encoder, [prompt], seed=seed, steps=steps,
+                                      size=size, guidance=state.config.preview.guidance)[0]
+                paths.append(save_png(image, Path(folder) / f"p{i}_{kind}.png"))
+        return paths
+
+    return render

@@ -1,0 +1,159 @@
+// FlowTrain web extension: a live loss chart on the FlowTrain Trainer node.
+//
+// The Trainer sends "flowtrain.progress" {node, step, total, loss, lr} after every
+// optimizer step and "flowtrain.preview" {node, images: [{filename, subfolder, type}]}
+// after each in-training preview. This draws the loss and its moving average in a canvas
+// DOM widget, with a step/total, loss and lr readout, and shows the newest previews.
+import { app } from "../../scripts/app.js";
+import { api } from "../../scripts/api.js";
+
+const TRAINER = "FlowTrainTrainer";
+const WINDOW = 20; // moving-average window, the same as the engine's report
+const HEIGHT = 190;
+const runs = new Map(); // node id (string) -> {steps, losses, total, lr, el}
+
+function movingAverage(values, window) {
+  const out = [];
+  let acc = 0;
+  values.forEach((v, i) => {
+    acc += v;
+    if (i >= window) acc -= values[i - window];
+    out.push(acc / Math.min(i + 1, window));
+  });
+  return out;
+}
+
+function draw(run) {
+  const { canvas, text } = run.el;
+  const dpr = window.devicePixelRatio || 1;
+  const w = canvas.clientWidth || 300;
+  const h = canvas.clientHeight || 120;
+  canvas.width = w * dpr;
+  canvas.height = h * dpr;
+  const ctx = canvas.getContext("2d");
+  ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
+  ctx.fillStyle = "#1e1e1e";
+  ctx.fillRect(0, 0, w, h);
+  const pts = run.losses.map((l, i) => [run.steps[i], l]).filter(([, l]) => Number.isFinite(l));
+  const last = run.steps.length ? run.steps[run.steps.length - 1] : 0;
+  const loss = pts.length ? pts[pts.length - 1][1] : NaN;
+  const lr = Number.isFinite(run.lr) ? `  lr ${run.lr.toExponential(2)}` : "";
+  text.textContent = run.total
+    ? `step ${last}/${run.total}  loss ${Number.isFinite(loss) ? loss.toFixed(4) : "-"}${lr}`
+    : "waiting for training…";
+  if (pts.length < 2) return;
+  const avg = movingAverage(pts.map((p) => p[1]), WINDOW);
+  const xs = pts.map((p) => p[0]);
+  const ys = pts.map((p) => p[1]);
+  const x0 = Math.min(...xs), x1 = Math.max(Math.max(...xs), x0 + 1);
+  const y0 = Math.min(...ys), y1 = Math.max(Math.max(...ys), y0 + 1e-9);
+  const pad = 6;
+  const sx = (x) => pad + ((x - x0) / (x1 - x0)) * (w - 2 * pad);
+  const sy = (y) => h - pad - ((y - y0) / (y1 - y0)) * (h - 2 * pad);
+  const line = (values, colour, width) => {
+    ctx.strokeStyle = colour;
+    ctx.lineWidth = width;
+    ctx.beginPath();
+    values.forEach((y, i) => (i ? ctx.lineTo(sx(xs[i]), sy(y)) : ctx.moveTo(sx(xs[i]), sy(y))));
+    ctx.stroke();
+  };
+  line(ys, "rgba(157,180,214,0.6)", 1);
+  line(avg, "#4f8ff0", 2);
+  ctx.fillStyle = "#aaa";
+  ctx.font = "10px sans-serif";
+  ctx.fillText(y1.toPrecision(3), pad, 12);
+  ctx.fillText(y0.toPrecision(3), pad, h - pad - 2);
+  // progress readout along the bottom edge
+  if (run.total) {
+    ctx.fillStyle = "#4f8ff0";
+    ctx.fillRect(0, h - 2, (w * last) / run.total, 2);
+  }
+}
+
+function runFor(node) {
+  const id = String(node.id);
+  let run = runs.get(id);
+  if (!run) {
+    run = { steps: [], losses: [], total: 0, lr: NaN, el: null };
+    runs.set(id, run);
+  }
+  return run;
+}
+
+function attachChart(node) {
+  const box = document.createElement("div");
+  box.style.cssText = "display:flex;flex-direction:column;gap:2px;width:100%;height:100%;";
+  const text = document.createElement("div");
+  text.style.cssText = "font:11px monospace;color:#ddd;white-space:nowrap;overflow:hidden;";
+  const canvas = document.createElement("canvas");
+  canvas.style.cssText = "width:100%;flex:1;min-height:80px;border-radius:4px;";
+  const previews = document.createElement("div");
+  previews.style.cssText = "display:flex;gap:2px;overflow-x:auto;max-height:64px;";
+  box.append(text, canvas, previews);
+  const widget = node.addDOMWidget("flowtrain_loss_chart", "flowtrain_chart", box, {
+    serialize: false,
+    hideOnZoom: false,
+    getMinHeight: () => HEIGHT,
+    getValue: () => undefined,
+    setValue: () => {},
+  });
+  widget.serialize = false; // never part of widgets_values
+  const run = runFor(node);
+  run.el = { canvas, text, previews };
+  draw(run);
+}
+
+function onProgress(event) {
+  const d = event.detail || {};
+  const node = app.graph?.getNodeById?.(Number(d.node)) ?? app.graph?.getNodeById?.(d.node);
+  const run = runs.get(String(d.node)) || (node ? runFor(node) : null);
+  if (!run) return;
+  if (run.steps.length && d.step <= run.steps[run.steps.length - 1]) {
+    run.steps = []; // a new (or resumed) run on the same node
+    run.losses = [];
+  }
+  run.steps.push(d.step);
+  run.losses.push(d.loss === null || d.loss === undefined ? NaN : d.loss);
+  run.total = d.total;
+  run.lr = d.lr === null || d.lr === undefined ? NaN : d.lr;
+  if (run.el) draw(run);
+  node?.setDirtyCanvas?.(true, false);
+}
+
+function onPreview(event) {
+  const d = event.detail || {};
+  const run = runs.get(String(d.node));
+  if (!run || !run.el) return;
+  run.el.previews.replaceChildren(
+    ...(d.images || []).map((im) => {
+      const img = document.createElement("img");
+      const q = new URLSearchParams({ filename: im.filename, subfolder: im.subfolder, type: im.type });
+      img.src = api.apiURL(`/view?${q.toString()}&rand=${Math.random()}`);
+      img.title = `${im.subfolder}/${im.filename}`;
+      img.style.cssText = "height:60px;border-radius:2px;";
+      return img;
+    })
+  );
+}
+
+app.registerExtension({
+  name: "FlowTrain.LossChart",
+  async setup() {
+    api.addEventListener("flowtrain.progress", onProgress);
+    api.addEventListener("flowtrain.preview", onPreview);
+  },
+  async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (nodeData.name !== TRAINER) return;
+    const created = nodeType.prototype.onNodeCreated;
+    nodeType.prototype.onNodeCreated = function () {
+      const r = created?.apply(this, arguments);
+      attachChart(this);
+      return r;
+    };
+    const removed = nodeType.prototype.onRemoved;
+    nodeType.prototype.onRemoved = function () {
+      runs.delete(String(this.id));
+      return removed?.apply(this, arguments);
+    };
+  },
+});
