@@ -7,7 +7,8 @@ import hashlib
 
 from comfy_api.latest import io, ui
 
-from trainer_core.config import BucketConfig, CaptionConfig, DataConfig, DopConfig, LoRAConfig, PreviewConfig
+from trainer_core.config import (BucketConfig, CaptionConfig, DataConfig, DopConfig, LoRAConfig, PreviewConfig,
+                                 ValidationConfig)
 
 from . import specs
 from .common import CATEGORY, Dataset, DopType, LoraConfigType, PreviewType, bounds, send_text, tip
@@ -172,7 +173,8 @@ class FlowTrainPreviewSettings(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="FlowTrainPreviewSettings", display_name="FlowTrain Preview Settings", category=CATEGORY,
-            description="Sample images while training, with and without the trigger word.",
+            description=("Sample images while training, with and without the trigger word; optionally a "
+                         "validation loss curve."),
             inputs=[
                 io.Int.Input("every_n_steps", default=250, **bounds(PreviewConfig, "every_n_steps"),
                              tooltip=tip(PreviewConfig, "every_n_steps")),
@@ -187,11 +189,14 @@ class FlowTrainPreviewSettings(io.ComfyNode):
                              tooltip=tip(PreviewConfig, "height")),
                 io.Float.Input("guidance", default=3.5, step=0.1, **bounds(PreviewConfig, "guidance"),
                                tooltip=tip(PreviewConfig, "guidance")),
+                io.Int.Input("validation_every", default=0, **bounds(ValidationConfig, "every_n_steps"),
+                             tooltip=tip(ValidationConfig, "every_n_steps",
+                                         "Drawn in the run folder's learning_curve.svg; validation.json holds the "
+                                         "values (the first dataset images, fixed noise levels).")),
             ],
             outputs=[PreviewType.Output(display_name="preview")],
         )
 
     @classmethod
-    def execute(cls, every_n_steps, prompts, seed, steps, width, height, guidance) -> io.NodeOutput:
-        return io.NodeOutput(PreviewConfig(every_n_steps=every_n_steps, prompts=specs.parse_prompts(prompts),
-                                           seed=seed, steps=steps, width=width, height=height, guidance=guidance))
+    def execute(cls, **widgets) -> io.NodeOutput:
+        return io.NodeOutput(specs.preview_settings(**widgets))

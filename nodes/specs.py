@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import math
 import os
 import re
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from trainer_core.config import (BucketConfig, CaptionConfig, DataConfig, DopConfig, FlowConfig, LoRAConfig,
-                                 OptimConfig, PreviewConfig, TrainConfig, TrainingConfig, field_help)
+                                 OptimConfig, PreviewConfig, TrainConfig, TrainingConfig, ValidationConfig, field_help)
 
 LORA_SUFFIX = ".safetensors"
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -182,6 +183,25 @@ class DopSettings:
 
 
 @dataclass(frozen=True)
+class PreviewSettings:
+    """Preview settings node output: the images rendered while training (the engine's
+    ``PreviewConfig``) and how often the validation loss is computed (``ValidationConfig``)."""
+
+    config: PreviewConfig = field(default_factory=PreviewConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+
+
+def preview_settings(*, every_n_steps: int, prompts: str, seed: int, steps: int, width: int, height: int,
+                     guidance: float, validation_every: int = 0) -> PreviewSettings:
+    """The Preview settings node's widgets → ``PreviewSettings`` (``prompts``: one per line;
+    ``validation_every`` → ``validation.every_n_steps``, 0 = off)."""
+    return PreviewSettings(
+        PreviewConfig(every_n_steps=every_n_steps, prompts=parse_prompts(prompts), seed=seed, steps=steps,
+                      width=width, height=height, guidance=guidance),
+        ValidationConfig(every_n_steps=validation_every))
+
+
+@dataclass(frozen=True)
 class TrainerSettings:
     """The Trainer node's training widgets, one field per widget."""
 
@@ -207,12 +227,13 @@ class TrainerSettings:
 
 def build_training_config(dataset: DatasetSpec, lora: LoRAConfig, settings: TrainerSettings, *, output_dir: str,
                           compute_dtype: str = "float32", dop: Optional[DopSettings] = None,
-                          preview: Optional[PreviewConfig] = None) -> TrainingConfig:
+                          preview: Optional[PreviewSettings] = None) -> TrainingConfig:
     """One validated ``TrainingConfig`` from the nodes' values. Config errors name the
     config field (e.g. ``optim.lr``), which the Trainer's widget of the same meaning sets."""
     if not isinstance(dataset, DatasetSpec):
         raise ValueError("the Trainer's dataset input must come from a FlowTrain Dataset node")
     s = settings
+    preview = preview if preview is not None else PreviewSettings()
     return TrainingConfig(
         data=dataset.data_config(s.batch_size),
         lora=lora,
@@ -221,11 +242,28 @@ def build_training_config(dataset: DatasetSpec, lora: LoRAConfig, settings: Trai
         optim=OptimConfig(optimizer=s.optimizer, lr=s.learning_rate, schedule=s.schedule,
                           warmup_steps=s.warmup_steps, grad_accum=s.gradient_accumulation),
         dop=dop.config if dop is not None else DopConfig(),
-        preview=preview if preview is not None else PreviewConfig(),
+        preview=preview.config,
+        validation=preview.validation,
         train=TrainConfig(steps=s.steps, seed=s.seed, precision=resolve_precision(s.precision, compute_dtype),
                           gradient_checkpointing=s.gradient_checkpointing, save_every=s.save_every,
                           output_dir=output_dir, output_name=s.output_name, existing_run="resume"),
     )
+
+
+def unfinished_run_marker(run_dir: str | os.PathLike) -> str:
+    """The Trainer's cache fingerprint: "" unless ``run_dir/training_state.json`` says the
+    run ended before its last step (a ``.stop`` file, a Cancel, an error), then
+    ``"unfinished:<status>:<step>/<total>"``. So ComfyUI re-runs the Trainer when the same
+    graph is queued again after a stop, and it resumes; a finished run stays cached."""
+    path = Path(run_dir) / "training_state.json"
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        step, total = int(doc["step"]), int(doc["total_steps"])
+    except FileNotFoundError:
+        return ""
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"unreadable {path}: {e}"  # let the Trainer run and report it
+    return "" if step >= total else f"unfinished:{doc.get('status')}:{step}/{total}"
 
 
 # ----------------------------------------------------------------------------- widget order
@@ -235,7 +273,8 @@ NODE_WIDGETS: dict[str, tuple[str, ...]] = {
     "FlowTrainCaptions": ("trigger_word", "class_word", "keep_tokens", "separator", "shuffle", "caption_dropout"),
     "FlowTrainLoraConfig": ("rank", "alpha", "dropout", "targets", "target_regex", "dtype"),
     "FlowTrainDopSettings": ("enabled", "class_word", "multiplier", "every_n_steps", "gradient_surgery"),
-    "FlowTrainPreviewSettings": ("every_n_steps", "prompts", "seed", "steps", "width", "height", "guidance"),
+    "FlowTrainPreviewSettings": ("every_n_steps", "prompts", "seed", "steps", "width", "height", "guidance",
+                                 "validation_every"),
     "FlowTrainTrainer": tuple(f.name for f in dataclasses.fields(TrainerSettings)),
     "FlowTrainSaveLora": ("name",),
     "FlowTrainSamplerPreview": ("prompts", "trigger_word", "seed", "steps", "guidance", "sampler_name", "scheduler",

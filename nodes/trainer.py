@@ -107,7 +107,9 @@ def loss_curve_tensor(history: list[dict]) -> torch.Tensor:
 def run_training(model, vae, clip, conditioning, dataset, lora_config, settings: specs.TrainerSettings,
                  dop=None, preview=None, node_id: Optional[str] = None):
     """Train; returns ``(TrainResult, trained MODEL, LoRA tensors)``. Raises ComfyUI's
-    interrupt after a Cancel (the LoRA trained so far is saved first)."""
+    interrupt after a Cancel (the LoRA trained so far and a resumable checkpoint are saved
+    first). A ``.stop`` file in the run folder ends training normally: the outputs hold the
+    LoRA of the steps done."""
     import comfy.model_management as mm
     import folder_paths
 
@@ -123,11 +125,13 @@ def run_training(model, vae, clip, conditioning, dataset, lora_config, settings:
     trigger = config.data.captions.trigger_word
     encoder = text_encoder(bridge, arch, clip, conditioning, dop, trigger)
     codec = bridge.VaeCodec(vae, model)
-    callbacks = preview_callbacks(model, vae, clip, conditioning, preview, trigger, node_id, output_root)
-    identity = base_model_identity(model)
+    callbacks = preview_callbacks(model, vae, clip, conditioning, config.preview, trigger, node_id, output_root)
     result = None
     with bridge.training_model(model, gradient_checkpointing=settings.gradient_checkpointing,
                                precision=settings.precision) as flow_model:
+        # once loaded: before, the weights may still carry a merged LoRA of another MODEL sharing
+        # them (e.g. this node's own output, sampled by the previous prompt)
+        identity = base_model_identity(model)
         try:
             result = train_lora(config, flow_model, codec, encoder, release_encoders=lambda: release(vae, clip, encoder),
                                 progress=TrainingProgress(node_id, config.train.steps),
@@ -200,6 +204,14 @@ class FlowTrainTrainer(io.ComfyNode):
             ],
             hidden=[io.Hidden.unique_id],
         )
+
+    @classmethod
+    def fingerprint_inputs(cls, output_name="flowtrain_lora", **_widgets):
+        """After a ``.stop`` the node's outputs are cached like a finished run's; the run
+        folder's state in the cache key makes queueing the graph again resume it."""
+        import folder_paths
+
+        return specs.unfinished_run_marker(Path(folder_paths.get_output_directory()) / "flowtrain" / output_name)
 
     @classmethod
     def execute(cls, model, vae, dataset, lora_config, clip=None, conditioning=None, dop=None, preview=None,

@@ -87,7 +87,8 @@ def ui_format(nodes: list[N]) -> dict:
 
 
 def common_training(first: int, *, clip: tuple, vae: int, model: int, trigger: str, class_word: str, name: str,
-                    prompt: str, guidance_train: float, preview_guidance: float, res: str, x0: int = 420) -> list[N]:
+                    prompt: str, guidance_train: float, preview_guidance: float, res: str, x0: int = 420,
+                    validation_every: int = 0) -> list[N]:
     d, b, c, l, p, t, s, sp, si = range(first, first + 9)
     return [
         N(d, "FlowTrainDataset", {"folder": "flowtrain_dataset", "caption_extension": ".txt"}, pos=(x0, 0)),
@@ -99,7 +100,8 @@ def common_training(first: int, *, clip: tuple, vae: int, model: int, trigger: s
         N(l, "FlowTrainLoraConfig", {"rank": 16, "alpha": 16.0, "dropout": 0.0, "targets": "attention",
                                      "target_regex": "", "dtype": "fp32"}, pos=(x0, 680)),
         N(p, "FlowTrainPreviewSettings", {"every_n_steps": 250, "prompts": prompt, "seed": 0, "steps": 20,
-                                          "width": 512, "height": 512, "guidance": preview_guidance}, pos=(x0, 900)),
+                                          "width": 512, "height": 512, "guidance": preview_guidance,
+                                          "validation_every": validation_every}, pos=(x0, 900)),
         N(t, "FlowTrainTrainer", {"steps": 1000, "learning_rate": 1e-4, "optimizer": "adamw", "schedule": "constant",
                                   "warmup_steps": 0, "batch_size": 1, "gradient_accumulation": 1,
                                   "sigma_scheme": "sigmoid", "sigmoid_mean": 0.0, "sigmoid_std": 1.0, "shift": 3.0,
@@ -197,7 +199,45 @@ def flux2_klein_style() -> list[N]:
     return nodes
 
 
-WORKFLOWS = {"flux1_dev_subject_lora": flux1_dev_subject, "flux2_klein_style_lora": flux2_klein_style}
+NOTE_KLEIN_DOP = """## FlowTrain: FLUX.2 Klein subject LoRA with DOP
+
+Put the model files here:
+- `models/diffusion_models/flux-2-klein-base-4b.safetensors` (train on the base model, not the distilled one)
+- `models/text_encoders/qwen_3_4b.safetensors` (Klein's Qwen3 text encoder; CLIPLoader type `flux2`)
+- `models/vae/flux2-vae.safetensors`
+
+Put 10-30 photos of your subject in `input/flowtrain_dataset/` with captions such as
+`sks person, smiling, outdoors`. **DOP** (Differential Output Preservation) trains the trigger
+`sks` while keeping what the base model draws for the class word `person`, so other people do not
+drift toward your subject; it costs about 2x per DOP step (raise `every_n_steps` to amortise).
+Previews (every 250 steps = save_every, so they stay with their checkpoint; each prompt with and
+without the trigger) land in
+`output/flowtrain/flux2_klein_subject_dop/` (`baseline/`, `checkpoint_*/`, `final/`) and show under the
+loss chart; the validation loss is drawn in `learning_curve.svg` there. The Sampler Preview on the right
+renders the trained model with and without the trigger."""
+
+
+def flux2_klein_subject_dop() -> list[N]:
+    nodes = [
+        N(1, "UNETLoader", {"unet_name": "flux-2-klein-base-4b.safetensors", "weight_dtype": "default"}, pos=(0, 0)),
+        N(2, "CLIPLoader", {"clip_name": "qwen_3_4b.safetensors", "type": "flux2", "device": "default"}, pos=(0, 160)),
+        N(3, "VAELoader", {"vae_name": "flux2-vae.safetensors"}, pos=(0, 360)),
+        N(4, "MarkdownNote", {"text": NOTE_KLEIN_DOP}, pos=(0, 500), title="Read me"),
+    ]
+    nodes += common_training(5, clip=(2, 0), vae=3, model=1, trigger="sks", class_word="person",
+                             name="flux2_klein_subject_dop",
+                             prompt="a photo of sks person at the beach\na portrait of sks person in a forest",
+                             guidance_train=1.0, preview_guidance=4.0, res="512", validation_every=50)
+    trainer = next(n for n in nodes if n.type == "FlowTrainTrainer")
+    dop = N(20, "FlowTrainDopSettings", {"enabled": True, "class_word": "person", "multiplier": 1.0, "every_n_steps": 1,
+                                         "gradient_surgery": False}, pos=(420, 1160), title="DOP")
+    trainer.links["dop"] = (dop.id, 0, "FLOWTRAIN_DOP")
+    nodes.insert(nodes.index(trainer), dop)  # before the Trainer: the order ComfyUI runs them in
+    return nodes
+
+
+WORKFLOWS = {"flux1_dev_subject_lora": flux1_dev_subject, "flux2_klein_style_lora": flux2_klein_style,
+             "flux2_klein_subject_dop": flux2_klein_subject_dop}
 
 
 def main(out: Path = ROOT / "example_workflows") -> None:

@@ -124,7 +124,8 @@ def test_build_training_config_maps_every_widget(tmp_path):
                                      loss_weighting="bell_shaped", guidance=1.5, precision="auto",
                                      gradient_checkpointing=False, seed=5, save_every=3, output_name="run1")
     cfg = specs.build_training_config(ds, LoRAConfig(rank=4, alpha=2.0), settings, output_dir=str(tmp_path / "out"),
-                                      compute_dtype="bfloat16", preview=PreviewConfig(every_n_steps=2, prompts=("a",)))
+                                      compute_dtype="bfloat16",
+                                      preview=specs.PreviewSettings(PreviewConfig(every_n_steps=2, prompts=("a",))))
     assert (cfg.train.steps, cfg.train.seed, cfg.train.precision, cfg.train.save_every) == (7, 5, "bf16", 3)
     assert (cfg.train.output_dir, cfg.train.output_name) == (str(tmp_path / "out"), "run1")
     assert not cfg.train.gradient_checkpointing
@@ -149,6 +150,34 @@ def test_dop_needs_a_trigger(tmp_path):
     with pytest.raises(ConfigError, match="trigger_word"):
         specs.build_training_config(dataset(tmp_path), LoRAConfig(), specs.TrainerSettings(), output_dir=str(tmp_path),
                                     dop=dop)
+
+
+def test_preview_settings_map_validation_every(tmp_path):
+    widgets = dict(every_n_steps=3, prompts="a cat\n\n a dog ", seed=4, steps=5, width=64, height=80, guidance=2.0)
+    p = specs.preview_settings(**widgets, validation_every=7)
+    assert p.config == PreviewConfig(every_n_steps=3, prompts=("a cat", "a dog"), seed=4, steps=5, width=64, height=80,
+                                     guidance=2.0)
+    cfg = specs.build_training_config(dataset(tmp_path), LoRAConfig(), specs.TrainerSettings(), output_dir=str(tmp_path),
+                                      preview=p)
+    assert cfg.validation.every_n_steps == 7 and cfg.preview == p.config
+    off = specs.build_training_config(dataset(tmp_path), LoRAConfig(), specs.TrainerSettings(), output_dir=str(tmp_path),
+                                      preview=specs.preview_settings(**widgets))
+    assert off.validation.every_n_steps == 0
+    assert specs.build_training_config(dataset(tmp_path), LoRAConfig(), specs.TrainerSettings(),
+                                       output_dir=str(tmp_path)).validation.every_n_steps == 0
+    with pytest.raises(ConfigError, match=r"validation\.every_n_steps"):
+        specs.preview_settings(**widgets, validation_every=-1)
+
+
+def test_unfinished_run_marker(tmp_path):
+    assert specs.unfinished_run_marker(tmp_path / "none") == ""
+    state = tmp_path / "training_state.json"
+    state.write_text(json.dumps({"status": "finished", "step": 4, "total_steps": 4}))
+    assert specs.unfinished_run_marker(tmp_path) == ""
+    state.write_text(json.dumps({"status": "stopped (.stop file)", "step": 2, "total_steps": 4}))
+    assert specs.unfinished_run_marker(tmp_path) == "unfinished:stopped (.stop file):2/4"
+    state.write_text("{not json")
+    assert specs.unfinished_run_marker(tmp_path).startswith("unreadable")
 
 
 def test_dataset_spec_keeps_its_caption_extension(tmp_path):
