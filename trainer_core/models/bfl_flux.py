@@ -44,6 +44,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from ..lora.bfl_names import bfl_identity, bfl_target_presets
 from ..types import BflSlot, TextBatch
+from .common import module_device, module_dtype
 
 log = logging.getLogger(__name__)
 
@@ -90,19 +91,6 @@ class _CopyResidualsForNorms(TorchFunctionMode):
             if args[0].untyped_storage().data_ptr() in self.storages:
                 args = (args[0].clone(), *args[1:])
         return func(*args, **kwargs)
-
-
-def _module_dtype(module: nn.Module) -> torch.dtype:
-    for p in module.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32
-
-
-def _module_device(module: nn.Module) -> torch.device:
-    for p in module.parameters():
-        return p.device
-    return torch.device("cpu")
 
 
 class BflFlux:
@@ -152,7 +140,7 @@ class BflFlux:
         self.context_tokens = context_tokens
         self.checkpoint_setting = checkpoint
         self.checkpoint = GRADIENT_CHECKPOINTING_MODE if checkpoint == "auto" else checkpoint
-        self.compute_dtype = compute_dtype or _module_dtype(module)
+        self.compute_dtype = compute_dtype or module_dtype(module)
         self.autocast_dtype = autocast_dtype
         self.precision_fixed = precision_fixed
         self.default_targets: dict[str, str] = dict(bfl_target_presets())
@@ -195,7 +183,7 @@ class BflFlux:
             raise ValueError(f"latent {h}×{w} is not a multiple of the patch size {self.patch_size}")
         if text.context.shape[0] != b or sigma.shape != (b,):
             raise ValueError(f"batch sizes disagree: latents {b}, context {text.context.shape[0]}, sigma {tuple(sigma.shape)}")
-        dtype, device = self.compute_dtype, _module_device(self.module)
+        dtype, device = self.compute_dtype, module_device(self.module)
         context = text.context.to(device=device, dtype=dtype)
         if self.context_tokens is not None and context.shape[1] < self.context_tokens:
             context = nn.functional.pad(context, (0, 0, self.context_tokens - context.shape[1], 0))

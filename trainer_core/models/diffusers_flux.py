@@ -22,6 +22,7 @@ from torch import nn
 
 from ..lora.bfl_names import diffusers_flux1_to_bfl, flux_target_presets
 from ..types import BflSlot, TextBatch
+from .common import module_device, module_dtype
 
 log = logging.getLogger(__name__)
 
@@ -59,19 +60,6 @@ def image_ids(h: int, w: int, *, device=None, dtype=torch.float32) -> torch.Tens
     ids[..., 1] = rows[:, None]
     ids[..., 2] = cols[None, :]
     return ids.reshape(-1, 3)
-
-
-def _module_dtype(module: nn.Module) -> torch.dtype:
-    for p in module.parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return torch.float32
-
-
-def _module_device(module: nn.Module) -> torch.device:
-    for p in module.parameters():
-        return p.device
-    return torch.device("cpu")
 
 
 class DiffusersFlux1:
@@ -120,7 +108,7 @@ class DiffusersFlux1:
 
     @property
     def compute_dtype(self) -> torch.dtype:
-        return self.dtype or _module_dtype(self.module)
+        return self.dtype or module_dtype(self.module)
 
     def image_tokens(self, latent_hw: tuple[int, int]) -> int:
         h, w = latent_hw
@@ -150,7 +138,7 @@ class DiffusersFlux1:
                 f"pooled {text.pooled.shape[0]}, sigma {tuple(sigma.shape)}"
             )
         dtype = self.compute_dtype
-        device = _module_device(self.module)
+        device = module_device(self.module)
         hidden = pack_latents(x_t.to(device=device, dtype=dtype))
         context = text.context.to(device=device, dtype=dtype)
         g = None
