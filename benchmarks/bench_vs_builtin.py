@@ -11,7 +11,8 @@ trainer in its own subprocess (so peak RSS is per trainer), all on bf16 weights 
 
 * ``ours:<mode>``: ``nodes/comfy_bridge.training_model`` → ``BflFlux`` + ``LoraNetwork``
   (our defaults: rank 16, alpha 16, fp32 LoRA weights, targets 'attention', AdamW from
-  ``trainer_core.optim``) for checkpoint mode off / blocks / selective.
+  ``trainer_core.optim``) for checkpoint mode off / blocks / selective at bf16, and
+  ``ours:defaults``: the Trainer node's defaults (checkpointing "auto", precision "auto").
 * ``builtin:defaults``: ``TrainLoraNode.execute`` with its defaults (bf16, LoRA on every
   layer, per-module checkpointing, weight-merge adapters), rank 16.
 * ``builtin:best``: the same with ``bypass_mode=True``.
@@ -39,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests" / "comfyui"))
 
 log = logging.getLogger("bench")
-WORKERS = ("ours:off", "ours:blocks", "ours:selective", "builtin:best", "builtin:defaults")
+WORKERS = ("ours:defaults", "ours:off", "ours:blocks", "ours:selective", "builtin:best", "builtin:defaults")
 
 
 def peak_rss_gb() -> float:
@@ -81,7 +82,9 @@ def run_ours(model_path: str, mode: str, steps: int, warmup: int, text_tokens: i
     text = TextBatch(context, pooled)
     mp = harness.load_flux(model_path, dtype=torch.bfloat16)
     times, losses = [], []
-    with bridge.training_model(mp, gradient_checkpointing=mode, precision="bf16") as model:
+    # "defaults" is what the Trainer node does out of the box: checkpointing and precision "auto"
+    checkpointing, precision = ("auto", "auto") if mode == "defaults" else (mode, "bf16")
+    with bridge.training_model(mp, gradient_checkpointing=checkpointing, precision=precision) as model:
         cfg = LoRAConfig()  # our defaults: rank 16, alpha 16, fp32 LoRA weights, 'attention'
         net = LoraNetwork.inject(model.module, cfg, model.default_targets[cfg.targets])
         opt_cfg = OptimConfig()

@@ -141,6 +141,7 @@ class AutogradSafeWeights:
 
 
 def _resolve_mode(gradient_checkpointing) -> str:
+    """A bool (True = ``GRADIENT_CHECKPOINTING_MODE``) or a mode name, e.g. "auto"."""
     if isinstance(gradient_checkpointing, str):
         if gradient_checkpointing not in CHECKPOINT_MODES:
             raise ValueError(f"gradient_checkpointing={gradient_checkpointing!r}; expected a bool or one of {list(CHECKPOINT_MODES)}")
@@ -192,16 +193,40 @@ def training_model(model_patcher, *, gradient_checkpointing=True, precision: str
             weights.restore()
 
 
+LOW_PRECISION_WEIGHTS = {torch.bfloat16, getattr(torch, "float8_e4m3fn", None), getattr(torch, "float8_e5m2", None)}
+
+
+def auto_compute_dtype(base) -> torch.dtype:
+    """What precision "auto" trains in: ComfyUI's inference dtype, except that weights
+    stored in bf16 or fp8 train in bf16 where the device computes bf16 natively. Such weights
+    hold no more than bf16 precision, and ComfyUI's CPU default (fp32 compute) would cast
+    every weight on every forward for no accuracy gain; the LoRA itself stays in fp32."""
+    inference = base.get_dtype_inference()
+    if inference == torch.float32 and base.get_dtype() in LOW_PRECISION_WEIGHTS and _bf16_native(next(base.diffusion_model.parameters()).device):
+        return torch.bfloat16
+    return inference
+
+
+def _bf16_native(device) -> bool:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
 def _compute_dtypes(base, wanted: Optional[torch.dtype]) -> tuple[torch.dtype, Optional[torch.dtype]]:
     """(dtype of the module's inputs, autocast dtype or None) for a requested precision.
 
-    None ("auto"): what ComfyUI samples with (``get_dtype_inference()``; on CPU that is fp32
-    for bf16 weights). A dtype D: when ComfyUI's layers cast their weights to the input dtype
+    None ("auto"): ``auto_compute_dtype``, then as for that dtype. A dtype D: when ComfyUI's layers cast their weights to the input dtype
     per forward (manual-cast / fp8 models) or the weights already are D, feed D directly,
     as ComfyUI's own ``set_model_compute_dtype`` does (no weight copy when they match);
     otherwise (e.g. fp32 weights, bf16 asked) compute under ``torch.autocast(D)``."""
     if wanted is None:
-        return base.get_dtype_inference(), None
+        wanted = auto_compute_dtype(base)
+        if wanted == base.get_dtype_inference():
+            return wanted, None
     weight_dtype = base.get_dtype()
     casts = any(getattr(m, "comfy_cast_weights", False) for m in base.diffusion_model.modules())
     if casts or wanted == weight_dtype:

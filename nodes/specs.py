@@ -25,7 +25,8 @@ from trainer_core.config import (BucketConfig, CaptionConfig, DataConfig, DopCon
 LORA_SUFFIX = ".safetensors"
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 PRECISION_HELP = (field_help(TrainConfig, "precision")
-                  + " auto: the dtype ComfyUI runs the model in (fp32, fp16 or bf16; fp8 weights are cast per layer).")
+                  + " auto: the dtype ComfyUI runs the model in, except that bf16/fp8 weights train in bf16 where the"
+                  " device computes bf16 natively (LoRA weights stay fp32).")
 
 
 # ----------------------------------------------------------------------------- dataset
@@ -143,6 +144,13 @@ def safe_lora_filename(name: str) -> str:
     return text + LORA_SUFFIX
 
 
+CHECKPOINTING = ("auto", "blocks", "selective", "off")
+CHECKPOINTING_HELP = (
+    "Gradient checkpointing. auto: recompute activations only when a step's activations would not fit in "
+    "half of the free memory (fast when there is room, no OOM when there is not); blocks: recompute every "
+    "block in backward (least memory); selective: recompute only cheap elementwise ops; off: keep everything.")
+
+
 def resolve_precision(choice: str, compute_dtype: str) -> str:
     """The config's precision for ``choice`` ('auto' or a config value) given the dtype
     ComfyUI computes this model in (e.g. 'float32', 'bfloat16'; fp8 weights compute in
@@ -219,7 +227,7 @@ class TrainerSettings:
     loss_weighting: str = "none"
     guidance: float = 1.0
     precision: str = "auto"
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: str = "auto"
     seed: int = 42
     save_every: int = 250
     output_name: str = "flowtrain_lora"
@@ -245,7 +253,7 @@ def build_training_config(dataset: DatasetSpec, lora: LoRAConfig, settings: Trai
         preview=preview.config,
         validation=preview.validation,
         train=TrainConfig(steps=s.steps, seed=s.seed, precision=resolve_precision(s.precision, compute_dtype),
-                          gradient_checkpointing=s.gradient_checkpointing, save_every=s.save_every,
+                          gradient_checkpointing=s.gradient_checkpointing != "off", save_every=s.save_every,
                           output_dir=output_dir, output_name=s.output_name, existing_run="resume"),
     )
 

@@ -121,7 +121,7 @@ def run_training(model, vae, clip, conditioning, dataset, lora_config, settings:
     arch = bridge.detect_arch(model)
     output_root = folder_paths.get_output_directory()
     config = specs.build_training_config(dataset, lora_config, settings, output_dir=os.path.join(output_root, "flowtrain"),
-                                         compute_dtype=str(model.model.get_dtype_inference()), dop=dop, preview=preview)
+                                         compute_dtype=str(bridge.auto_compute_dtype(model.model)), dop=dop, preview=preview)
     trigger = config.data.captions.trigger_word
     encoder = text_encoder(bridge, arch, clip, conditioning, dop, trigger)
     codec = bridge.VaeCodec(vae, model)
@@ -185,7 +185,8 @@ class FlowTrainTrainer(io.ComfyNode):
                 io.Float.Input("guidance", default=1.0, step=0.1, **bounds(FlowConfig, "guidance"),
                                tooltip=tip(FlowConfig, "guidance")),
                 io.Combo.Input("precision", options=list(specs.PRECISIONS), default="auto", tooltip=specs.PRECISION_HELP),
-                io.Boolean.Input("gradient_checkpointing", default=True, tooltip=tip(TrainConfig, "gradient_checkpointing")),
+                io.Combo.Input("gradient_checkpointing", options=list(specs.CHECKPOINTING), default="auto",
+                               tooltip=specs.CHECKPOINTING_HELP),
                 io.Int.Input("seed", default=42, min=0, max=2**62, control_after_generate=False, tooltip=tip(TrainConfig, "seed")),
                 io.Int.Input("save_every", default=250, **bounds(TrainConfig, "save_every"), tooltip=tip(TrainConfig, "save_every")),
                 io.String.Input("output_name", default="flowtrain_lora", tooltip=tip(

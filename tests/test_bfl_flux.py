@@ -218,3 +218,26 @@ def test_bad_arguments_raise():
     x, sigma, text, _ = _inputs("flux1")
     with pytest.raises(ValueError, match="16-channel"):
         m.velocity(torch.zeros(2, 4, 4, 4), sigma, text)
+
+
+def test_auto_checkpointing_recomputes_only_when_activations_do_not_fit(monkeypatch):
+    import trainer_core.models.bfl_flux as bfl
+
+    model = _model("flux1", checkpoint="auto")
+    x, sigma, text, target = _inputs("flux1")
+    net = LoraNetwork.inject(model.module, LoRAConfig(rank=2), model.default_targets["all"])
+    need = model.activation_bytes(2, model.image_tokens(tuple(x.shape[-2:])) + text.context.shape[1])
+    hidden = model.module.img_in.weight.shape[0]
+    tokens = model.image_tokens(tuple(x.shape[-2:])) + text.context.shape[1]
+    blocks = len(model.module.double_blocks) + len(model.module.single_blocks)
+    assert need == 2 * blocks * (bfl.SAVED_PER_BLOCK * tokens * hidden + max(1, hidden // 128) * tokens**2) * 4
+    chosen = {}
+    for free, expected in ((need * 2, "off"), (need * 2 - 1, "blocks")):
+        model._auto_choices.clear()
+        monkeypatch.setattr(bfl, "free_memory", lambda device, free=free: free)
+        for p in net.parameters():
+            p.grad = None
+        F.mse_loss(model.velocity(x, sigma, text, 1.0), target).backward()
+        assert model._mode == expected
+        chosen[expected] = torch.cat([p.grad.flatten() for p in net.parameters()])
+    assert torch.allclose(chosen["off"], chosen["blocks"], atol=1e-6)

@@ -122,7 +122,7 @@ def test_build_training_config_maps_every_widget(tmp_path):
     settings = specs.TrainerSettings(steps=7, learning_rate=3e-4, optimizer="adamw", schedule="cosine", warmup_steps=2,
                                      batch_size=2, gradient_accumulation=3, sigma_scheme="shift", shift=2.5,
                                      loss_weighting="bell_shaped", guidance=1.5, precision="auto",
-                                     gradient_checkpointing=False, seed=5, save_every=3, output_name="run1")
+                                     gradient_checkpointing="off", seed=5, save_every=3, output_name="run1")
     cfg = specs.build_training_config(ds, LoRAConfig(rank=4, alpha=2.0), settings, output_dir=str(tmp_path / "out"),
                                       compute_dtype="bfloat16",
                                       preview=specs.PreviewSettings(PreviewConfig(every_n_steps=2, prompts=("a",))))

@@ -29,7 +29,9 @@ block runs through ComfyUI's own replacement hook (``transformer_options["patche
 Checkpoint modes (``CHECKPOINT_MODES``): ``off`` keeps every activation; ``blocks`` recomputes
 each block in backward (``torch.utils.checkpoint``, non-reentrant); ``selective`` recomputes
 each block but keeps matmul and attention outputs (``create_selective_checkpoint_contexts``),
-so only cheap elementwise ops run twice.
+so only cheap elementwise ops run twice; ``auto`` estimates the activations a step keeps
+(``activation_bytes``) and runs ``off`` when they fit in half of the free memory of the
+model's device, else ``blocks``: no recompute when there is room, no OOM when there is not.
 """
 from __future__ import annotations
 
@@ -48,7 +50,7 @@ from .common import module_device, module_dtype
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_MODES = ("off", "blocks", "selective")
+CHECKPOINT_MODES = ("off", "blocks", "selective", "auto")
 GRADIENT_CHECKPOINTING_MODE = "blocks"
 """What ``prepare_for_training(gradient_checkpointing=True)`` selects (see the benchmark)."""
 
@@ -57,6 +59,12 @@ ARCHS = {
     "flux1": (8, "flux1_kohya"),
     "flux2": (16, "flux2_diffusion_model"),
 }
+# Activations autograd keeps per block and token, in units of hidden-size elements: measured with
+# saved_tensors_hooks on ComfyUI's FLUX.1/FLUX.2 blocks (1 double + 1 single block keep 42-44·T·H
+# plus the attention matrices), rounded up.
+SAVED_PER_BLOCK = 24
+AUTO_MEMORY_FRACTION = 0.5  # of the device's free memory that "auto" lets activations take
+
 FLUX2_CONTEXT_TOKENS = 512  # comfy.model_base.Flux2.extra_conds pads the text to this length
 
 _aten = torch.ops.aten
@@ -99,7 +107,7 @@ class BflFlux:
     ``arch`` "flux1" | "flux2"; ``guidance_embed``: the module has ``guidance_in`` (FLUX.1-dev);
     ``latent_channels`` 16 (FLUX.1) / 128 (FLUX.2); ``patch_size`` 2 / 1; ``context_tokens``:
     left-pad the text context with zeros to this many tokens (512 for FLUX.2, None for FLUX.1).
-    ``checkpoint``: one of ``CHECKPOINT_MODES``, or "auto" = decided by
+    ``checkpoint``: one of ``CHECKPOINT_MODES``, or None = decided by
     ``prepare_for_training`` (``GRADIENT_CHECKPOINTING_MODE`` when asked for checkpointing,
     else "off"). ``compute_dtype``: dtype of the inputs given to the module (ComfyUI's
     ``get_dtype_inference()``; default the first floating parameter's dtype).
@@ -116,15 +124,15 @@ class BflFlux:
         latent_channels: int,
         patch_size: int,
         context_tokens: Optional[int] = None,
-        checkpoint: str = "auto",
+        checkpoint: Optional[str] = None,
         compute_dtype: Optional[torch.dtype] = None,
         autocast_dtype: Optional[torch.dtype] = None,
         precision_fixed: bool = False,
     ):
         if arch not in ARCHS:
             raise ValueError(f"BflFlux arch={arch!r}; expected one of {sorted(ARCHS)}")
-        if checkpoint not in (*CHECKPOINT_MODES, "auto"):
-            raise ValueError(f"BflFlux checkpoint={checkpoint!r}; expected 'auto' or one of {list(CHECKPOINT_MODES)}")
+        if checkpoint is not None and checkpoint not in CHECKPOINT_MODES:
+            raise ValueError(f"BflFlux checkpoint={checkpoint!r}; expected None or one of {list(CHECKPOINT_MODES)}")
         for name in ("double_blocks", "single_blocks"):
             if not isinstance(getattr(module, name, None), nn.ModuleList):
                 raise ValueError(
@@ -139,7 +147,9 @@ class BflFlux:
         self.pixel_multiple = vae_factor * self.patch_size
         self.context_tokens = context_tokens
         self.checkpoint_setting = checkpoint
-        self.checkpoint = GRADIENT_CHECKPOINTING_MODE if checkpoint == "auto" else checkpoint
+        self.checkpoint = checkpoint or GRADIENT_CHECKPOINTING_MODE
+        self._mode = self.checkpoint  # the concrete mode of the forward in flight
+        self._auto_choices: dict[tuple[int, int], str] = {}
         self.compute_dtype = compute_dtype or module_dtype(module)
         self.autocast_dtype = autocast_dtype
         self.precision_fixed = precision_fixed
@@ -157,7 +167,7 @@ class BflFlux:
     def prepare_for_training(self, dtype: Optional[torch.dtype] = None, gradient_checkpointing: bool = True) -> None:
         """Pick the checkpoint mode (unless fixed at construction) and, unless
         ``precision_fixed``, autocast to ``dtype`` when it differs from ``compute_dtype``."""
-        if self.checkpoint_setting == "auto":
+        if self.checkpoint_setting is None:
             self.checkpoint = GRADIENT_CHECKPOINTING_MODE if gradient_checkpointing else "off"
         if dtype is not None and not self.precision_fixed:
             self.autocast_dtype = None if dtype == self.compute_dtype else dtype
@@ -193,6 +203,9 @@ class BflFlux:
         g = None
         if self.guidance_embed:
             g = torch.full((b,), 1.0 if guidance is None else float(guidance), device=device, dtype=dtype)
+        self._mode = self.checkpoint
+        if self.checkpoint == "auto":
+            self._mode = self._fitting_mode(b, self.image_tokens((h, w)) + context.shape[1], device)
         options = {"patches_replace": {"dit": self._block_patches()}} if torch.is_grad_enabled() else {}
         call = functools.partial(
             self.module,
@@ -209,6 +222,25 @@ class BflFlux:
         else:
             out = call()
         return out.float()
+
+    def activation_bytes(self, batch: int, tokens: int) -> int:
+        """Estimated bytes autograd keeps for one forward without checkpointing:
+        per block ``SAVED_PER_BLOCK·T·H`` elements plus one ``heads·T²`` attention matrix."""
+        hidden = self.module.img_in.weight.shape[0]
+        heads = max(1, hidden // 128)
+        blocks = len(self.module.double_blocks) + len(self.module.single_blocks)
+        elem = torch.finfo(self.autocast_dtype or self.compute_dtype).bits // 8
+        return batch * blocks * (SAVED_PER_BLOCK * tokens * hidden + heads * tokens * tokens) * elem
+
+    def _fitting_mode(self, batch: int, tokens: int, device: torch.device) -> str:
+        key = (batch, tokens)
+        if key not in self._auto_choices:
+            need, free = self.activation_bytes(batch, tokens), free_memory(device)
+            mode = "off" if need <= AUTO_MEMORY_FRACTION * free else "blocks"
+            log.info("gradient checkpointing auto: %d tokens × batch %d keep ~%.2f GB of activations, "
+                     "%.1f GB free on %s → %s", tokens, batch, need / 2**30, free / 2**30, device, mode)
+            self._auto_choices[key] = mode
+        return self._auto_choices[key]
 
     # ------------------------------------------------------------------ blocks
     def _block_patches(self) -> dict:
@@ -227,10 +259,10 @@ class BflFlux:
             with _CopyResidualsForNorms(copies):
                 return fn(*copies)
 
-        if self.checkpoint == "off":
+        if self._mode == "off":
             return guarded(*residuals)
         context_fn = functools.partial(create_selective_checkpoint_contexts, _keep_matmuls) \
-            if self.checkpoint == "selective" else None
+            if self._mode == "selective" else None
         kwargs = {"context_fn": context_fn} if context_fn is not None else {}
         return checkpoint(guarded, *residuals, use_reentrant=False, **kwargs)
 
@@ -256,3 +288,16 @@ class BflFlux:
             return block(img, vec=vec, pe=pe, attn_mask=mask, transformer_options=opts)
 
         return {"img": self._run(fn, args["img"])}
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free on ``device``: the CUDA allocator's view, else the host's available RAM
+    (0 when unknown, which makes ``auto`` checkpoint)."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+    try:
+        import psutil
+    except ImportError:  # optional: without it "auto" plays safe
+        return 0
+    return int(psutil.virtual_memory().available)
