@@ -278,3 +278,16 @@ def test_clip_text_encoder_with_a_stub_clip(bridge):
     assert e1.context.shape == (3, 8) and e1.context.dtype == torch.float32 and e1.pooled.shape == (6,)
     info = bridge.ArchInfo("flux2", False, 128, 1, "Flux2")
     assert bridge.ClipTextEncoder(StubClip(), info).encode(["ab"])[0].pooled is None
+
+
+def test_auto_precision_trains_low_precision_weights_in_bf16(comfyui, bridge, tiny_files, monkeypatch):
+    fp32 = comfyui.load_flux(tiny_files["flux1_dev"])
+    bf16 = comfyui.load_flux(tiny_files["flux1_dev"], dtype=torch.bfloat16)
+    monkeypatch.setattr(bridge, "_bf16_native", lambda device: True)
+    assert bridge.auto_compute_dtype(fp32.model) == fp32.model.get_dtype_inference() == torch.float32
+    assert bridge.auto_compute_dtype(bf16.model) == torch.bfloat16
+    with bridge.training_model(bf16, precision="auto") as model:
+        assert model.compute_dtype == torch.bfloat16 and model.autocast_dtype is None
+        assert model.module.double_blocks[0].img_attn.qkv.weight.dtype == torch.bfloat16  # never cast
+    monkeypatch.setattr(bridge, "_bf16_native", lambda device: False)  # e.g. a CPU without native bf16
+    assert bridge.auto_compute_dtype(bf16.model) == bf16.model.get_dtype_inference()
