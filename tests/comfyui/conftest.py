@@ -64,6 +64,7 @@ def tiny_files(tmp_path_factory):
         "flux1_dev": harness.write_tiny_flux(root / "flux1_dev.safetensors", "flux1", guidance=True, seed=1),
         "flux1_schnell": harness.write_tiny_flux(root / "flux1_schnell.safetensors", "flux1", guidance=False, seed=2),
         "flux2": harness.write_tiny_flux(root / "flux2.safetensors", "flux2", guidance=False, seed=3),
+        "flux2_dev": harness.write_tiny_flux(root / "flux2_dev.safetensors", "flux2", guidance=True, seed=4),
     }
 
 

@@ -21,7 +21,8 @@ from trainer_core.types import TextBatch
 EXPECTED = {  # name: (arch, latent channels, guidance_embed, ComfyUI config class)
     "flux1_dev": ("flux1", 16, True, "Flux"),
     "flux1_schnell": ("flux1", 16, False, "FluxSchnell"),
-    "flux2": ("flux2", 128, False, "Flux2"),
+    "flux2": ("flux2", 128, False, "Flux2"),          # Klein: no guidance embedding
+    "flux2_dev": ("flux2", 128, True, "Flux2"),       # FLUX.2-dev: guidance-distilled
 }
 
 
@@ -195,7 +196,7 @@ def test_training_on_top_of_another_lora(comfyui, bridge, tiny_files):
     assert losses[-1] < losses[0], losses
 
 
-@pytest.mark.parametrize("name", ["flux1_dev", "flux2"])
+@pytest.mark.parametrize("name", ["flux1_dev", "flux1_schnell", "flux2", "flux2_dev"])
 def test_saved_lora_loads_in_comfy_and_matches_live_model(comfyui, bridge, tiny_files, name):
     import comfy.model_management as mm
 
