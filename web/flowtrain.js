@@ -10,7 +10,10 @@ import { api } from "../../scripts/api.js";
 const TRAINER = "FlowTrainTrainer";
 const WINDOW = 20; // moving-average window, the same as the engine's report
 const HEIGHT = 190;
-const runs = new Map(); // node id (string) -> {steps, losses, total, lr, el}
+// Trainer node -> {steps, losses, total, lr, el, observer}. Keyed by the node object, not its
+// id: onNodeCreated runs before graph.add() gives the node its id (and loading a workflow
+// changes ids), so an id captured there would not match the ids in the events.
+const runs = new WeakMap();
 
 function movingAverage(values, window) {
   const out = [];
@@ -26,10 +29,10 @@ function movingAverage(values, window) {
 function draw(run) {
   const { canvas, text } = run.el;
   const dpr = window.devicePixelRatio || 1;
-  const w = canvas.clientWidth || 300;
+  const w = canvas.clientWidth || 300; // 0 before the first layout; the ResizeObserver redraws
   const h = canvas.clientHeight || 120;
-  canvas.width = w * dpr;
-  canvas.height = h * dpr;
+  if (canvas.width !== Math.round(w * dpr)) canvas.width = Math.round(w * dpr);
+  if (canvas.height !== Math.round(h * dpr)) canvas.height = Math.round(h * dpr);
   const ctx = canvas.getContext("2d");
   ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
   ctx.fillStyle = "#1e1e1e";
@@ -63,6 +66,13 @@ function draw(run) {
   ctx.font = "10px sans-serif";
   ctx.fillText(y1.toPrecision(3), pad, 12);
   ctx.fillText(y0.toPrecision(3), pad, h - pad - 2);
+  // legend, top right: raw loss and its moving average
+  ctx.textAlign = "right";
+  ctx.fillStyle = "#4f8ff0";
+  ctx.fillText(`avg ${WINDOW}`, w - pad, 12);
+  ctx.fillStyle = "rgba(157,180,214,0.9)";
+  ctx.fillText("loss", w - pad - ctx.measureText(`avg ${WINDOW}`).width - 8, 12);
+  ctx.textAlign = "left";
   // progress readout along the bottom edge
   if (run.total) {
     ctx.fillStyle = "#4f8ff0";
@@ -71,13 +81,20 @@ function draw(run) {
 }
 
 function runFor(node) {
-  const id = String(node.id);
-  let run = runs.get(id);
+  let run = runs.get(node);
   if (!run) {
-    run = { steps: [], losses: [], total: 0, lr: NaN, el: null };
-    runs.set(id, run);
+    run = { steps: [], losses: [], total: 0, lr: NaN, el: null, observer: null };
+    runs.set(node, run);
   }
   return run;
+}
+
+// The server sends the node id as a string ("7"); the graph may key nodes by number or string.
+function findNode(id) {
+  const graph = app.graph;
+  if (!graph?.getNodeById || id === undefined || id === null) return null;
+  const asNumber = Number(id);
+  return graph.getNodeById(id) ?? (Number.isFinite(asNumber) ? graph.getNodeById(asNumber) : null) ?? null;
 }
 
 function attachChart(node) {
@@ -100,14 +117,21 @@ function attachChart(node) {
   widget.serialize = false; // never part of widgets_values
   const run = runFor(node);
   run.el = { canvas, text, previews };
+  // The canvas is laid out (and resized with the node) after this call: redraw at its real
+  // size, otherwise the bitmap drawn at the fallback size is stretched and blurred.
+  if (typeof ResizeObserver !== "undefined") {
+    const observer = new ResizeObserver(() => draw(run));
+    observer.observe(canvas);
+    run.observer = observer;
+  }
   draw(run);
 }
 
 function onProgress(event) {
   const d = event.detail || {};
-  const node = app.graph?.getNodeById?.(Number(d.node)) ?? app.graph?.getNodeById?.(d.node);
-  const run = runs.get(String(d.node)) || (node ? runFor(node) : null);
-  if (!run) return;
+  const node = findNode(d.node);
+  if (!node || node.type !== TRAINER) return;
+  const run = runFor(node);
   if (run.steps.length && d.step <= run.steps[run.steps.length - 1]) {
     run.steps = []; // a new (or resumed) run on the same node
     run.losses = [];
@@ -117,12 +141,13 @@ function onProgress(event) {
   run.total = d.total;
   run.lr = d.lr === null || d.lr === undefined ? NaN : d.lr;
   if (run.el) draw(run);
-  node?.setDirtyCanvas?.(true, false);
+  node.setDirtyCanvas?.(true, false);
 }
 
 function onPreview(event) {
   const d = event.detail || {};
-  const run = runs.get(String(d.node));
+  const node = findNode(d.node);
+  const run = node ? runs.get(node) : null;
   if (!run || !run.el) return;
   run.el.previews.replaceChildren(
     ...(d.images || []).map((im) => {
@@ -136,24 +161,33 @@ function onPreview(event) {
   );
 }
 
-app.registerExtension({
-  name: "FlowTrain.LossChart",
-  async setup() {
-    api.addEventListener("flowtrain.progress", onProgress);
-    api.addEventListener("flowtrain.preview", onPreview);
-  },
-  async beforeRegisterNodeDef(nodeType, nodeData) {
-    if (nodeData.name !== TRAINER) return;
-    const created = nodeType.prototype.onNodeCreated;
-    nodeType.prototype.onNodeCreated = function () {
-      const r = created?.apply(this, arguments);
-      attachChart(this);
-      return r;
-    };
-    const removed = nodeType.prototype.onRemoved;
-    nodeType.prototype.onRemoved = function () {
-      runs.delete(String(this.id));
-      return removed?.apply(this, arguments);
-    };
-  },
-});
+// ComfyUI serves this folder twice when the pack folder's name differs from pyproject's
+// [project].name (e.g. a git clone named ComfyUI-FlowTrain): once as WEB_DIRECTORY under the
+// folder name and once under "comfyui-flowtrain". The second copy must not register again
+// ("Extension named ... already registered") or add a second chart.
+const LOADED = "__flowtrainLossChartLoaded";
+if (!window[LOADED]) {
+  window[LOADED] = true;
+  app.registerExtension({
+    name: "FlowTrain.LossChart",
+    async setup() {
+      api.addEventListener("flowtrain.progress", onProgress);
+      api.addEventListener("flowtrain.preview", onPreview);
+    },
+    async beforeRegisterNodeDef(nodeType, nodeData) {
+      if (nodeData.name !== TRAINER) return;
+      const created = nodeType.prototype.onNodeCreated;
+      nodeType.prototype.onNodeCreated = function () {
+        const r = created?.apply(this, arguments);
+        attachChart(this);
+        return r;
+      };
+      const removed = nodeType.prototype.onRemoved;
+      nodeType.prototype.onRemoved = function () {
+        runs.get(this)?.observer?.disconnect();
+        runs.delete(this);
+        return removed?.apply(this, arguments);
+      };
+    },
+  });
+}
