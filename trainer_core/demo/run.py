@@ -103,7 +103,7 @@ def run_demo(args, *, stop: Callable[[], bool], progress, make_config) -> Path:
     write_demo_dataset(data_dir, size=DEMO_SIZE, mixed_sizes=False)
     config = config.replace(data=_with_path(config.data, data_dir))
     model, codec, text = demo_parts()
-    with_trigger, _ = sample_prompts()
+    with_trigger, without_trigger = sample_prompts()
 
     log.info("sampling 'before' images")
     before = sample_images(model, codec, text, with_trigger, seed=SAMPLE_SEED, size=(DEMO_SIZE, DEMO_SIZE))
@@ -112,7 +112,7 @@ def run_demo(args, *, stop: Callable[[], bool], progress, make_config) -> Path:
                         base_model="embedded tiny FLUX.1 (random weights)")
     log.info("sampling 'after' images")
     after = sample_images(model, codec, text, with_trigger, seed=SAMPLE_SEED, size=(DEMO_SIZE, DEMO_SIZE))
-    reference = _reference_row(data_dir, codec, len(with_trigger))
+    reference = _reference_row(data_dir, codec, without_trigger)
     rows = [_enlarge(r) for r in (reference, before, after)]
     save_grid(rows, run_dir / "samples.png",
               labels=["training images", "before training", f"after {result.steps} steps"])
@@ -148,17 +148,13 @@ def _tail_mean(history: list[dict], n: int = 20) -> float:
     return sum(h["loss"] for h in tail) / len(tail)
 
 
-def _reference_row(data_dir: Path, codec, n: int) -> torch.Tensor:
-    """The first ``n`` square training images through the codec, for comparison."""
+def _reference_row(data_dir: Path, codec, prompts: list[str]) -> torch.Tensor:
+    """For each prompt, the first training image whose caption contains it (else the first
+    square image), through the codec: what the samples should look like."""
     from ..data.images import image_to_tensor, load_image
 
-    paths = sorted(p for p in data_dir.rglob("*.png"))
-    images = []
-    for p in paths:
-        img = load_image(p)
-        if img.size == (DEMO_SIZE, DEMO_SIZE):
-            images.append(image_to_tensor(img))
-        if len(images) == n:
-            break
+    square = [p for p in sorted(data_dir.rglob("*.png")) if load_image(p).size == (DEMO_SIZE, DEMO_SIZE)]
+    captions = {p: p.with_suffix(".txt").read_text(encoding="utf-8") for p in square}
+    chosen = [next((p for p in square if prompt in captions[p]), square[0]) for prompt in prompts]
     with torch.no_grad():
-        return codec.decode(codec.encode(torch.stack(images)))
+        return codec.decode(codec.encode(torch.stack([image_to_tensor(load_image(p)) for p in chosen])))
