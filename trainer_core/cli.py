@@ -49,19 +49,23 @@ def apply_overrides(base: dict, overrides: list[str]) -> dict:
 
 
 class TerminalProgress:
-    """One updating line on stderr: step, loss, its moving average, speed, ETA."""
+    """One updating line on stderr: step, loss, its moving average, speed, ETA. Speed is
+    measured from the first step reported (caching and sampling before it do not count)."""
 
     def __init__(self) -> None:
-        self.t0 = time.perf_counter()
+        self.start: tuple[int, float] | None = None
         self.avg: float | None = None
 
     def __call__(self, step: int, total: int, logs: dict) -> None:
+        now = time.perf_counter()
+        if self.start is None:
+            self.start = (step - 1, now - logs.get("seconds", 0.0))
         loss = logs["loss"]
         self.avg = loss if self.avg is None else 0.95 * self.avg + 0.05 * loss
-        rate = (time.perf_counter() - self.t0) / max(step, 1)
+        rate = (now - self.start[1]) / max(step - self.start[0], 1)
         eta = rate * (total - step)
         sys.stderr.write(f"\r  step {step:>5}/{total}  loss {loss:.4f}  avg {self.avg:.4f}  "
-                         f"{rate:.2f}s/step  eta {eta:4.0f}s ")
+                         f"{rate:.3f}s/step  eta {eta:4.0f}s ")
         if step == total:
             sys.stderr.write("\n")
         sys.stderr.flush()
