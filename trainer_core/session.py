@@ -16,20 +16,19 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from . import FORMAT_VERSION
+from . import FORMAT_VERSION, assemble
+from .checkpoint import Checkpoint, CheckpointCallback, StepSeedCallback, latest_checkpoint, restore
 from .config import TrainingConfig
+from .control import ControlCallback, DatasetWatchCallback, folder_snapshot
 from .data.dataset import prepare_dataset
+from .flow import step_generator
+from .loop import Callback, LossTerm, NonFiniteLoss, RunState, run_loop
 from .lora.formats import LORA_FORMATS
 from .lora.io import build_metadata, save_lora_file
 from .lora.network import LoraNetwork
-from .loop import Callback, LossTerm, NonFiniteLoss, RunState, run_loop
-from . import assemble
-from .checkpoint import (Checkpoint, CheckpointCallback, StepSeedCallback, find_resume_point, is_finished,
-                         latest_checkpoint, restore)
-from .flow import step_generator
-from .control import ControlCallback, DatasetWatchCallback, folder_snapshot
 from .optim import build_optimizer, build_scheduler
 from .report import write_learning_curve, write_state
+from .resume import find_resume_point, is_finished
 from .types import FlowModel, LatentCodec, TextEncoder
 
 log = logging.getLogger(__name__)
