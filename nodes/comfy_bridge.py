@@ -19,12 +19,12 @@ import logging
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
-import torch
-
 import comfy.model_base
 import comfy.model_management
 import comfy.sd
+import torch
 
+from trainer_core.fingerprint import tensor_fingerprint
 from trainer_core.models.bfl_flux import CHECKPOINT_MODES, GRADIENT_CHECKPOINTING_MODE, BflFlux
 from trainer_core.types import TextEmbedding
 
@@ -258,27 +258,9 @@ def _strip_leftover_lora(module: torch.nn.Module) -> None:
 
 
 # ---------------------------------------------------------------------- identities
-def _tensor_hash(h: "hashlib._Hash", t: torch.Tensor, limit: int = 1 << 16) -> None:
-    flat = t.detach().reshape(-1)
-    data = flat[: max(1, limit // max(1, flat.element_size()))].cpu().contiguous()
-    h.update(str(data.dtype).encode())
-    h.update(data.view(torch.uint8).numpy().tobytes())
-
-
-def weights_identity(state_dict: dict, *, sample: int = 8) -> str:
-    """sha256 over every (name, shape, dtype) and the leading bytes of ``sample`` tensors
-    spread over the state dict: cheap, and different for different weights in practice."""
-    h = hashlib.sha256()
-    names = sorted(state_dict)
-    for n in names:
-        t = state_dict[n]
-        h.update(f"{n}:{tuple(t.shape)}:{t.dtype};".encode())
-    if names:
-        step = max(1, len(names) // sample)
-        with torch.inference_mode(False):
-            for n in names[::step]:
-                _tensor_hash(h, state_dict[n])
-    return h.hexdigest()[:16]
+def weights_identity(state_dict: dict) -> str:
+    """A short digest of a module's weights (names, shapes, dtypes, sampled values)."""
+    return tensor_fingerprint(sorted(state_dict.items()))
 
 
 # ---------------------------------------------------------------------- VAE

@@ -10,7 +10,6 @@ object to every consumer, so a node must never mutate what it received.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -19,8 +18,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from trainer_core.config import (BucketConfig, CaptionConfig, DataConfig, DopConfig, FlowConfig, LoRAConfig,
-                                 OptimConfig, PreviewConfig, TrainConfig, TrainingConfig, ValidationConfig, field_help)
+from trainer_core.config import (
+    BucketConfig,
+    CaptionConfig,
+    DataConfig,
+    DopConfig,
+    FlowConfig,
+    LoRAConfig,
+    OptimConfig,
+    PreviewConfig,
+    TrainConfig,
+    TrainingConfig,
+    ValidationConfig,
+    field_help,
+)
 
 LORA_SUFFIX = ".safetensors"
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
@@ -161,23 +172,6 @@ def resolve_precision(choice: str, compute_dtype: str) -> str:
         return choice
     name = compute_dtype.replace("torch.", "")
     return {"float32": "fp32", "float16": "fp16"}.get(name, "bf16")
-
-
-def tensor_fingerprint(items: Iterable[tuple[str, Any]], *, sample: int = 64) -> str:
-    """A short hex digest of named tensors (their names, shapes, dtypes and a strided
-    sample of ``sample`` values each): enough to tell base models apart, cheap on GB-size
-    weights. Tensors are read as float32 on the CPU."""
-    import torch
-
-    digest = hashlib.sha256()
-    with torch.inference_mode():  # reads ComfyUI's inference tensors as well as normal ones
-        for name, tensor in items:
-            flat = tensor.detach().reshape(-1)
-            stride = max(1, flat.numel() // sample)
-            values = flat[::stride][:sample].float().cpu().contiguous()
-            digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
-            digest.update(values.numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------- node settings

@@ -17,6 +17,7 @@ import torch
 from comfy_api.latest import io, ui
 
 from trainer_core.config import FlowConfig, OptimConfig, TrainConfig
+from trainer_core.fingerprint import tensor_fingerprint
 
 from . import specs
 from .common import CATEGORY, Dataset, DopType, LoraConfigType, PreviewType, TrainingProgress, bounds, send_text, tip
@@ -37,7 +38,7 @@ def base_model_identity(model_patcher) -> str:
         for i, patch in enumerate(model_patcher.patches[key]):
             patches.extend((f"{key}#{i}#{patch[0]}#{patch[2]}", t) for t in _tensors_in(patch[1]))
     kind = f"{type(base).__name__}:{type(getattr(base, 'model_config', None)).__name__}"
-    digest = specs.tensor_fingerprint(picked + patches)
+    digest = tensor_fingerprint(picked + patches)
     return f"comfy:{kind}:{digest}:patches={len(model_patcher.patches or {})}"
 
 

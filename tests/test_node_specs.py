@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from trainer_core.config import ConfigError, LoRAConfig, PreviewConfig
+from trainer_core.fingerprint import tensor_fingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -111,9 +112,9 @@ def test_trigger_variants():
 def test_tensor_fingerprint_tells_weights_apart():
     a = [("w", torch.arange(1000.0).reshape(10, 100))]
     b = [("w", torch.arange(1000.0).reshape(10, 100) * 1.5)]
-    assert specs.tensor_fingerprint(a) == specs.tensor_fingerprint([("w", a[0][1].clone())])
-    assert specs.tensor_fingerprint(a) != specs.tensor_fingerprint(b)
-    assert specs.tensor_fingerprint(a) != specs.tensor_fingerprint([("v", a[0][1])])
+    assert tensor_fingerprint(a) == tensor_fingerprint([("w", a[0][1].clone())])
+    assert tensor_fingerprint(a) != tensor_fingerprint(b)
+    assert tensor_fingerprint(a) != tensor_fingerprint([("v", a[0][1])])
 
 
 # ----------------------------------------------------------------------------- config building
