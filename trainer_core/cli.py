@@ -101,8 +101,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m trainer_core", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    prog = "flowtrain" if Path(sys.argv[0]).name == "flowtrain" else "python -m trainer_core"
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="train a LoRA on the embedded demo (no download, ~2 min on CPU)")
     _common(demo)
