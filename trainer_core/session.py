@@ -22,7 +22,7 @@ from .config import TrainingConfig
 from .control import ControlCallback, DatasetWatchCallback, folder_snapshot
 from .data.dataset import prepare_dataset
 from .flow import step_generator
-from .loop import Callback, LossTerm, NonFiniteLoss, RunState, run_loop
+from .loop import Callback, LossTerm, NonFiniteLoss, NonFiniteWeights, RunState, run_loop
 from .lora.formats import LORA_FORMATS
 from .lora.io import build_metadata, save_lora_file
 from .lora.network import LoraNetwork
@@ -68,7 +68,10 @@ def save_lora(path: Path, network: LoraNetwork, model: FlowModel, config: Traini
 
 
 class ReportCallback(Callback):
-    """Logs progress, and keeps ``training_state.json`` and ``learning_curve.svg`` current."""
+    """Logs progress, and keeps ``training_state.json`` and ``learning_curve.svg`` current.
+    The final status is written once the LoRA and checkpoint are saved (``record`` phase)."""
+
+    end_phase = "record"
 
     def __init__(self, run_dir: Path, progress: Optional[ProgressFn], every: int):
         self.run_dir, self.progress, self.every = run_dir, progress, every
@@ -102,7 +105,10 @@ class LoraSaveCallback(Callback):
 
     With an EMA (``state.extra["ema"]``) and ``ema.use_for_output``, ``lora_final.safetensors``
     and ``checkpoint_*/lora.safetensors`` hold the EMA weights and the raw weights are
-    written next to them as ``lora_final_raw.safetensors`` / ``checkpoint_*/lora_raw.safetensors``."""
+    written next to them as ``lora_final_raw.safetensors`` / ``checkpoint_*/lora_raw.safetensors``.
+    Non-finite weights (``state.unsaveable``) are never written as ``lora_final``."""
+
+    end_phase = "save"
 
     def __init__(self, run_dir: Path, every: int, base_model: str):
         self.run_dir, self.every, self.base_model = run_dir, every, base_model
@@ -126,6 +132,10 @@ class LoraSaveCallback(Callback):
     def on_train_end(self, state: RunState, reason: str) -> None:
         if state.step == 0:
             log.warning("training ended before the first step (%s); no LoRA written", reason)
+            return
+        if state.unsaveable:
+            log.warning("%s not written (%s); %s", self.final_path.name, state.unsaveable,
+                        "the earlier one is kept" if self.final_path.is_file() else "there is none")
             return
         self.save(self.final_path, state)
         log.info("saved %s after %d steps (%s)", self.final_path, state.step, reason)
@@ -235,6 +245,14 @@ def _run_guarded(state: RunState, terms, callbacks, should_stop, noise_fn, run_d
     try:
         return run_loop(state, terms, callbacks, should_stop=should_stop, noise_fn=noise_fn,
                         backward=assemble.build_backward(state.config))
+    except NonFiniteWeights as e:
+        kept = latest_checkpoint(run_dir)
+        final = run_dir / "lora_final.safetensors"
+        raise NonFiniteWeights(
+            f"training stopped: {e}. Nothing of that state was saved: the newest finite checkpoint is "
+            f"{kept or 'none (no checkpoint was saved before it; set train.save_every to keep some)'}, and "
+            f"{final.name} was not written ({'the earlier one in the run folder is kept' if final.is_file() else 'there is none'}). "
+            "Lower optim.lr (or change train.precision) and run again to resume from that checkpoint") from e
     except NonFiniteLoss as e:
         kept = latest_checkpoint(run_dir)
         raise NonFiniteLoss(f"training stopped: {e}. The last good state (step {state.step}) is kept in "
