@@ -141,6 +141,17 @@ class LoraSaveCallback(Callback):
         log.info("saved %s after %d steps (%s)", self.final_path, state.step, reason)
 
 
+def check_before_loading(config: TrainingConfig, run_dir: Optional[Path] = None) -> None:
+    """The checks that need no model, for a caller to run before an expensive model load:
+    the data folder (exists, holds images, captions readable) and the run folder
+    (``existing_run='refuse'``, settings changed in a way that makes resuming unsafe; the
+    model identity is compared later, in ``train_lora``). Raises ValueError naming the fix."""
+    from .data.scan import scan_folder
+
+    scan_folder(config.data.path, config.data.captions.caption_extension)
+    find_resume_point(Path(run_dir) if run_dir is not None else run_folder(config), config, {})
+
+
 def train_lora(
     config: TrainingConfig,
     model: FlowModel,
@@ -164,14 +175,15 @@ def train_lora(
     resume_from = find_resume_point(run_dir, config, model_info)  # refuses unsafe changes before any work
     if resume_from is not None and is_finished(run_dir, resume_from, config.train.steps):
         return _finished_result(run_dir, config, model, resume_from)
-    run_dir.mkdir(parents=True, exist_ok=True)
     data_before = folder_snapshot(config.data.path) if config.data.path else {}
-    write_state(run_dir / "config.json", {"format_version": FORMAT_VERSION, "config": config.to_dict()})
     cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else run_dir / ".latent_cache"
 
+    # the run folder is made once the data passed its checks: a bad dataset leaves none behind
     dataset = prepare_dataset(config.data, codec, text_encoder, cache_dir=cache_dir,
                               pixel_multiple=model.pixel_multiple, seed=config.train.seed,
                               extra_captions=assemble.extra_captions(config))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_state(run_dir / "config.json", {"format_version": FORMAT_VERSION, "config": config.to_dict()})
     if release_encoders is not None and not dataset.needs_codec:  # live augmentation encodes every step
         release_encoders()
 
