@@ -21,6 +21,7 @@ from typing import Any, Iterable, Optional
 from trainer_core.config import (
     BucketConfig,
     CaptionConfig,
+    ConfigError,
     DataConfig,
     DopConfig,
     FlowConfig,
@@ -31,6 +32,7 @@ from trainer_core.config import (
     TrainingConfig,
     ValidationConfig,
     field_help,
+    with_user_names,
 )
 
 LORA_SUFFIX = ".safetensors"
@@ -227,11 +229,32 @@ class TrainerSettings:
     output_name: str = "flowtrain_lora"
 
 
+# the config field each Trainer widget sets (a config error about the field names the widget too)
+TRAINER_WIDGET_FIELDS = {
+    "steps": "train.steps", "learning_rate": "optim.lr", "optimizer": "optim.optimizer", "schedule": "optim.schedule",
+    "warmup_steps": "optim.warmup_steps", "batch_size": "data.batch_size", "gradient_accumulation": "optim.grad_accum",
+    "sigma_scheme": "flow.sigma_scheme", "sigmoid_mean": "flow.sigmoid_mean", "sigmoid_std": "flow.sigmoid_std",
+    "shift": "flow.shift", "loss_weighting": "flow.weighting", "guidance": "flow.guidance",
+    "precision": "train.precision", "seed": "train.seed", "save_every": "train.save_every",
+    "output_name": "train.output_name",
+}
+
+
 def build_training_config(dataset: DatasetSpec, lora: LoRAConfig, settings: TrainerSettings, *, output_dir: str,
                           compute_dtype: str = "float32", dop: Optional[DopSettings] = None,
                           preview: Optional[PreviewSettings] = None) -> TrainingConfig:
-    """One validated ``TrainingConfig`` from the nodes' values. Config errors name the
-    config field (e.g. ``optim.lr``), which the Trainer's widget of the same meaning sets."""
+    """One validated ``TrainingConfig`` from the nodes' values. A config error names the
+    config field (e.g. ``optim.lr``) led by the Trainer widget that sets it (``learning_rate``)."""
+    try:
+        return _training_config(dataset, lora, settings, output_dir=output_dir, compute_dtype=compute_dtype,
+                                dop=dop, preview=preview)
+    except ConfigError as e:
+        names = {f: f"the Trainer's {w} widget" for w, f in TRAINER_WIDGET_FIELDS.items()}
+        raise with_user_names(e, names) from None
+
+
+def _training_config(dataset: DatasetSpec, lora: LoRAConfig, settings: TrainerSettings, *, output_dir: str,
+                     compute_dtype: str, dop: Optional[DopSettings], preview: Optional[PreviewSettings]) -> TrainingConfig:
     if not isinstance(dataset, DatasetSpec):
         raise ValueError("the Trainer's dataset input must come from a FlowTrain Dataset node")
     s = settings

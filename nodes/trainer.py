@@ -108,9 +108,10 @@ def loss_curve_tensor(history: list[dict]) -> torch.Tensor:
 def run_training(model, vae, clip, conditioning, dataset, lora_config, settings: specs.TrainerSettings,
                  dop=None, preview=None, node_id: Optional[str] = None):
     """Train; returns ``(TrainResult, trained MODEL, LoRA tensors)``. Raises ComfyUI's
-    interrupt after a Cancel (the LoRA trained so far and a resumable checkpoint are saved
-    first). A ``.stop`` file in the run folder ends training normally: the outputs hold the
-    LoRA of the steps done."""
+    interrupt after a Cancel, whether the engine saw it between steps (``should_stop``), in
+    a forward pass or in the final previews (their sampler raises it): the LoRA trained so
+    far, a resumable checkpoint and the status "stopped" are saved first. A ``.stop`` file in
+    the run folder ends training normally: the outputs hold the LoRA of the steps done."""
     import comfy.model_management as mm
     import folder_paths
 

@@ -37,7 +37,7 @@ def test_config_is_frozen():
     (lambda: CaptionConfig(caption_dropout=1.5), r"captions.caption_dropout=1.5 is out of range"),
     (lambda: TrainConfig(output_name="../escape"), r"train.output_name='../escape' must be a plain name"),
     (lambda: TrainConfig(output_name="a/b"), r"must be a plain name"),
-    (lambda: TrainConfig(steps=True), r"train.steps=True must be a number"),
+    (lambda: TrainConfig(steps=True), r"train.steps=True must be a whole number \(int\)"),
     (lambda: TrainingConfig(dop=DopConfig(enabled=True)), r"dop.enabled needs data.captions.trigger_word"),
 ])
 def test_bad_values_name_the_field_and_the_fix(make, message):

@@ -139,11 +139,23 @@ def test_build_training_config_maps_every_widget(tmp_path):
 
 @pytest.mark.parametrize("change, field", [({"learning_rate": 0.0}, "optim.lr"), ({"output_name": "../x"}, "train.output_name"),
                                            ({"optimizer": "sgd"}, "optim.optimizer"), ({"steps": 0}, "train.steps"),
-                                           ({"sigma_scheme": "nope"}, "flow.sigma_scheme")])
-def test_build_training_config_errors_name_the_field(tmp_path, change, field):
+                                           ({"sigma_scheme": "nope"}, "flow.sigma_scheme"),
+                                           ({"output_name": "a\x00b"}, "train.output_name"),
+                                           ({"batch_size": 1.5}, "data.batch_size")])
+def test_build_training_config_errors_name_the_widget_and_the_field(tmp_path, change, field):
     settings = specs.TrainerSettings(**change)
-    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+    widget = next(iter(change))
+    with pytest.raises(ConfigError, match=rf"^the Trainer's {widget} widget: {field.replace('.', r'[.]')}"):
         specs.build_training_config(dataset(tmp_path), LoRAConfig(), settings, output_dir=str(tmp_path))
+
+
+def test_every_trainer_widget_maps_to_a_config_field():
+    import dataclasses
+
+    from trainer_core.config import TrainingConfig, field_names
+
+    assert set(specs.TRAINER_WIDGET_FIELDS) <= {f.name for f in dataclasses.fields(specs.TrainerSettings)}
+    assert set(specs.TRAINER_WIDGET_FIELDS.values()) <= set(field_names(TrainingConfig))
 
 
 def test_dop_needs_a_trigger(tmp_path):

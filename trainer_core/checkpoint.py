@@ -240,8 +240,12 @@ class CheckpointCallback(Callback):
 
     After a non-finite loss the weights and optimizer are still those of the last
     completed step (the loop checks the loss before ``optimizer.step``), so saving
-    ``state.step`` then is safe; a step whose checkpoint exists is never written again.
+    ``state.step`` then is safe; after non-finite *weights* (``state.unsaveable``) nothing
+    is saved and the newest (finite) checkpoint stays the newest. A step whose checkpoint
+    exists is never written again.
     """
+
+    end_phase = "save"
 
     def __init__(self, run_dir: Path, every: int, keep: int, write_loras: LoraWriter, meta: Optional[dict] = None):
         self.run_dir, self.every, self.keep = Path(run_dir), every, keep
@@ -278,7 +282,9 @@ class CheckpointCallback(Callback):
             self.save(state)
 
     def on_train_end(self, state: RunState, reason: str) -> None:
-        if state.step > 0 and not self.failed and state.step != self.last_saved:
+        if state.unsaveable:
+            log.warning("no checkpoint written at the end: %s", state.unsaveable)
+        elif state.step > 0 and not self.failed and state.step != self.last_saved:
             self.save(state)
 
 

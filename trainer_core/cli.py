@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, TrainingConfig
+from .config import ConfigError, TrainingConfig, field_names, suggest, with_user_names
 from .loop import NonFiniteLoss
 
 log = logging.getLogger("trainer_core")
@@ -30,21 +30,33 @@ def _parse_value(text: str) -> Any:
         return text
 
 
+# command-line flags → the config field each sets (errors about a field name the flag too)
+FLAG_FIELDS = {"--name": "train.output_name", "--output-dir": "train.output_dir", "--steps": "train.steps",
+               "--data": "data.path", "--trigger": "data.captions.trigger_word",
+               "--class-word": "data.captions.class_word", "--rank": "lora.rank", "--lr": "optim.lr",
+               "--resolution": "data.buckets.resolutions"}
+
+
 def apply_overrides(base: dict, overrides: list[str]) -> dict:
-    """``section.field=value`` pairs (JSON values, bare strings allowed) onto a config dict."""
+    """``section.field=value`` pairs onto a config dict: JSON values (bare strings allowed);
+    a text field takes the text as typed (``--set train.output_name=123`` is the name "123")."""
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"--set {item!r}: expected section.field=value, e.g. optim.lr=2e-4")
         node = base
         *path, leaf = key.split(".")
+        hint = suggest(key, field_names(TrainingConfig))
         for part in path:
             if not isinstance(node.get(part), dict):
-                raise ConfigError(f"--set {item!r}: {part!r} is not a config section; sections: {sorted(k for k, v in base.items() if isinstance(v, dict))}")
+                raise ConfigError(f"--set {item!r}: {part!r} is not a config section{hint}; sections: "
+                                  f"{sorted(k for k, v in node.items() if isinstance(v, dict))}")
             node = node[part]
-        if leaf not in node:
-            raise ConfigError(f"--set {item!r}: unknown field {leaf!r}; known: {sorted(node)}")
-        node[leaf] = _parse_value(value)
+        if leaf not in node or isinstance(node[leaf], dict):
+            what = "a section, not a field" if isinstance(node.get(leaf), dict) else "an unknown field"
+            raise ConfigError(f"--set {item!r}: {key!r} is {what}{hint}; fields here: "
+                              f"{sorted(k for k, v in node.items() if not isinstance(v, dict))}")
+        node[leaf] = value if isinstance(node[leaf], str) else _parse_value(value)
     return base
 
 
@@ -147,7 +159,12 @@ def make_config(args: argparse.Namespace, defaults: dict) -> TrainingConfig:
                 node = node[part]
             node[leaf] = value
     apply_overrides(tree, args.set)
-    return TrainingConfig.from_dict(tree)
+    given = {field: flag for flag, field in FLAG_FIELDS.items()
+             if getattr(args, flag[2:].replace("-", "_"), None) not in (None, "")}
+    try:
+        return TrainingConfig.from_dict(tree)
+    except ConfigError as e:
+        raise with_user_names(e, given) from None
 
 
 def _deep_update(dst: dict, src: dict) -> None:
@@ -170,9 +187,10 @@ def main(argv: list[str] | None = None) -> int:
             run_demo(args, stop=stop, progress=TerminalProgress(), make_config=make_config)
         else:
             from .models.local import load_diffusers_flux_folder
-            from .session import DTYPES, train_lora
+            from .session import DTYPES, check_before_loading, train_lora
 
             config = make_config(args, {})
+            check_before_loading(config)  # the data folder, captions and run folder: before the slow load
             model, codec, text = load_diffusers_flux_folder(args.model, dtype=DTYPES[config.train.precision])
             result = train_lora(config, model, codec, text, release_encoders=lambda: (codec.release(), text.release()),
                                 progress=TerminalProgress(), should_stop=stop, base_model=str(args.model))

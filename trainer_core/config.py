@@ -14,11 +14,11 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from .configbase import ConfigError, _build, _names, _Validated, field_help, opt  # noqa: F401
+from .configbase import ConfigError, _build, _names, _Validated, field_help, field_names, opt, suggest, with_user_names  # noqa: F401
 
 @dataclass(frozen=True)
 class BucketConfig(_Validated):
-    _prefix = "buckets"
+    _prefix = "data.buckets"
     resolutions: tuple[int, ...] = opt((512,), "Target training resolutions (side of a square of equal area), e.g. 512, 768, 1024. Each image is bucketed at every resolution it is large enough for.", lo=64, hi=4096)
     step: int = opt(64, "Bucket sides are multiples of this many pixels (16 is the finest FLUX allows).", lo=16, hi=256)
     min_side: int = opt(256, "Smallest allowed bucket side in pixels.", lo=16, hi=8192)
@@ -27,14 +27,14 @@ class BucketConfig(_Validated):
 
     def check(self) -> None:
         if self.step % 16:
-            raise ConfigError(f"buckets.step={self.step} must be a multiple of 16 (FLUX latents are packed in 16-pixel patches)")
+            raise ConfigError(f"data.buckets.step={self.step} must be a multiple of 16 (FLUX latents are packed in 16-pixel patches)")
         if self.min_side > self.max_side:
-            raise ConfigError(f"buckets.min_side={self.min_side} is larger than buckets.max_side={self.max_side}")
+            raise ConfigError(f"data.buckets.min_side={self.min_side} is larger than data.buckets.max_side={self.max_side}")
 
 
 @dataclass(frozen=True)
 class CaptionConfig(_Validated):
-    _prefix = "captions"
+    _prefix = "data.captions"
     trigger_word: str = opt("", "Word that names the new concept; prepended to every caption that lacks it.")
     class_word: str = opt("", "What the concept is (e.g. 'man', 'dog', 'style'); used by preservation losses and with captions that are missing.")
     keep_tokens: int = opt(1, "Number of leading separator-split tags kept in place when shuffling (the trigger counts as one).", lo=0, hi=64)
@@ -49,12 +49,12 @@ class CaptionConfig(_Validated):
 
     def check(self) -> None:
         if not self.separator:
-            raise ConfigError("captions.separator must not be empty; use ',' for tag lists")
+            raise ConfigError("data.captions.separator must not be empty; use ',' for tag lists")
 
 
 @dataclass(frozen=True)
 class AugmentConfig(_Validated):
-    _prefix = "augment"
+    _prefix = "data.augment"
     flip: bool = opt(False, "Random horizontal flip (probability 0.5). Cached as two latent variants.")
     flip_opt_out_words: tuple[str, ...] = opt(("left", "right", "text"), "Captions containing any of these whole words are never flipped.")
     random_crop: bool = opt(False, "Random crop inside the bucket instead of a centre crop (turns the latent cache off).")
@@ -210,8 +210,10 @@ class TrainConfig(_Validated):
 
     def check(self) -> None:
         name = self.output_name
-        if not name or "/" in name or "\\" in name or name in {".", ".."} or ".." in name.split(".")[0:1]:
-            raise ConfigError(f"train.output_name={name!r} must be a plain name without path separators or '..'")
+        control = any(ord(c) < 32 or ord(c) == 127 for c in name)
+        if not name or "/" in name or "\\" in name or name in {".", ".."} or ".." in name.split(".")[0:1] or control:
+            raise ConfigError(f"train.output_name={name!r} must be a plain name without path separators, '..' "
+                              "or control characters (e.g. 'my_lora')")
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,9 @@
 2. loss terms (``LossTerm``) are summed for one backward per micro-step (a ``Backward``
    strategy may combine their gradients otherwise, e.g. ``dop.pcgrad_backward``);
 3. callbacks (``Callback``) react to the start, each finished step and the end
-   (logging, EMA, checkpoints, previews, control files).
+   (logging, EMA, checkpoints, previews, control files). At the end they run phase by
+   phase (``Callback.end_phase``): what saving needs, the saving, the run's status, then
+   the rest (previews) as best effort, so nothing after the saving can lose the run.
 
 Every random choice of step k draws from ``step_generator(seed, k)``; data order is a
 pure function of (seed, micro-step index). Resuming at step k therefore replays step k.
@@ -19,6 +21,7 @@ from typing import Any, Callable, Optional, Protocol
 import torch
 
 from .config import TrainingConfig
+from .finite import all_finite, nonfinite_names
 from .flow import SigmaParams, interpolate, sample_sigmas, step_generator, velocity_target
 from .optim import grad_norm_clip
 from .types import Batch, FlowModel, TextBatch
@@ -85,8 +88,17 @@ class LossTerm(Protocol):
     def __call__(self, ctx: StepContext) -> Optional[torch.Tensor]: ...
 
 
+END_PHASES = ("prepare", "save", "record", "after")
+"""Order of ``on_train_end`` calls: ``prepare`` puts the weights to save in place (e.g.
+schedule-free's averaged weights), ``save`` writes the LoRA and the checkpoint, ``record``
+writes the run's status, ``after`` is everything else (previews, summaries)."""
+
+
 class Callback:
-    """Override what you need. ``state`` is the live ``RunState``."""
+    """Override what you need. ``state`` is the live ``RunState``. ``end_phase`` says when
+    ``on_train_end`` runs (``END_PHASES``); a duck-typed callback without it is ``after``."""
+
+    end_phase = "after"
 
     def on_train_start(self, state: "RunState") -> None: ...
 
@@ -109,6 +121,16 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+class NonFiniteWeights(NonFiniteLoss):
+    """An optimizer step left NaN/inf in the trainable weights or the optimizer state."""
+
+
+def is_interrupt(error: BaseException) -> bool:
+    """A user's interrupt: a BaseException that is not an Exception (KeyboardInterrupt,
+    ComfyUI's InterruptProcessingException). It ends a run as "stopped", not as an error."""
+    return not isinstance(error, Exception)
+
+
 @dataclass
 class RunState:
     config: TrainingConfig
@@ -121,6 +143,8 @@ class RunState:
     step: int = 0  # optimizer steps completed
     history: list[dict] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)  # callbacks' shared state (EMA, run dir)
+    interrupted: bool = False  # a user's interrupt arrived: best-effort end work is skipped
+    unsaveable: str = ""  # why the live weights must not be saved (non-finite after a step)
 
 
 def make_context(state: RunState, step: int, micro: int, generator: torch.Generator,
@@ -167,6 +191,7 @@ def train_step(state: RunState, terms: list[LossTerm], noise_fn: NoiseFn = gauss
             sigmas.append(ctx.sigma.detach().cpu())
     norm = grad_norm_clip(state.network.parameters(), cfg.optim.max_grad_norm)
     state.optimizer.step()
+    check_weights(state, totals)
     state.scheduler.step()
     state.optimizer.zero_grad(set_to_none=True)
     state.step += 1
@@ -176,6 +201,46 @@ def train_step(state: RunState, terms: list[LossTerm], noise_fn: NoiseFn = gauss
         logs["sigma"] = torch.cat(sigmas).tolist()
         logs["per_sample"] = torch.cat(per_sample).tolist()
     return logs
+
+
+def check_weights(state: RunState, terms: dict[str, float]) -> None:
+    """After ``optimizer.step``: every trainable weight and optimizer-state tensor must be
+    finite (one fused check, one host sync). Otherwise the live state is marked
+    unsaveable (no checkpoint, no ``lora_final``) and ``NonFiniteWeights`` names the step."""
+    params = state.network.parameters()
+    if all_finite(params, list(state.optimizer.state.values())):
+        return
+    cfg = state.config
+    names = dict(state.network.named_parameters()) if hasattr(state.network, "named_parameters") else {}
+    bad = nonfinite_names(names) or ["(optimizer state)"]
+    state.unsaveable = f"non-finite weights after step {state.step + 1}"
+    raise NonFiniteWeights(
+        f"step {state.step + 1} made the LoRA weights or optimizer state NaN/inf (e.g. {', '.join(bad)}) although "
+        f"its loss was finite ({sum(terms.values()):.4g}); likely causes: learning rate too high "
+        f"(optim.lr={cfg.optim.lr}), {cfg.train.precision} overflow (fp16 overflows easily: use bf16 or fp32), "
+        "or broken base-model weights (NaN/inf in the model file)")
+
+
+def end_training(state: RunState, callbacks, reason: str, error: Optional[BaseException] = None) -> None:
+    """Every callback's ``on_train_end``, phase by phase (``END_PHASES``). Each runs even
+    when an earlier one raised, so a preview interrupted by a Cancel cannot stop the
+    saving; the first exception (the loop's own ``error`` first) is raised at the end."""
+    first = error
+    for phase in END_PHASES:
+        for cb in callbacks:
+            if getattr(cb, "end_phase", "after") != phase:
+                continue
+            try:
+                cb.on_train_end(state, reason)
+            except BaseException as e:  # noqa: BLE001  (re-raised below, after every callback ran)
+                if is_interrupt(e):
+                    state.interrupted = True
+                    log.warning("interrupted in %s at the end of training; the run is saved (%s)", type(cb).__name__, reason)
+                else:
+                    log.error("%s failed at the end of training: %s: %s", type(cb).__name__, type(e).__name__, e)
+                first = first if first is not None else e
+    if first is not None:
+        raise first
 
 
 def run_loop(
@@ -188,11 +253,12 @@ def run_loop(
     backward: Backward = sum_backward,
 ) -> str:
     """Train from ``state.step`` to ``state.total_steps``. Returns why it ended:
-    ``"finished"``, ``"stopped"`` (should_stop or a callback), re-raises anything else
-    after telling the callbacks."""
+    ``"finished"``, ``"stopped"`` (should_stop or a callback). An interrupt (``is_interrupt``)
+    ends as ``"stopped"`` and anything else as ``"error: ..."``; both are re-raised after
+    the callbacks saved the last complete step (``end_training``)."""
     for cb in callbacks:
         cb.on_train_start(state)
-    reason = "finished"
+    reason, error = "finished", None
     model_module = state.model.module
     model_module.train()
     try:
@@ -211,15 +277,13 @@ def run_loop(
                     break
     except StopTraining as stop:
         reason = stop.reason
-    except BaseException as e:  # interrupts are BaseExceptions: callbacks still save
-        reason = f"error: {type(e).__name__}: {e}"
-        for cb in callbacks:
-            cb.on_train_end(state, reason)
-        raise
+    except BaseException as e:  # noqa: BLE001  (saved, then re-raised by end_training)
+        error = e
+        state.interrupted = is_interrupt(e)
+        reason = "stopped" if state.interrupted else f"error: {type(e).__name__}: {e}"
     finally:
         model_module.eval()
-    for cb in callbacks:
-        cb.on_train_end(state, reason)
+    end_training(state, callbacks, reason, error)
     return reason
 
 

@@ -7,7 +7,8 @@ renderer (host-specific) that decides *how*.
 * after every ``every_n_steps``-th step into ``<run>/checkpoint_{step:06d}/`` (the same
   folder as that step's checkpoint, when one is saved),
 * at the end into ``<run>/final/`` (next to ``lora_final.safetensors``; also after a stop,
-  not after an error),
+  not after an error or an interrupt), after the LoRA, the checkpoint and the run's status
+  are saved: a failure or a Cancel while rendering cannot lose the run,
 
 in eval mode, under ``no_grad``, with the EMA weights when the run outputs them
 (``validation.output_weights``). ``on_images`` receives the paths after each render so
@@ -60,7 +61,7 @@ class PreviewCallback(Callback):
             self._render(state, f"checkpoint_{state.step:06d}")
 
     def on_train_end(self, state: RunState, reason: str) -> None:
-        if state.step > 0 and not reason.startswith("error"):
+        if state.step > 0 and not reason.startswith("error") and not state.interrupted:
             self._render(state, "final")
 
     def _render(self, state: RunState, name: str) -> list[Path]:

@@ -22,7 +22,7 @@ from .config import TrainingConfig
 from .control import ControlCallback, DatasetWatchCallback, folder_snapshot
 from .data.dataset import prepare_dataset
 from .flow import step_generator
-from .loop import Callback, LossTerm, NonFiniteLoss, RunState, run_loop
+from .loop import Callback, LossTerm, NonFiniteLoss, NonFiniteWeights, RunState, run_loop
 from .lora.formats import LORA_FORMATS
 from .lora.io import build_metadata, save_lora_file
 from .lora.network import LoraNetwork
@@ -68,7 +68,10 @@ def save_lora(path: Path, network: LoraNetwork, model: FlowModel, config: Traini
 
 
 class ReportCallback(Callback):
-    """Logs progress, and keeps ``training_state.json`` and ``learning_curve.svg`` current."""
+    """Logs progress, and keeps ``training_state.json`` and ``learning_curve.svg`` current.
+    The final status is written once the LoRA and checkpoint are saved (``record`` phase)."""
+
+    end_phase = "record"
 
     def __init__(self, run_dir: Path, progress: Optional[ProgressFn], every: int):
         self.run_dir, self.progress, self.every = run_dir, progress, every
@@ -102,7 +105,10 @@ class LoraSaveCallback(Callback):
 
     With an EMA (``state.extra["ema"]``) and ``ema.use_for_output``, ``lora_final.safetensors``
     and ``checkpoint_*/lora.safetensors`` hold the EMA weights and the raw weights are
-    written next to them as ``lora_final_raw.safetensors`` / ``checkpoint_*/lora_raw.safetensors``."""
+    written next to them as ``lora_final_raw.safetensors`` / ``checkpoint_*/lora_raw.safetensors``.
+    Non-finite weights (``state.unsaveable``) are never written as ``lora_final``."""
+
+    end_phase = "save"
 
     def __init__(self, run_dir: Path, every: int, base_model: str):
         self.run_dir, self.every, self.base_model = run_dir, every, base_model
@@ -127,8 +133,23 @@ class LoraSaveCallback(Callback):
         if state.step == 0:
             log.warning("training ended before the first step (%s); no LoRA written", reason)
             return
+        if state.unsaveable:
+            log.warning("%s not written (%s); %s", self.final_path.name, state.unsaveable,
+                        "the earlier one is kept" if self.final_path.is_file() else "there is none")
+            return
         self.save(self.final_path, state)
         log.info("saved %s after %d steps (%s)", self.final_path, state.step, reason)
+
+
+def check_before_loading(config: TrainingConfig, run_dir: Optional[Path] = None) -> None:
+    """The checks that need no model, for a caller to run before an expensive model load:
+    the data folder (exists, holds images, captions readable) and the run folder
+    (``existing_run='refuse'``, settings changed in a way that makes resuming unsafe; the
+    model identity is compared later, in ``train_lora``). Raises ValueError naming the fix."""
+    from .data.scan import scan_folder
+
+    scan_folder(config.data.path, config.data.captions.caption_extension)
+    find_resume_point(Path(run_dir) if run_dir is not None else run_folder(config), config, {})
 
 
 def train_lora(
@@ -154,14 +175,15 @@ def train_lora(
     resume_from = find_resume_point(run_dir, config, model_info)  # refuses unsafe changes before any work
     if resume_from is not None and is_finished(run_dir, resume_from, config.train.steps):
         return _finished_result(run_dir, config, model, resume_from)
-    run_dir.mkdir(parents=True, exist_ok=True)
     data_before = folder_snapshot(config.data.path) if config.data.path else {}
-    write_state(run_dir / "config.json", {"format_version": FORMAT_VERSION, "config": config.to_dict()})
     cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else run_dir / ".latent_cache"
 
+    # the run folder is made once the data passed its checks: a bad dataset leaves none behind
     dataset = prepare_dataset(config.data, codec, text_encoder, cache_dir=cache_dir,
                               pixel_multiple=model.pixel_multiple, seed=config.train.seed,
                               extra_captions=assemble.extra_captions(config))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_state(run_dir / "config.json", {"format_version": FORMAT_VERSION, "config": config.to_dict()})
     if release_encoders is not None and not dataset.needs_codec:  # live augmentation encodes every step
         release_encoders()
 
@@ -235,6 +257,14 @@ def _run_guarded(state: RunState, terms, callbacks, should_stop, noise_fn, run_d
     try:
         return run_loop(state, terms, callbacks, should_stop=should_stop, noise_fn=noise_fn,
                         backward=assemble.build_backward(state.config))
+    except NonFiniteWeights as e:
+        kept = latest_checkpoint(run_dir)
+        final = run_dir / "lora_final.safetensors"
+        raise NonFiniteWeights(
+            f"training stopped: {e}. Nothing of that state was saved: the newest finite checkpoint is "
+            f"{kept or 'none (no checkpoint was saved before it; set train.save_every to keep some)'}, and "
+            f"{final.name} was not written ({'the earlier one in the run folder is kept' if final.is_file() else 'there is none'}). "
+            "Lower optim.lr (or change train.precision) and run again to resume from that checkpoint") from e
     except NonFiniteLoss as e:
         kept = latest_checkpoint(run_dir)
         raise NonFiniteLoss(f"training stopped: {e}. The last good state (step {state.step}) is kept in "

@@ -13,11 +13,11 @@ pytestmark = pytest.mark.skipif(comfy_path() is None, reason="set COMFYUI_PATH t
 from test_workflows import CASES, env  # noqa: E402,F401  (shared session fixture and models)
 
 
-def graph_for(env, output_name: str, steps: int) -> dict:  # noqa: F811
+def graph_for(env, output_name: str, steps: int, preview_every: int = 0) -> dict:  # noqa: F811
     case = CASES["flux1_dev_subject_lora"]
     g = use_test_conditioning(load_api_workflow("flux1_dev_subject_lora"), width=64, pooled=case["pooled"])
     g = shrink(g, unet=case["unet"], vae=case["vae"], dataset=env.input / "flowtrain_dataset",
-               output_name=output_name, steps=steps, preview_every=0)
+               output_name=output_name, steps=steps, preview_every=preview_every)
     return g
 
 

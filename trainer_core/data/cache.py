@@ -11,6 +11,11 @@ both go stale after an edit. Here an edited image or caption simply gets a new k
 Writes are atomic (temporary file in the same folder, then ``os.replace``), so an
 interrupted run never leaves a half-written entry; an unreadable entry is reported,
 treated as a miss and rewritten.
+
+Every encoded latent and embedding must be finite: NaN/inf from the encoder (a VAE or
+text encoder with missing or broken weights) stops the run before the first step with
+``EncoderOutputError`` naming the image or caption and the encoder, and is never cached;
+a non-finite entry already in the cache is reported, deleted and encoded again.
 """
 from __future__ import annotations
 
@@ -18,7 +23,7 @@ import hashlib
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +31,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from ..finite import all_finite
 from ..types import LatentCodec, TextEmbedding, TextEncoder
 
 log = logging.getLogger(__name__)
@@ -66,6 +72,28 @@ def _read(path: Path, required: Iterable[str]) -> dict[str, torch.Tensor] | None
     return tensors
 
 
+class EncoderOutputError(ValueError):
+    """An encoder returned NaN/inf: its weights are broken, not the training settings."""
+
+
+def _finite_entry(path: Path, tensors: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+    """``tensors``, or None (entry deleted, warned) when they hold NaN/inf."""
+    if tensors is None or all_finite(tensors):
+        return tensors
+    log.warning("cache file %s holds NaN/inf values (written by a broken encoder); deleting it and encoding "
+                "again", path)
+    path.unlink(missing_ok=True)
+    return None
+
+
+def _broken_encoder(kind: str, identity: str, what: list[str], hint: str) -> EncoderOutputError:
+    shown = "\n  ".join(what[:20]) + (f"\n  ... and {len(what) - 20} more" if len(what) > 20 else "")
+    return EncoderOutputError(
+        f"the {kind} {identity!r} returned NaN/inf for:\n  {shown}\nIts weights are likely broken or missing "
+        f"({hint}); this is not a learning-rate problem, and nothing of it was cached. Load a working {kind} "
+        "and train again.")
+
+
 def _chunks(items: list, size: int) -> Iterable[list]:
     for i in range(0, len(items), size):
         yield items[i : i + size]
@@ -74,11 +102,13 @@ def _chunks(items: list, size: int) -> Iterable[list]:
 @dataclass(frozen=True)
 class LatentJob:
     """One latent to get: its cache ``key``, the ``bucket`` (images of one bucket are
-    encoded together) and ``pixels()`` → [3, H, W] in [-1, 1], called only on a miss."""
+    encoded together), ``pixels()`` → [3, H, W] in [-1, 1], called only on a miss, and a
+    ``label`` naming the image in messages (its file)."""
 
     key: str
     bucket: tuple[int, int]
     pixels: Callable[[], torch.Tensor]
+    label: str = ""
 
 
 class LatentCache:
@@ -99,7 +129,7 @@ class LatentCache:
         return self.dir / f"{key}.safetensors"
 
     def load(self, key: str) -> torch.Tensor | None:
-        tensors = _read(self.path(key), ["latent"])
+        tensors = _finite_entry(self.path(key), _read(self.path(key), ["latent"]))
         return None if tensors is None else tensors["latent"]
 
     def save(self, key: str, latent: torch.Tensor, codec_identity: str) -> None:
@@ -132,6 +162,11 @@ class LatentCache:
                 pixels = torch.stack([job.pixels() for job in chunk])
                 with torch.no_grad():
                     latents = codec.encode(pixels)
+                if not all_finite(latents):
+                    bad = [f"{job.label or job.key} (bucket {job.bucket[0]}x{job.bucket[1]})"
+                           for job, latent in zip(chunk, latents) if not all_finite(latent)]
+                    raise _broken_encoder("image encoder (VAE)", codec.identity, bad,
+                                          "a wrong, incomplete or corrupt VAE file, or a VAE overflowing in fp16")
                 for job, latent in zip(chunk, latents):
                     latent = latent.detach().cpu().clone()
                     self.save(job.key, latent, codec.identity)
@@ -159,7 +194,7 @@ class TextCache:
         return self.dir / f"{key}.safetensors"
 
     def load(self, key: str) -> TextEmbedding | None:
-        tensors = _read(self.path(key), ["context"])
+        tensors = _finite_entry(self.path(key), _read(self.path(key), ["context"]))
         return None if tensors is None else TextEmbedding(tensors["context"], tensors.get("pooled"))
 
     def save(self, key: str, emb: TextEmbedding, encoder_identity: str) -> None:
@@ -169,9 +204,11 @@ class TextCache:
         _write_atomic(self.path(key), tensors, {"format": CACHE_FORMAT, "encoder": encoder_identity})
 
     def get_or_encode(self, texts: Iterable[str], encoder: TextEncoder, *, batch_size: int = 16,
-                      progress: Progress = None) -> dict[str, TextEmbedding]:
+                      progress: Progress = None, sources: Mapping[str, str] | None = None) -> dict[str, TextEmbedding]:
         """text → embedding for every distinct text; misses go to ``encoder.encode`` in
-        batches of ``batch_size`` (one call per batch, under ``torch.no_grad``)."""
+        batches of ``batch_size`` (one call per batch, under ``torch.no_grad``).
+        ``sources`` (text → where it comes from, e.g. its caption file) words errors."""
+        sources = sources or {}
         out: dict[str, TextEmbedding] = {}
         misses: list[str] = []
         for text in dict.fromkeys(texts):  # distinct, first-seen order
@@ -186,6 +223,11 @@ class TextCache:
                 embs = encoder.encode(chunk)
             if len(embs) != len(chunk):
                 raise ValueError(f"text encoder {encoder.identity!r} returned {len(embs)} embeddings for {len(chunk)} captions")
+            if not all_finite([(e.context, e.pooled) for e in embs]):
+                bad = [f"{text!r} ({sources.get(text, 'caption')})" for text, e in zip(chunk, embs)
+                       if not all_finite((e.context, e.pooled))]
+                raise _broken_encoder("text encoder", encoder.identity, bad,
+                                      "a wrong, incomplete or corrupt CLIP/T5 file, or an encoder overflowing in fp16")
             for text, emb in zip(chunk, embs):
                 emb = TextEmbedding(emb.context.detach().cpu().clone(),
                                     None if emb.pooled is None else emb.pooled.detach().cpu().clone())

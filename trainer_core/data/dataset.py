@@ -31,7 +31,8 @@ import torch
 from ..config import BucketConfig, ConfigError, DataConfig
 from ..types import Batch, LatentCodec, TextBatch, TextEmbedding, TextEncoder
 from .buckets import choose_bucket, cover_crop_box, resize_and_crop, resolutions_for
-from .cache import LatentCache, LatentJob, TextCache
+from ..finite import all_finite
+from .cache import EncoderOutputError, LatentCache, LatentJob, TextCache
 from .augment import Augmenter, flip_allowed, needs_live_encoding
 from .captions import CaptionPolicy, dropout_probability
 from .images import ImageError, image_size, image_to_tensor, load_image
@@ -186,9 +187,10 @@ def prepare_dataset(
 
     latent_cache = LatentCache(cache_dir)
     path_of = {p.key: p.record.path for p in planned}
-    jobs = [LatentJob(p.key, p.bucket, partial(_pixels, p.record.path, p.size, p.bucket)) for p in planned]
-    jobs += [LatentJob(p.flip_key, p.bucket, partial(_pixels, p.record.path, p.size, p.bucket, True))
-             for p in planned if p.flip_key is not None]
+    jobs = [LatentJob(p.key, p.bucket, partial(_pixels, p.record.path, p.size, p.bucket), str(p.record.path))
+            for p in planned]
+    jobs += [LatentJob(p.flip_key, p.bucket, partial(_pixels, p.record.path, p.size, p.bucket, True),
+                       f"{p.record.path} (mirrored)") for p in planned if p.flip_key is not None]
     for p in planned:
         path_of.setdefault(p.flip_key, p.record.path)
     latents = latent_cache.get_or_encode(
@@ -199,7 +201,8 @@ def prepare_dataset(
     variants = {r.path: _variants(policy, r.caption, seed) for r in records if r.path in used}
     texts, extras = _texts_to_encode(variants, policy, cfg.captions.caption_dropout > 0, extra_captions)
     text_cache = TextCache(cache_dir)
-    embeddings = text_cache.get_or_encode(texts, text_encoder, batch_size=text_batch_size, progress=progress)
+    embeddings = text_cache.get_or_encode(texts, text_encoder, batch_size=text_batch_size, progress=progress,
+                                          sources=_text_sources(records, variants, extras, cfg.captions.caption_extension))
 
     entries = [Entry(latents[p.key], p.bucket, variants[p.record.path], p.record.path, p.record.repeats,
                      flipped=latents.get(p.flip_key), flip_ok=p.record.path in flip_ok, size=p.size) for p in planned]
@@ -240,6 +243,21 @@ def _texts_to_encode(variants: dict[Path, tuple[str, ...]], policy: CaptionPolic
     extras = {name: {t: fn(t) for t in sources} for name, fn in extra_captions.items()}
     texts = mains + ([""] if dropout else []) + [t for table in extras.values() for t in table.values()]
     return list(dict.fromkeys(texts)), extras
+
+
+def _text_sources(records, variants: dict[Path, tuple[str, ...]], extras: dict[str, dict[str, str]],
+                  extension: str) -> dict[str, str]:
+    """text → where it comes from (its caption file), for messages about one text."""
+    ext = extension if extension.startswith(".") else "." + extension
+    out: dict[str, str] = {"": "the empty caption of caption dropout"}
+    for r in records:
+        where = f"caption file {r.path.with_suffix(ext)}" if r.caption is not None else f"image {r.path}, no caption file"
+        for text in variants.get(r.path, ()):
+            out.setdefault(text, where)
+    for name, table in extras.items():
+        for main, text in table.items():
+            out.setdefault(text, f"{name} of {out.get(main, 'a caption')}")
+    return out
 
 
 def _count(items) -> dict:
@@ -349,4 +367,10 @@ class CachedDataset:
         pixels = torch.stack([self.augmenter.pixels(self.entries[i].source, self.entries[i].size,
                                                     self.entries[i].bucket, f, generator) for i, f in zip(ids, flips)])
         with torch.no_grad():
-            return self.codec.encode(pixels).detach().cpu()
+            latents = self.codec.encode(pixels).detach().cpu()
+        if not all_finite(latents):
+            raise EncoderOutputError(
+                f"the image encoder {self.codec.identity!r} returned NaN/inf for the augmented "
+                f"{', '.join(str(self.entries[i].source) for i in ids)}; its weights are likely broken (or it "
+                "overflows in fp16); this is not a learning-rate problem")
+        return latents
