@@ -115,11 +115,17 @@ def crop_loss(size: tuple[int, int], bucket: tuple[int, int]) -> float:
 
 
 def _warn_heavy_crops(planned: list[_Planned]) -> list[str]:
-    heavy = [f"{p.record.path} ({p.size[0]}x{p.size[1]} -> bucket {p.bucket[0]}x{p.bucket[1]}): "
-             f"{crop_loss(p.size, p.bucket):.0%} cropped away" for p in planned if crop_loss(p.size, p.bucket) > HEAVY_CROP]
+    """One warning naming every image that some bucket crops by more than ``HEAVY_CROP``."""
+    lost: dict[Path, list[str]] = {}
+    for p in planned:
+        if (loss := crop_loss(p.size, p.bucket)) > HEAVY_CROP:
+            lost.setdefault(p.record.path, []).append(f"{loss:.0%} cropped away at {p.bucket[0]}x{p.bucket[1]}")
+    sizes = {p.record.path: p.size for p in planned}
+    heavy = [f"{path} ({sizes[path][0]}x{sizes[path][1]}): {', '.join(why)}" for path, why in lost.items()]
     if heavy:
         log.warning("%d image(s) lose more than half of their area when centre-cropped into their bucket (extreme "
-                    "aspect ratio; crop them yourself, or widen buckets.min_side/max_side):%s", len(heavy), listing(heavy))
+                    "aspect ratio; crop them yourself, or lower buckets.min_side / raise buckets.max_side):%s",
+                    len(heavy), listing(heavy))
     return heavy
 
 
