@@ -180,23 +180,26 @@ def walk_files(root: Path, outside: list[str] | None = None, notes: list[tuple[s
                 real = path.resolve()
             except (OSError, RuntimeError):  # a link loop
                 real = None
-            if entry.is_symlink():
-                if real is not None and not _inside(real, root_real):
-                    if outside is not None:
-                        outside.append(f"{path} -> {os.readlink(path)}")
-                    continue
-                if real is None or not real.exists():
-                    if notes is not None:
-                        notes.append((str(path), "broken symbolic link" if real else "symbolic link loop"))
-                    continue
-            if real is not None and real.is_dir():
+            if real is None:
+                if notes is not None:
+                    notes.append((str(path), "symbolic link loop"))
+                continue
+            if not _inside(real, root_real):  # a symbolic link (or Windows junction) leading out
+                if outside is not None:
+                    outside.append(f"{path} -> {real}")
+                continue
+            if not real.exists():
+                if notes is not None:
+                    notes.append((str(path), "broken symbolic link"))
+                continue
+            if real.is_dir():
                 if real in seen:
                     if notes is not None:
                         notes.append((str(path), f"the same folder as one already scanned ({real.relative_to(root_real)})"))
                     continue
                 seen.add(real)
                 visit(path)
-            elif real is not None and real.is_file():
+            elif real.is_file():
                 files.append(path)
 
     visit(root)
@@ -267,8 +270,7 @@ def scan(path: Path | str, caption_extension: str = ".txt") -> FolderScan:
         result.records.append(ImageRecord(image, caption, repeats, file_sha256(image),
                                           caption_file if has_caption else None))
     if not result.records:
-        result.log_warnings()
-        raise no_images(root, "contains no supported images", result)
+        raise no_images(root, "contains no supported images", result)  # it lists what was left out
     return result
 
 
