@@ -19,18 +19,20 @@ class FlowTrainDataset(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="FlowTrainDataset", display_name="FlowTrain Dataset", category=CATEGORY,
-            description="A folder of training images with same-name caption files. Reports what it found.",
+            description=("A folder of training images with same-name caption files. Reports what it found, "
+                         "including unreadable images (skipped) and ignored files."),
             inputs=[
                 io.String.Input("folder", default="flowtrain_dataset", tooltip=(
                     "Absolute path, or a subfolder of ComfyUI's input folder. " + tip(DataConfig, "path"))),
                 io.String.Input("caption_extension", default=".txt", tooltip=tip(CaptionConfig, "caption_extension")),
+                io.Boolean.Input("strict", default=False, tooltip=tip(DataConfig, "strict")),
             ],
             outputs=[Dataset.Output(display_name="dataset")],
             hidden=[io.Hidden.unique_id],
         )
 
     @classmethod
-    def fingerprint_inputs(cls, folder, caption_extension):
+    def fingerprint_inputs(cls, folder, caption_extension, strict=False):
         """Re-scan when files in the folder change (ComfyUI's cache only sees the widgets)."""
         import folder_paths
         from trainer_core.control import folder_snapshot
@@ -43,16 +45,12 @@ class FlowTrainDataset(io.ComfyNode):
         return hashlib.sha256(repr(sorted(snap.items())).encode()).hexdigest()
 
     @classmethod
-    def execute(cls, folder, caption_extension) -> io.NodeOutput:
+    def execute(cls, folder, caption_extension, strict=False) -> io.NodeOutput:
         import folder_paths
-        from trainer_core.data.scan import scan_folder
 
         path = specs.resolve_dataset_path(folder, folder_paths.get_input_directory())
         ext = caption_extension if caption_extension.startswith(".") else "." + caption_extension
-        images, captions, samples = specs.summarize_records(scan_folder(path, ext))
-        spec = specs.DatasetSpec(path=str(path), image_count=images, caption_count=captions,
-                                 samples_per_epoch=samples, caption_extension=ext,
-                                 captions=CaptionConfig(caption_extension=ext))
+        spec = specs.dataset_spec(path, ext, strict)
         text = f"{path}: {spec.describe()}"
         send_text(spec.describe(), cls.hidden.unique_id)
         return io.NodeOutput(spec, ui=ui.PreviewText(text))

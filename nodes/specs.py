@@ -47,8 +47,10 @@ PRECISION_HELP = (field_help(TrainConfig, "precision")
 class DatasetSpec:
     """A scanned image folder plus how to bucket it and how to treat its captions.
 
-    ``image_count``: images found; ``caption_count``: of those, how many have a caption
-    file; ``samples_per_epoch``: images weighted by their ``N_name`` folder repeats."""
+    ``image_count``: usable images found; ``caption_count``: of those, how many have a
+    caption file; ``samples_per_epoch``: images weighted by their ``N_name`` folder repeats;
+    ``unreadable_count``: images skipped as unreadable; ``ignored_count``: other files and
+    folders left out (other formats, animations, lonely captions, links out, 0_ folders)."""
 
     path: str
     image_count: int
@@ -57,6 +59,9 @@ class DatasetSpec:
     caption_extension: str = ".txt"
     buckets: BucketConfig = field(default_factory=BucketConfig)
     captions: CaptionConfig = field(default_factory=CaptionConfig)
+    unreadable_count: int = 0
+    ignored_count: int = 0
+    strict: bool = False
 
     def with_buckets(self, buckets: BucketConfig) -> "DatasetSpec":
         return dataclasses.replace(self, buckets=buckets)
@@ -66,7 +71,8 @@ class DatasetSpec:
         return dataclasses.replace(self, captions=dataclasses.replace(captions, caption_extension=self.caption_extension))
 
     def data_config(self, batch_size: int) -> DataConfig:
-        return DataConfig(path=self.path, batch_size=batch_size, buckets=self.buckets, captions=self.captions)
+        return DataConfig(path=self.path, batch_size=batch_size, buckets=self.buckets, captions=self.captions,
+                          strict=self.strict)
 
     def describe(self) -> str:
         missing = self.image_count - self.caption_count
@@ -74,6 +80,12 @@ class DatasetSpec:
                 f"{self.samples_per_epoch} samples per epoch (with repeats)")
         if missing:
             text += f"; {missing} without a caption (they train on the trigger/class word)"
+        if self.unreadable_count:
+            text += f"; {self.unreadable_count} unreadable image(s) skipped"
+        if self.ignored_count:
+            text += f"; {self.ignored_count} other file(s) ignored"
+        if self.unreadable_count or self.ignored_count:
+            text += " (the console log names each)"
         return text
 
 
@@ -100,6 +112,19 @@ def summarize_records(records: Iterable[Any]) -> tuple[int, int, int]:
     """(images, captions, samples per epoch) of ``scan_folder`` records."""
     records = list(records)
     return (len(records), sum(r.caption is not None for r in records), sum(r.repeats for r in records))
+
+
+def dataset_spec(path: Path, caption_extension: str, strict: bool = False) -> DatasetSpec:
+    """Survey ``path`` (headers only; the scan's warnings are logged) into a ``DatasetSpec``.
+    Raises like training would: no usable image, or an unreadable one with ``strict``."""
+    from trainer_core.data.survey import survey
+
+    found = survey(path, caption_extension, strict=strict)
+    images, captions, samples = summarize_records(found.records)
+    return DatasetSpec(path=str(path), image_count=images, caption_count=captions, samples_per_epoch=samples,
+                       caption_extension=caption_extension, captions=CaptionConfig(caption_extension=caption_extension),
+                       unreadable_count=len(found.unreadable), ignored_count=len(found.scan.skipped_files()),
+                       strict=strict)
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -293,7 +318,7 @@ def unfinished_run_marker(run_dir: str | os.PathLike) -> str:
 
 # ----------------------------------------------------------------------------- widget order
 NODE_WIDGETS: dict[str, tuple[str, ...]] = {
-    "FlowTrainDataset": ("folder", "caption_extension"),
+    "FlowTrainDataset": ("folder", "caption_extension", "strict"),
     "FlowTrainBucketer": ("resolutions", "step", "min_side", "max_side", "allow_upscale"),
     "FlowTrainCaptions": ("trigger_word", "class_word", "keep_tokens", "separator", "shuffle", "caption_dropout"),
     "FlowTrainLoraConfig": ("rank", "alpha", "dropout", "targets", "target_regex", "dtype"),

@@ -91,7 +91,7 @@ def common_training(first: int, *, clip: tuple, vae: int, model: int, trigger: s
                     validation_every: int = 0) -> list[N]:
     d, b, c, l, p, t, s, sp, si = range(first, first + 9)
     return [
-        N(d, "FlowTrainDataset", {"folder": "flowtrain_dataset", "caption_extension": ".txt"}, pos=(x0, 0)),
+        N(d, "FlowTrainDataset", {"folder": "flowtrain_dataset", "caption_extension": ".txt", "strict": False}, pos=(x0, 0)),
         N(b, "FlowTrainBucketer", {"resolutions": res, "step": 64, "min_side": 256, "max_side": 2048,
                                    "allow_upscale": False}, {"dataset": (d, 0, "FLOWTRAIN_DATASET")}, pos=(x0, 180)),
         N(c, "FlowTrainCaptions", {"trigger_word": trigger, "class_word": class_word, "keep_tokens": 1, "separator": ",",

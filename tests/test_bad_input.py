@@ -3,6 +3,7 @@ the message names the file or setting and what to do, and no finished work is lo
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import shutil
 
@@ -42,23 +43,52 @@ def test_no_supported_images(bare):
         bare.train(bare.config())
 
 
+_BROKEN = {
+    "empty.png": (b"", "the file is empty (0 bytes)"),
+    "text.jpg": (b"this is a text file, not a picture", "not a recognised image format"),
+}
+
+
+def _break(folder):
+    for name, (content, _) in _BROKEN.items():
+        (folder / name).write_bytes(content)
+    good = _img(folder / "cut.png").read_bytes()
+    (folder / "cut.png").write_bytes(good[: len(good) // 2])
+    return {**{n: why for n, (_, why) in _BROKEN.items()}, "cut.png": "image file is truncated"}
+
+
+def test_unreadable_images_are_skipped_named_and_recorded(tiny_training, caplog):
+    reasons = _break(tiny_training.data)
+    caplog.set_level(logging.WARNING)
+    result = tiny_training.train(tiny_training.config(**{"train.steps": 2}))
+    assert (result.reason, result.dataset_summary["images"]) == ("finished", 4)
+    warnings = [r.getMessage() for r in caplog.records if "cannot be read" in r.getMessage()]
+    assert len(warnings) == 1
+    for name, why in reasons.items():
+        assert f"{tiny_training.data / name}: {why}" in warnings[0]
+    state = json.loads((tiny_training.out / "run" / "training_state.json").read_text())
+    skipped = {s["file"]: s["reason"] for s in state["dataset"]["skipped_files"]}
+    for name, why in reasons.items():
+        assert why in skipped[str(tiny_training.data / name)]
+
+
+def test_strict_stops_naming_every_unreadable_image(tiny_training):
+    reasons = _break(tiny_training.data)
+    with pytest.raises(ValueError, match="data.strict is on") as e:
+        tiny_training.train(tiny_training.config(**{"data.strict": True}))
+    for name, why in reasons.items():
+        assert f"{tiny_training.data / name}: {why}" in str(e.value)
+    assert not (tiny_training.out / "run" / "lora_final.safetensors").exists()
+
+
 @pytest.mark.parametrize("content, why", [
     (b"", "the file is empty \\(0 bytes\\)"),
     (b"this is a text file, not a picture", "not a recognised image format"),
 ], ids=["zero_bytes", "not_an_image"])
-def test_unreadable_file_is_named(tiny_training, content, why):
-    bad = tiny_training.data / "broken.png"
-    bad.write_bytes(content)
-    with pytest.raises(ValueError, match=f"(?s)broken.png: {why}.*Re-export it"):
-        tiny_training.train(tiny_training.config())
-    assert not (tiny_training.out / "run" / "lora_final.safetensors").exists()
-
-
-def test_truncated_file_fails_before_encoding(tiny_training):
-    good = _img(tiny_training.data / "cut.png").read_bytes()
-    (tiny_training.data / "cut.png").write_bytes(good[: len(good) // 2])
-    with pytest.raises(ValueError, match=r"(?s)cannot be decoded.*cut.png: image file is truncated"):
-        tiny_training.train(tiny_training.config())
+def test_no_readable_image_stops(bare, content, why):
+    (bare.data / "broken.png").write_bytes(content)
+    with pytest.raises(ValueError, match=f"(?s)no usable image.*broken.png: {why}.*re-export them"):
+        bare.train(bare.config())
 
 
 def test_unusual_modes_are_converted(bare):
@@ -115,10 +145,28 @@ def test_missing_captions_warn_listing_files(tiny_training, caplog):
     assert "img1.png" in caplog.text and "img3.png" in caplog.text
 
 
-def test_non_utf8_caption(tiny_training):
-    (tiny_training.data / "img2.txt").write_bytes("caf\xe9".encode("latin-1"))
-    with pytest.raises(ValueError, match=r"img2.txt is not valid UTF-8.*re-save it as UTF-8"):
-        tiny_training.train(tiny_training.config())
+def test_non_utf8_caption_is_read_as_cp1252_with_a_warning(tiny_training, caplog):
+    (tiny_training.data / "img2.txt").write_bytes("sks, caf\xe9".encode("cp1252"))
+    caplog.set_level(logging.WARNING)
+    result = tiny_training.train(tiny_training.config(**{"train.steps": 1}))
+    assert result.reason == "finished"
+    assert f"{tiny_training.data / 'img2.txt'}: not UTF-8 (byte 8), read as Windows-1252" in caplog.text
+
+
+def test_caption_cut_by_the_text_encoder_names_its_file(tiny_training, caplog):
+    words = " ".join(f"word{i}" for i in range(30))  # the tiny text encoder reads 16 words
+    (tiny_training.data / "img1.txt").write_text(f"sks, {words}")
+    caplog.set_level(logging.WARNING)
+    tiny_training.train(tiny_training.config(**{"train.steps": 1}))
+    assert f"{tiny_training.data / 'img1.txt'}: keeps 16 of its 31 words" in caplog.text
+
+
+def test_zero_repeat_folder_is_skipped_not_trained_once(tiny_training, caplog):
+    _img((tiny_training.data / "0_unused").mkdir() or tiny_training.data / "0_unused" / "x.png")
+    caplog.set_level(logging.WARNING)
+    result = tiny_training.train(tiny_training.config(**{"train.steps": 1}))
+    assert result.dataset_summary["images"] == 4
+    assert "0 repeats" in caplog.text and str(tiny_training.data / "0_unused") in caplog.text
 
 
 def test_duplicate_stems(tiny_training):

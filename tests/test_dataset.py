@@ -2,6 +2,7 @@
 a spy text encoder counting what it encodes."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -153,15 +154,73 @@ def test_step_not_multiple_of_pixel_multiple_names_field(folder, tmp_path):
         prepare_dataset(_cfg(folder), PoolCodec(), SpyEncoder(), cache_dir=tmp_path, pixel_multiple=32, seed=0)
 
 
-@pytest.mark.parametrize("damage", ["empty", "truncated"])
-def test_broken_image_fails_before_any_encoding(folder, tmp_path, damage):
-    path = folder / "b.jpg"
-    data = path.read_bytes()
-    path.write_bytes(b"" if damage == "empty" else data[: len(data) // 2])
+def _damage(folder):
+    """b.jpg empty (fails at the header), c.png truncated (fails only when decoded)."""
+    (folder / "b.jpg").write_bytes(b"")
+    data = (folder / "3_more" / "c.png").read_bytes()
+    (folder / "3_more" / "c.png").write_bytes(data[: len(data) // 2])
+
+
+def test_broken_images_are_skipped_and_named_in_one_warning(folder, tmp_path, caplog):
+    _damage(folder)
+    with caplog.at_level(logging.WARNING):
+        ds, _, _ = _prepare(_cfg(folder), tmp_path)
+    assert sorted({e.source.name for e in ds.entries}) == ["a.png", "d.webp"]
+    warnings = [r.getMessage() for r in caplog.records if "cannot be read" in r.getMessage()]
+    assert len(warnings) == 1 and "skipping 2 image(s)" in warnings[0] and "data.strict" in warnings[0]
+    assert f"{folder / 'b.jpg'}: the file is empty (0 bytes)" in warnings[0]
+    assert f"{folder / '3_more' / 'c.png'}: image file is truncated" in warnings[0]
+    skipped = {s["file"]: s["reason"] for s in ds.summary()["skipped_files"]}
+    assert "0 bytes" in skipped[str(folder / "b.jpg")] and "truncated" in skipped[str(folder / "3_more" / "c.png")]
+
+
+def test_strict_stops_naming_every_broken_image_before_any_encoding(folder, tmp_path):
+    _damage(folder)
     codec, enc = PoolCodec(), SpyEncoder()
-    with pytest.raises(ImageError, match=r"b\.jpg"):
-        _prepare(_cfg(folder), tmp_path, codec, enc)
+    cfg = dataclasses.replace(_cfg(folder), strict=True)
+    with pytest.raises(ImageError, match=r"(?s)2 image\(s\).*data.strict is on.*b\.jpg: the file is empty.*"
+                                         r"c\.png: image file is truncated"):
+        _prepare(cfg, tmp_path, codec, enc)
     assert codec.calls == [] and enc.calls == []
+
+
+@pytest.mark.parametrize("damage", ["empty", "truncated"])
+def test_no_readable_image_stops_before_any_encoding(tmp_path, damage):
+    root = tmp_path / "bad"
+    _img(root / "b.png", 64, 64, 0)
+    data = (root / "b.png").read_bytes()
+    (root / "b.png").write_bytes(b"" if damage == "empty" else data[: len(data) // 2])
+    codec, enc = PoolCodec(), SpyEncoder()
+    with pytest.raises(ImageError, match=r"no usable image in .*bad: all 1 image\(s\) cannot be read:\n.*b\.png"):
+        _prepare(_cfg(root), tmp_path, codec, enc)
+    assert codec.calls == [] and enc.calls == []
+
+
+def test_banner_cropped_to_less_than_half_is_named(folder, tmp_path, caplog):
+    _img(folder / "banner.png", 1000, 40, 6)  # 25:1; min_side=32 forces a 128x32 bucket: 84% cropped away
+    (folder / "banner.txt").write_text("a long banner")
+    with caplog.at_level(logging.WARNING):
+        ds, _, _ = _prepare(_cfg(folder), tmp_path)
+    warnings = [r.getMessage() for r in caplog.records if "lose more than half" in r.getMessage()]
+    assert len(warnings) == 1 and str(folder / "banner.png") in warnings[0]
+    assert not any(n in warnings[0] for n in ("a.png", "b.jpg", "c.png", "d.webp"))
+    assert [h.split(" ")[0] for h in ds.summary()["heavy_crops"]] == [str(folder / "banner.png")]
+
+
+class ShortEncoder(SpyEncoder):
+    """A spy encoder that reads at most 4 words (like a token limit)."""
+
+    def overlong(self, texts):
+        return {t: f"keeps 4 of its {len(t.split())} words" for t in texts if len(t.split()) > 4}
+
+
+def test_captions_cut_by_the_token_limit_name_their_files(folder, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        _prepare(_cfg(folder), tmp_path, enc=ShortEncoder())
+    warnings = [r.getMessage() for r in caplog.records if "longer than the text encoder" in r.getMessage()]
+    assert len(warnings) == 1
+    assert f"{folder / 'b.txt'}: keeps 4 of its 5 words" in warnings[0]  # "sks on a chair, indoor"
+    assert str(folder / "a.txt") in warnings[0] and "c.txt" not in warnings[0]
 
 
 def test_batches_are_deterministic_single_bucket_and_cover_the_epoch(folder, tmp_path):

@@ -269,3 +269,20 @@ def test_web_extension_parses():
     done = subprocess.run(["node", "--input-type=module", "--check"], input=source, text=True, capture_output=True)
     assert done.returncode == 0, done.stderr
     assert "flowtrain.progress" in source and "registerExtension" in source
+
+
+def test_dataset_spec_counts_skipped_and_ignored_files_and_carries_strict(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), "red").save(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("sks")
+    (tmp_path / "broken.png").write_bytes(b"")
+    (tmp_path / "layers.psd").write_bytes(b"8BPS")
+    (tmp_path / "0_off").mkdir()
+    Image.new("RGB", (64, 64), "blue").save(tmp_path / "0_off" / "b.png")
+    spec = specs.dataset_spec(tmp_path, ".txt")
+    assert (spec.image_count, spec.unreadable_count, spec.ignored_count) == (1, 1, 2)
+    assert "1 unreadable image(s) skipped" in spec.describe() and "2 other file(s) ignored" in spec.describe()
+    assert spec.data_config(1).strict is False
+    with pytest.raises(ValueError, match=r"(?s)data\.strict is on.*broken\.png: the file is empty"):
+        specs.dataset_spec(tmp_path, ".txt", strict=True)

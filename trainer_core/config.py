@@ -67,9 +67,10 @@ class AugmentConfig(_Validated):
 @dataclass(frozen=True)
 class DataConfig(_Validated):
     _prefix = "data"
-    path: str = opt("", "Folder of images (png, jpg, webp) with same-name .txt captions; kohya-style 'N_name' subfolders repeat their images N times.")
+    path: str = opt("", "Folder of images (png, jpg, webp, bmp, tiff; avif/heic when Pillow reads them) with same-name .txt captions; kohya-style 'N_name' subfolders repeat their images N times (0_name folders are skipped).")
     batch_size: int = opt(1, "Images per micro-batch (all from one bucket).", lo=1, hi=256)
     cache_dir: str = opt("", "Where encoded latents and captions are cached; empty = '<run>/.latent_cache'.")
+    strict: bool = opt(False, "Stop when any image cannot be read (empty, truncated, not an image). Off: such images are skipped with one warning naming each, and the run stops only when no usable image is left.")
     buckets: BucketConfig = field(default_factory=BucketConfig)
     captions: CaptionConfig = field(default_factory=CaptionConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)

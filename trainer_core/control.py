@@ -13,7 +13,6 @@ The files are checked after every optimizer step, so they act within one step.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -67,20 +66,20 @@ FolderSnapshot = dict[str, tuple[int, int]]
 
 
 def folder_snapshot(path: Path | str) -> FolderSnapshot:
-    """relative path → (size, mtime_ns) of every non-hidden file under ``path``."""
-    root = Path(path)
+    """relative path → (size, mtime_ns) of every non-hidden file under ``path`` that the
+    dataset scan may read (symbolic links leading outside the folder are not followed)."""
+    from .data.scan import walk_files
+
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        return {}
     out: FolderSnapshot = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            if name.startswith("."):
-                continue
-            p = Path(dirpath) / name
-            try:
-                st = p.stat()
-            except OSError:
-                continue
-            out[str(p.relative_to(root))] = (st.st_size, st.st_mtime_ns)
+    for p in walk_files(root):
+        try:
+            st = p.stat()
+        except OSError:
+            continue
+        out[str(p.relative_to(root))] = (st.st_size, st.st_mtime_ns)
     return out
 
 
@@ -103,7 +102,6 @@ class DatasetWatchCallback(Callback):
     def on_train_end(self, state: RunState, reason: str) -> None:
         self.changes = snapshot_changes(self.before, folder_snapshot(self.path))
         if self.changes:
-            shown = "\n  ".join(self.changes[:20]) + (f"\n  ... and {len(self.changes) - 20} more" if len(self.changes) > 20 else "")
             log.warning("the dataset folder %s changed during training; this run used the images and captions "
                         "as they were when it started (all were cached before step 1). Train again to use the "
-                        "changes:\n  %s", self.path, shown)
+                        "changes:%s", self.path, "".join(f"\n  {c}" for c in self.changes))

@@ -30,12 +30,12 @@ import torch.nn.functional as F
 
 from .config import CaptionConfig, DataConfig, TrainingConfig
 from .data.captions import CaptionPolicy, word_pattern
+from .data.scan import listing
 from .loop import StepContext, sum_backward
 
 log = logging.getLogger(__name__)
 
 CLASS_TEXT = "class_text"  # Batch.extras key of the class-word captions
-_LIST_AT_MOST = 20
 
 
 def class_word(config: TrainingConfig) -> str:
@@ -54,7 +54,8 @@ def captions_without_trigger(data: DataConfig) -> list[str]:
     trigger as a whole word. ``CaptionPolicy`` prepends the trigger to those, so their
     preservation caption is the class word prepended to the original text. [] when the
     folder is not there (``prepare_dataset`` reports that)."""
-    from .data.scan import _walk, read_caption
+    from .data.formats import image_extensions
+    from .data.scan import read_caption, repeats_for, walk_files
 
     root = Path(data.path).expanduser()
     trigger = data.captions.trigger_word
@@ -64,9 +65,11 @@ def captions_without_trigger(data: DataConfig) -> list[str]:
     ext = ext if ext.startswith(".") else "." + ext
     pattern = word_pattern(trigger)
     out = []
-    for image in _walk(root):
+    files = walk_files(root)  # only what the dataset scan reads: never outside the folder
+    present, allowed = set(files), set(image_extensions())
+    for image in (f for f in files if f.suffix.lower() in allowed):
         file = image.with_suffix(ext)
-        if file.is_file() and (text := read_caption(file)) and not pattern.search(text):
+        if file in present and repeats_for(image, root) and (text := read_caption(file, [])) and not pattern.search(text):
             out.append(str(file))
     return out
 
@@ -75,12 +78,10 @@ def warn_captions_without_trigger(data: DataConfig) -> list[str]:
     """Log once which caption files lack the trigger word; returns them."""
     files = captions_without_trigger(data)
     if files:
-        shown = "\n  ".join(files[:_LIST_AT_MOST])
-        more = f"\n  ... and {len(files) - _LIST_AT_MOST} more" if len(files) > _LIST_AT_MOST else ""
         log.warning(
             "DOP: %d caption file(s) do not contain the trigger word %r; it is prepended to them, so their "
             "preservation caption is the class word plus the original text. Put the trigger where it belongs "
-            "in these captions:\n  %s%s", len(files), data.captions.trigger_word, shown, more)
+            "in these captions:%s", len(files), data.captions.trigger_word, listing(files))
     return files
 
 

@@ -96,6 +96,7 @@ class ReportCallback(Callback):
             "format_version": FORMAT_VERSION, "status": status, "step": state.step,
             "total_steps": state.total_steps, "losses": [h["loss"] for h in state.history],
             "config": state.config.to_dict(), "elapsed_s": time.perf_counter() - self.t0,
+            "dataset": state.data.summary() if hasattr(state.data, "summary") else {},  # skipped files + reasons
         })
 
 

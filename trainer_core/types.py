@@ -85,7 +85,11 @@ class LatentCodec(Protocol):
 
 @runtime_checkable
 class TextEncoder(Protocol):
-    """Captions → one ``TextEmbedding`` each. ``identity`` is part of the cache key."""
+    """Captions → one ``TextEmbedding`` each. ``identity`` is part of the cache key.
+
+    Optional: ``overlong(texts) -> dict[str, str]`` maps each text longer than the
+    encoder's token limit to what is cut off; the dataset then warns naming the caption
+    files."""
 
     identity: str
 

@@ -35,25 +35,20 @@ from ..finite import all_finite
 from .cache import EncoderOutputError, LatentCache, LatentJob, TextCache
 from .augment import Augmenter, flip_allowed, needs_live_encoding
 from .captions import CaptionPolicy, dropout_probability
-from .images import ImageError, image_size, image_to_tensor, load_image
-from .scan import ImageRecord, scan_folder
+from .images import image_to_tensor, load_image
+from .scan import ImageRecord, listing, scan
+from .survey import probe, settle, undecodable
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int, str], None] | None
-_LIST_AT_MOST = 20
+HEAVY_CROP = 0.5  # warn when cropping into the bucket discards more than this fraction of an image
 
 
 def derive_seed(*parts: object) -> int:
     """A 63-bit seed from any parts (sha256, so nearby inputs give unrelated seeds)."""
     digest = hashlib.sha256(repr(parts).encode("utf-8")).digest()
     return int.from_bytes(digest[:8], "little") >> 1
-
-
-def _listing(items: list[str]) -> str:
-    shown = "\n  ".join(items[:_LIST_AT_MOST])
-    more = f"\n  ... and {len(items) - _LIST_AT_MOST} more" if len(items) > _LIST_AT_MOST else ""
-    return f"\n  {shown}{more}"
 
 
 @dataclass(frozen=True, eq=False)
@@ -91,32 +86,6 @@ def check_bucket_step(buckets: BucketConfig, pixel_multiple: int) -> None:
         )
 
 
-def _probe_sizes(records: list[ImageRecord]) -> list[tuple[int, int]]:
-    """Upright sizes from the headers; every unreadable file is named in one ImageError."""
-    sizes, errors = [], []
-    for rec in records:
-        try:
-            sizes.append(image_size(rec.path))
-        except ImageError as e:
-            errors.append(str(e))
-    if errors:
-        raise ImageError(f"{len(errors)} image(s) cannot be read:{_listing(errors)}")
-    return sizes
-
-
-def _check_decodes(paths: list[Path]) -> None:
-    """Decode every image about to be encoded (JPEGs at 1/8 scale), before the first
-    encode: a truncated file fails now, not after minutes of VAE work."""
-    errors = []
-    for path in dict.fromkeys(paths):
-        try:
-            load_image(path, min_size=(1, 1))
-        except ImageError as e:
-            errors.append(str(e))
-    if errors:
-        raise ImageError(f"{len(errors)} image(s) cannot be decoded:{_listing(errors)}")
-
-
 def _pixels(path: Path, size: tuple[int, int], bucket: tuple[int, int], flip: bool = False) -> torch.Tensor:
     cover, _ = cover_crop_box(size, bucket)
     img, _ = resize_and_crop(load_image(path, min_size=cover), bucket)
@@ -140,6 +109,40 @@ def _plan(records, sizes, buckets: BucketConfig, codec_identity: str, flips: set
     return planned, skipped
 
 
+def crop_loss(size: tuple[int, int], bucket: tuple[int, int]) -> float:
+    """Fraction of the image's area that the cover-and-centre-crop into ``bucket`` discards."""
+    (sw, sh), _ = cover_crop_box(size, bucket)
+    return 1.0 - bucket[0] * bucket[1] / (sw * sh)
+
+
+def _warn_heavy_crops(planned: list[_Planned]) -> list[str]:
+    """One warning naming every image that some bucket crops by more than ``HEAVY_CROP``."""
+    lost: dict[Path, list[str]] = {}
+    for p in planned:
+        if (loss := crop_loss(p.size, p.bucket)) > HEAVY_CROP:
+            lost.setdefault(p.record.path, []).append(f"{loss:.0%} cropped away at {p.bucket[0]}x{p.bucket[1]}")
+    sizes = {p.record.path: p.size for p in planned}
+    heavy = [f"{path} ({sizes[path][0]}x{sizes[path][1]}): {', '.join(why)}" for path, why in lost.items()]
+    if heavy:
+        log.warning("%d image(s) lose more than half of their area when centre-cropped into their bucket (extreme "
+                    "aspect ratio; crop them yourself, or lower buckets.min_side / raise buckets.max_side):%s",
+                    len(heavy), listing(heavy))
+    return heavy
+
+
+def _drop_undecodable(planned: list[_Planned], latent_cache: LatentCache, unreadable: list[tuple[str, str]],
+                      root: str, strict: bool) -> list[_Planned]:
+    """Decode-check the images whose latents are not cached, then settle every unreadable
+    file at once (skip + one warning, or stop); returns ``planned`` without them."""
+    misses = [p.record.path for p in planned if not latent_cache.path(p.key).is_file()
+              or (p.flip_key is not None and not latent_cache.path(p.flip_key).is_file())]
+    unreadable += undecodable(misses)
+    bad = {f for f, _ in unreadable}
+    kept = [p for p in planned if str(p.record.path) not in bad]
+    settle(root, unreadable, strict=strict, usable=len({p.record.path for p in kept}))
+    return kept
+
+
 def prepare_dataset(
     cfg: DataConfig,
     codec: LatentCodec,
@@ -155,50 +158,53 @@ def prepare_dataset(
 ) -> CachedDataset:
     """Scan, bucket, encode (through the caches) and return a ``CachedDataset``.
 
-    Order of work: scan → read every header (all unreadable files reported at once) →
-    choose buckets → decode-check the images whose latents are not cached → encode
-    latents → caption variants → encode every distinct text once: the variants, ``""``
-    when caption_dropout > 0, and for each ``extra_captions`` name the transformed
+    Order of work: scan → read every header → choose buckets → decode-check the images
+    whose latents are not cached → skip every unreadable image with one warning (or stop:
+    ``data.strict``, or none usable; ``survey.settle``) → encode latents → caption
+    variants → encode every distinct text once: the variants, ``""`` when caption_dropout > 0, and for each ``extra_captions`` name the transformed
     variants plus the transform of a missing caption (used when a caption is dropped).
     """
     extra_captions = dict(extra_captions or {})
     check_bucket_step(cfg.buckets, pixel_multiple)
-    records = scan_folder(cfg.path, cfg.captions.caption_extension)
-    sizes = _probe_sizes(records)
+    found = probe(scan(cfg.path, cfg.captions.caption_extension))
+    found.scan.log_warnings()
+    if not found.records:
+        settle(cfg.path, found.unreadable, strict=cfg.strict, usable=0)
+    records, sizes = found.records, found.sizes
     policy = CaptionPolicy(cfg.captions)
     aug = cfg.augment
     live = needs_live_encoding(aug)
     flip_ok = {r.path for r in records if aug.flip and flip_allowed(policy.base_caption(r.caption), aug.flip_opt_out_words)}
     planned, skipped = _plan(records, sizes, cfg.buckets, codec.identity, set() if live else flip_ok)
+    latent_cache = LatentCache(cache_dir)
+    if planned:
+        planned = _drop_undecodable(planned, latent_cache, found.unreadable, cfg.path, cfg.strict)
+    else:  # every readable image is too small: say which files are broken, then that
+        settle(cfg.path, found.unreadable, strict=cfg.strict, usable=len(records))
     used = {p.record.path for p in planned}
     missing = [str(r.path) for r in records if r.caption is None and r.path in used]
     if missing:
         log.warning("%d image(s) have no caption file (%s); they train on %r alone:%s", len(missing),
-                    cfg.captions.caption_extension, CaptionPolicy(cfg.captions).base_caption(None), _listing(missing))
+                    cfg.captions.caption_extension, CaptionPolicy(cfg.captions).base_caption(None), listing(missing))
     if skipped:
         log.warning("skipping %d image/resolution pair(s) too small for a bucket (set buckets.allow_upscale "
                     "or lower buckets.min_side to keep them):%s",
-                    len(skipped), _listing([f"{s['file']} @ {s['resolution']}: {s['reason']}" for s in skipped]))
+                    len(skipped), listing(f"{s['file']} @ {s['resolution']}: {s['reason']}" for s in skipped))
     if not planned:
         raise ValueError(
             f"no image in {cfg.path} fits any bucket (resolutions {cfg.buckets.resolutions}, "
             f"min_side {cfg.buckets.min_side}); add larger images, lower buckets.min_side or enable buckets.allow_upscale"
         )
 
-    latent_cache = LatentCache(cache_dir)
-    path_of = {p.key: p.record.path for p in planned}
+    heavy = _warn_heavy_crops(planned)
+    variants = {r.path: _variants(policy, r.caption, seed) for r in records if r.path in used}
+    overlong = _warn_overlong(text_encoder, variants, {r.path: r.caption_path for r in records})
     jobs = [LatentJob(p.key, p.bucket, partial(_pixels, p.record.path, p.size, p.bucket), str(p.record.path))
             for p in planned]
     jobs += [LatentJob(p.flip_key, p.bucket, partial(_pixels, p.record.path, p.size, p.bucket, True),
                        f"{p.record.path} (mirrored)") for p in planned if p.flip_key is not None]
-    for p in planned:
-        path_of.setdefault(p.flip_key, p.record.path)
-    latents = latent_cache.get_or_encode(
-        jobs, codec, batch_size=latent_batch_size, progress=progress,
-        check=lambda misses: _check_decodes([path_of[j.key] for j in misses]),
-    )
+    latents = latent_cache.get_or_encode(jobs, codec, batch_size=latent_batch_size, progress=progress)
 
-    variants = {r.path: _variants(policy, r.caption, seed) for r in records if r.path in used}
     texts, extras = _texts_to_encode(variants, policy, cfg.captions.caption_dropout > 0, extra_captions)
     text_cache = TextCache(cache_dir)
     embeddings = text_cache.get_or_encode(texts, text_encoder, batch_size=text_batch_size, progress=progress,
@@ -216,6 +222,10 @@ def prepare_dataset(
         "repeats": dict(sorted(_count(r.repeats for r in records if r.path in used).items())),
         "buckets": dict(sorted(_count(f"{e.bucket[0]}x{e.bucket[1]}" for e in entries).items())),
         "skipped": skipped,
+        "skipped_files": found.skipped_files(),
+        "heavy_crops": heavy,
+        "caption_fallbacks": found.scan.caption_fallbacks,
+        "overlong_captions": overlong,
         "texts": len(texts),
         "augment": {"flip_images": len(flip_ok & used), "live_encoding": live},
         "cache": {"latent_hits": latent_cache.hits, "latent_misses": latent_cache.misses,
@@ -226,6 +236,25 @@ def prepare_dataset(
                          dropped_base=policy.base_caption(None), summary=summary,
                          caption_dropout_warmup=cfg.captions.caption_dropout_warmup_steps, flip=aug.flip,
                          augmenter=Augmenter(aug) if live else None, codec=codec if live else None)
+
+
+def _warn_overlong(text_encoder: TextEncoder, variants: dict[Path, tuple[str, ...]],
+                   caption_files: dict[Path, Path | None]) -> list[str]:
+    """One warning naming the caption file of every caption (any variant) longer than the
+    text encoder reads (``TextEncoder.overlong``, when the encoder has it)."""
+    check = getattr(text_encoder, "overlong", None)
+    if check is None:
+        return []
+    cut = check(list(dict.fromkeys(t for vs in variants.values() for t in vs)))
+    lines = []
+    for image, texts in variants.items():
+        why = next((cut[t] for t in texts if t in cut), None)
+        if why is not None:
+            lines.append(f"{caption_files.get(image) or f'{image} (no caption file)'}: {why}")
+    if lines:
+        log.warning("%d caption(s) are longer than the text encoder %s reads; their end is cut off (shorten "
+                    "them):%s", len(lines), text_encoder.identity, listing(lines))
+    return lines
 
 
 def _variants(policy: CaptionPolicy, raw: str | None, seed: int) -> tuple[str, ...]:
@@ -251,7 +280,7 @@ def _text_sources(records, variants: dict[Path, tuple[str, ...]], extras: dict[s
     ext = extension if extension.startswith(".") else "." + extension
     out: dict[str, str] = {"": "the empty caption of caption dropout"}
     for r in records:
-        where = f"caption file {r.path.with_suffix(ext)}" if r.caption is not None else f"image {r.path}, no caption file"
+        where = f"caption file {r.caption_path or r.path.with_suffix(ext)}" if r.caption is not None else f"image {r.path}, no caption file"
         for text in variants.get(r.path, ()):
             out.setdefault(text, where)
     for name, table in extras.items():

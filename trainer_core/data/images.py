@@ -9,11 +9,14 @@ and every resize happens in PIL, so a 10000 px photo never becomes a giant tenso
 from __future__ import annotations
 
 import logging
+import struct
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .formats import ANIMATED_FORMATS
 
 log = logging.getLogger(__name__)
 
@@ -22,16 +25,27 @@ _EXIF_ORIENTATION = 0x0112
 _SWAPS_SIDES = {5, 6, 7, 8}
 _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I"}
+# what Pillow's decoders raise for damaged files (truncated data, broken chunks, bad tables)
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error)
 
 
 class ImageError(ValueError):
-    """An image file cannot be used; the message names the file and what to do."""
+    """An image file cannot be used; the message names the file and what to do.
+    ``reason``: the short reason alone (for lists of skipped files)."""
+
+    def __init__(self, message: str, reason: str = ""):
+        super().__init__(message)
+        self.reason = reason or message
+
+
+class AnimationError(ImageError):
+    """An animation (APNG, animated WebP/AVIF): not a still image, so it is left out."""
 
 
 def _fail(path: Path, reason: str) -> ImageError:
     return ImageError(
         f"cannot read image {path}: {reason}. Re-export it (e.g. save it again as PNG or JPEG) "
-        f"or delete it from the dataset folder."
+        f"or delete it from the dataset folder.", reason
     )
 
 
@@ -56,9 +70,18 @@ def _orientation(img: Image.Image) -> int:
 
 
 def image_size(path: Path | str) -> tuple[int, int]:
-    """(width, height) of the upright image (EXIF orientation applied), from the header."""
+    """(width, height) of the upright image (EXIF orientation applied), from the header.
+    Raises ``AnimationError`` for an animation (see ``formats``), ``ImageError`` when unreadable."""
     path = Path(path)
     with _open(path) as img:
+        try:
+            animated = img.format in ANIMATED_FORMATS and getattr(img, "is_animated", False)
+            frames = getattr(img, "n_frames", 2) if animated else 1
+        except _DECODE_ERRORS as e:  # a broken chunk list
+            raise _fail(path, str(e) or type(e).__name__) from None
+        if animated:
+            reason = f"an animation ({frames} frames), not a still image; export the frame you want as PNG or JPEG"
+            raise AnimationError(f"{path} is {reason}", reason)
         w, h = img.size
         if _orientation(img) in _SWAPS_SIDES:
             w, h = h, w
@@ -117,7 +140,7 @@ def load_image(path: Path | str, min_size: tuple[int, int] | None = None) -> Ima
         return rgb if rgb is not src else rgb.copy()
     except Image.DecompressionBombError as e:
         raise _fail(path, f"too large for PIL's safety limit ({e}); downscale it first") from None
-    except (OSError, SyntaxError, ValueError) as e:  # truncated data, broken chunks
+    except _DECODE_ERRORS as e:  # truncated data, broken chunks, decoder errors
         raise _fail(path, str(e) or type(e).__name__) from None
     finally:
         src.close()

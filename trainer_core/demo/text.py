@@ -68,6 +68,11 @@ class HashTextEncoder:
         g = torch.Generator().manual_seed(_seed(f"pooled-projection:{width}:{pooled_width}"))
         self._projection = torch.randn(width, pooled_width, generator=g) / math.sqrt(width)
 
+    def overlong(self, texts: list[str]) -> dict[str, str]:
+        """text → what is cut off, for each text with more than ``max_tokens`` words."""
+        return {t: f"keeps {self.max_tokens} of its {len(words(t))} words" for t in texts
+                if len(words(t)) > self.max_tokens}
+
     def encode_one(self, text: str) -> TextEmbedding:
         tokens = words(text)[: self.max_tokens]
         if not tokens:

@@ -138,16 +138,30 @@ class Flux1TextEncoder:
         self.max_length = max_length
         self.clip_length = min(clip_tokenizer.model_max_length, clip.config.max_position_embeddings)
         self.identity = identity
+        self._reported: set[str] = set()
 
     def _tokens(self, tokenizer, texts: list[str], length: int, name: str) -> torch.Tensor:
         ids = tokenizer(
             texts, padding="max_length", max_length=length, truncation=True, return_tensors="pt"
         ).input_ids
-        full = tokenizer(texts, padding=False, truncation=False).input_ids
-        for text, tokens in zip(texts, full):
-            if len(tokens) > length:
-                log.warning("%s truncated the caption to %d tokens: %r", name, length, text)
+        for text, why in self._overflow(tokenizer, texts, length, name).items():
+            if text not in self._reported:  # dataset captions were reported with their file (``overlong``)
+                log.warning("%s: %r", why, text)
         return ids
+
+    @staticmethod
+    def _overflow(tokenizer, texts: list[str], length: int, name: str) -> dict[str, str]:
+        full = tokenizer(texts, padding=False, truncation=False).input_ids
+        return {t: f"{name} keeps {length} of its {len(ids)} tokens" for t, ids in zip(texts, full) if len(ids) > length}
+
+    def overlong(self, texts: list[str]) -> dict[str, str]:
+        """text → what is cut off, for each text longer than CLIP's or T5's token limit
+        (the caller names the caption files; ``encode`` then does not warn again)."""
+        out = self._overflow(self._clip_tok, texts, self.clip_length, "CLIP")
+        for text, why in self._overflow(self._t5_tok, texts, self.max_length, "T5").items():
+            out[text] = f"{out[text]}, {why}" if text in out else why
+        self._reported.update(out)
+        return out
 
     @torch.no_grad()
     def encode(self, texts: list[str]) -> list[TextEmbedding]:
