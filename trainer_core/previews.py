@@ -3,21 +3,17 @@ renderer (host-specific) that decides *how*.
 
 ``Renderer = (state, folder) -> [png paths]``. ``PreviewCallback`` calls it
 
-* before the first step into ``<run>/baseline/`` (the base model: the LoRA is still zero),
-* after every ``every_n_steps``-th step into ``<run>/checkpoint_{step:06d}/`` (the same
-  folder as that step's checkpoint, when one is saved),
-* at the end into ``<run>/final/`` (next to ``lora_final.safetensors``; also after a stop,
-  not after an error),
+* before the first step into ``<run>/previews/baseline/`` (the base model: the LoRA is still zero),
+* after every ``every_n_steps``-th step into ``<run>/previews/step_{step:06d}/``,
+* at the end into ``<run>/previews/final/`` (also after a stop, not after an error),
 
 in eval mode, under ``no_grad``, with the EMA weights when the run outputs them
 (``validation.output_weights``). ``on_images`` receives the paths after each render so
 a host (ComfyUI) can show them while training runs.
 
-Note: a ``checkpoint_*`` folder that holds previews but no ``COMPLETE`` checkpoint (when
-``preview.every_n_steps`` is not a multiple of ``train.save_every``) counts as an
-incomplete checkpoint and is removed when the run resumes, and old checkpoints are pruned
-with their previews (``train.keep_checkpoints``); choose ``every_n_steps`` a multiple of
-``save_every`` and ``keep_checkpoints = 0`` to keep every preview.
+Previews live apart from the checkpoints (``PREVIEW_DIR``): neither the cleanup of
+incomplete checkpoints on resume nor the pruning of old ones (``train.keep_checkpoints``)
+touches them, and a resumed run adds its previews next to the earlier ones.
 
 ``demo_renderer`` is the engine-only renderer (demo, tests, command line).
 """
@@ -38,6 +34,7 @@ from .validation import output_weights
 log = logging.getLogger(__name__)
 
 Renderer = Callable[[RunState, Path], list[Path]]
+PREVIEW_DIR = "previews"
 ImagesFn = Callable[[list[Path]], None]
 
 
@@ -57,14 +54,14 @@ class PreviewCallback(Callback):
 
     def on_step_end(self, state: RunState, logs: dict) -> None:
         if state.step % self.every == 0 and state.step < state.total_steps:
-            self._render(state, f"checkpoint_{state.step:06d}")
+            self._render(state, f"step_{state.step:06d}")
 
     def on_train_end(self, state: RunState, reason: str) -> None:
         if state.step > 0 and not reason.startswith("error"):
             self._render(state, "final")
 
     def _render(self, state: RunState, name: str) -> list[Path]:
-        folder = Path(state.extra["run_dir"]) / name
+        folder = Path(state.extra["run_dir"]) / PREVIEW_DIR / name
         folder.mkdir(parents=True, exist_ok=True)
         with output_weights(state) as weights:
             paths = list(self.render(state, folder))

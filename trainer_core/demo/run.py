@@ -70,7 +70,7 @@ def demo_parts(seed: int = 0):
 
 
 def preview_callbacks(config, codec, text) -> list:
-    """Previews (``<run>/baseline``, ``checkpoint_*``, ``final``) when preview.every_n_steps > 0."""
+    """Previews (``<run>/previews/baseline``, ``step_*``, ``final``) when preview.every_n_steps > 0."""
     p = config.preview
     if p.every_n_steps <= 0:
         return []
