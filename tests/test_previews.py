@@ -45,7 +45,7 @@ def test_previews_at_start_every_n_steps_and_end_with_the_ema(tmp_path):
     cfg = make_config(tmp_path / "data", steps=5, ema={"enabled": True, "decay": 0.5})
     train(cfg, tmp_path / "run", callbacks=[cb])
     assert [(c["step"], c["folder"]) for c in render.calls] == [
-        (0, "baseline"), (2, "step_000002"), (4, "checkpoint_000004"), (5, "final")]
+        (0, "baseline"), (2, "step_000002"), (4, "step_000004"), (5, "final")]
     assert all(not c["training"] and not c["grad"] for c in render.calls)  # eval mode, no grad
     assert all(c["ema_in"] for c in render.calls[1:])  # EMA weights swapped in
     previews = tmp_path / "run" / "previews"

@@ -37,6 +37,7 @@ from safetensors.torch import load_file, save_file
 from . import FORMAT_VERSION
 from .atomic import atomic_path, atomic_write_text
 from .loop import Callback, RunState
+from .phases import during
 
 log = logging.getLogger(__name__)
 
@@ -275,7 +276,8 @@ class CheckpointCallback(Callback):
         if state.step == self.last_saved:
             return checkpoint_dir(self.run_dir, state.step)
         try:
-            folder = save_checkpoint(self.run_dir, state, self.write_loras, meta=self.meta)
+            with during(state, "saving"):
+                folder = save_checkpoint(self.run_dir, state, self.write_loras, meta=self.meta)
         except BaseException:
             self.failed = True  # do not try again at the end (a full disk stays full)
             partial = checkpoint_dir(self.run_dir, state.step)
