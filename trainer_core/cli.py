@@ -176,6 +176,7 @@ def _deep_update(dst: dict, src: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("trainer_core.phases").setLevel(logging.WARNING)  # TerminalPhases shows the counts
     args = build_parser().parse_args(argv)
     stop = StopFlag()
     stop.install()

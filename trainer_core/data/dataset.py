@@ -205,7 +205,7 @@ def prepare_dataset(
     prompts = [t for t in dict.fromkeys(prompts) if t not in texts]
     text_cache = TextCache(cache_dir)
     embeddings = text_cache.get_or_encode(texts + prompts, text_encoder, batch_size=text_batch_size,
-                                          progress=progress, what=f"captions and prompts ({len(prompts)} prompts)")
+                                          progress=progress, what=f"texts (captions and {len(prompts)} prompt(s))")
     prompt_hits = sum(t in text_cache.cached for t in prompts)
     if text_cache.cached:
         log.info("text encodes saved by the cache: %d (%d caption texts, %d prompts)", len(text_cache.cached),
