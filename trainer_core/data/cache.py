@@ -4,7 +4,9 @@ Keys are sha256 digests of *everything the encoded tensor depends on*, so a cach
 can never be stale, only unused:
 
 * latents: image bytes (``content_hash``), bucket size, crop box, flip, codec identity;
-* text: the exact caption string and the encoder identity.
+* text: the exact string and the encoder identity (captions, and the prompts a host
+  passes to ``train_lora(prompts=...)``: preview prompts, negatives; the Sampler Preview
+  node keys its prompts the same way).
 
 (ai-toolkit keys latents by file name and kohya's text cache ignores caption edits;
 both go stale after an edit. Here an edited image or caption simply gets a new key.)
