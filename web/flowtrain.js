@@ -56,7 +56,8 @@ function draw(run) {
   const lr = Number.isFinite(run.lr) ? `  lr ${run.lr.toExponential(2)}` : "";
   const phase = run.phase?.phase;
   const steps = run.total ? `step ${last}/${run.total}  loss ${Number.isFinite(loss) ? loss.toFixed(4) : "-"}${lr}` : "";
-  if (!phase || phase === "training" || phase === "done") text.textContent = steps || "waiting for training…";
+  const idle = phase === "training" ? "training: first step running…" : phase === "done" ? "done" : "waiting for training…";
+  if (!phase || phase === "training" || phase === "done") text.textContent = steps || idle;
   else text.textContent = steps ? `${steps}  · ${phase}…` : phaseText(run.phase);
   if (run.phase?.total && !steps) {
     // the encoding before step 1: its own bar along the bottom edge

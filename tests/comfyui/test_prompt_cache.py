@@ -94,3 +94,30 @@ def test_phases_on_the_node_and_prompts_encoded_once(env, caplog, monkeypatch): 
     caching = [(d["phase"], d["n"], d["total"]) for e, d, _ in stub.messages
                if e == "flowtrain.phase" and d["phase"].startswith("encoding")]
     assert caching == [("encoding images", 0, 0), ("encoding captions", 0, 0)]
+
+
+def test_release_unloads_the_encoders_and_their_clones(env, caplog):  # noqa: F811
+    """``release`` takes a clone of the VAE's patcher (what ComfyUI holds loaded when a node
+    worked on a copy) out of ComfyUI's loaded models, and drops the encoder's CLIP."""
+    import comfy.model_management as mm
+    import harness
+
+    trainer = env.pack.nodes.trainer
+    vae = harness.load_vae(env.models / CASES["flux1_dev_subject_lora"]["vae"])
+    clone = vae.patcher.clone()
+    mm.load_models_gpu([clone])
+    ours = lambda: [m for m in mm.current_loaded_models if m.model is not None and m.model.model is vae.patcher.model]  # noqa: E731
+    assert [m.model for m in ours()] == [clone]
+
+    class Encoder:
+        clip = object()
+
+        def release(self):
+            self.clip = None
+
+    encoder = Encoder()
+    with caplog.at_level(logging.INFO):
+        trainer.release(vae, None, encoder, clip_users=["20"])
+    assert ours() == [] and encoder.clip is None
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("no weights on an accelerator" in m for m in messages)  # CPU: said, not pretended
