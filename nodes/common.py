@@ -18,6 +18,7 @@ LoraConfigType = io.Custom("FLOWTRAIN_LORA_CONFIG")
 DopType = io.Custom("FLOWTRAIN_DOP")
 PreviewType = io.Custom("FLOWTRAIN_PREVIEW")
 PROGRESS_EVENT = "flowtrain.progress"
+PHASE_EVENT = "flowtrain.phase"
 
 
 def tip(config_cls: type, name: str, extra: str = "") -> str:
@@ -49,9 +50,20 @@ def send_text(text: str, node_id: Optional[str]) -> None:
         server.send_progress_text(text, node_id)
 
 
+def _send_event(event: str, data: dict) -> None:
+    from server import PromptServer
+
+    server = getattr(PromptServer, "instance", None)
+    if server is not None:
+        server.send_sync(event, data, server.client_id)
+
+
 class TrainingProgress:
     """The engine's ``progress(step, total, logs)`` hook for one node: ComfyUI's progress
     bar, the loss as node text and a ``flowtrain.progress`` event for the web chart.
+    ``phase`` is its ``phase_progress(phase, n, total, info)`` hook (``trainer_core.phases``):
+    the bar and node text count the images and captions encoded before step 1 (n/N, rate,
+    ETA), and a ``flowtrain.phase`` event tells the chart what the run is doing.
 
     The bar is left alone once Cancel was pressed: ComfyUI's progress hook would raise the
     interrupt inside the engine's callback; instead the engine sees ``should_stop`` after
@@ -62,6 +74,20 @@ class TrainingProgress:
 
         self.node_id, self.total = node_id, total
         self.bar = comfy.utils.ProgressBar(total, node_id=node_id)
+
+    def phase(self, phase: str, n: int, total: int, info: dict) -> None:
+        import comfy.model_management
+        from trainer_core.phases import describe
+
+        if total and not comfy.model_management.processing_interrupted():
+            self.bar.update_absolute(n, total)
+        if total:
+            send_text(f"{phase} {n}/{total}{describe(info)}", self.node_id)
+        elif phase in ("loading", "previews", "saving"):
+            send_text(f"{phase}…", self.node_id)
+        rate, eta = info.get("rate"), info.get("eta")
+        _send_event(PHASE_EVENT, {"node": self.node_id, "phase": phase, "n": n, "total": total,
+                                  "rate": rate, "eta": eta})
 
     def __call__(self, step: int, total: int, logs: dict) -> None:
         import comfy.model_management

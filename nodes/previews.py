@@ -1,9 +1,12 @@
 """Training previews rendered by ComfyUI's sampler on the live model.
 
 During training the Trainer's ``model_patcher.model.diffusion_model`` carries the live LoRA
-layers, so sampling that patcher shows the LoRA as trained so far. The prompts are
-encoded before training (the text encoder is freed once the dataset is cached); each is
-rendered with and without the trigger word from the same seed.
+layers, so sampling that patcher shows the LoRA as trained so far. The prompts (with and
+without the trigger word, and the empty negative) are encoded with the captions, through
+the run's content-keyed text cache (``prompt_texts`` → ``train_lora(prompts=...)``), so a
+re-queue or a resume encodes none of them again and rendering needs no CLIP: the renderer
+reads them from the run's embeddings. Each is rendered with and without the trigger word
+from the same seed.
 
 ``preview_callback`` wires the renderer into the engine's ``trainer_core.previews.PreviewCallback``.
 """
@@ -19,7 +22,7 @@ import torch
 from trainer_core.config import PreviewConfig
 
 from . import specs
-from .sampling import Conditioning, encode_prompt, sample_image, save_png
+from .sampling import Conditioning, sample_image, save_png
 
 log = logging.getLogger(__name__)
 
@@ -43,30 +46,57 @@ def sampling_mode():
         mm.in_training = was
 
 
-def preview_pairs(settings: PreviewConfig, trigger: str, clip=None,
-                  conditioning: Optional[Conditioning] = None) -> list[tuple[Conditioning, Conditioning]]:
-    """(with-trigger, without-trigger) conditioning per preview prompt. Without a CLIP the
-    given ``conditioning`` stands for every prompt (tests, fixed-conditioning graphs)."""
-    prompts = settings.prompts or ("",)
-    if clip is None:
-        if conditioning is None:
-            raise ValueError("previews need a CLIP or a CONDITIONING to sample with")
-        return [(conditioning, conditioning) for _ in prompts]
-    pairs = []
-    for prompt in prompts:
-        with_t, without = specs.trigger_variants(prompt, trigger)
-        pairs.append((encode_prompt(clip, with_t), encode_prompt(clip, without)))
-    return pairs
+Pairs = Sequence[tuple[Conditioning, Conditioning]]
+# (state) -> (per prompt (with trigger, without), negative or None)
+Conditionings = Callable[[object], tuple[Pairs, Optional[Conditioning]]]
 
 
-def comfy_renderer(model_patcher, vae, pairs: Sequence[tuple[Conditioning, Conditioning]],
-                   settings: PreviewConfig, *, negative: Optional[Conditioning] = None,
+def prompt_texts(settings: PreviewConfig, trigger: str) -> list[str]:
+    """The texts the previews encode (``train_lora(prompts=...)``): both forms of every
+    prompt and the empty negative."""
+    from trainer_core.previews import prompt_texts as texts
+
+    return texts(settings.prompts or ("",), trigger)
+
+
+def cached_conditionings(settings: PreviewConfig, trigger: str) -> Conditionings:
+    """Conditionings from the run's cached embeddings (a CLIP encoded them with the captions)."""
+    from trainer_core.previews import run_embeddings
+
+    from .sampling import embedding_conditioning
+
+    def resolve(state):
+        embeddings = run_embeddings(state)
+
+        def cond(text: str) -> Conditioning:
+            if text not in embeddings:
+                raise KeyError(f"preview prompt {text!r} was not encoded with the captions (pass prompt_texts(...) "
+                               "to train_lora)")
+            return embedding_conditioning(embeddings[text])
+
+        pairs = [tuple(cond(t) for t in specs.trigger_variants(p, trigger)) for p in settings.prompts or ("",)]
+        return pairs, cond("")
+
+    return resolve
+
+
+def fixed_conditionings(settings: PreviewConfig, conditioning: Conditioning) -> Conditionings:
+    """Without a CLIP the given ``conditioning`` stands for every prompt (tests,
+    fixed-conditioning graphs); the negative is its zeroed copy."""
+    if conditioning is None:
+        raise ValueError("previews need a CLIP or a CONDITIONING to sample with")
+    pairs = [(conditioning, conditioning) for _ in settings.prompts or ("",)]
+    return lambda state: (pairs, None)
+
+
+def comfy_renderer(model_patcher, vae, conditionings: Conditionings, settings: PreviewConfig, *,
                    sampler_name: str = "euler", scheduler: str = "simple") -> Callable:
     """A ``Renderer`` (``(state, folder) -> [png paths]``) writing ``p{i}_trigger.png`` and
-    ``p{i}_plain.png`` per prompt."""
+    ``p{i}_plain.png`` per prompt; ``conditionings(state)`` gives the prompts' conditioning."""
 
     def render(state, folder: Path) -> list[Path]:
         paths: list[Path] = []
+        pairs, negative = conditionings(state)
         with sampling_mode():
             for i, pair in enumerate(pairs):
                 for kind, positive in zip(("trigger", "plain"), pair):

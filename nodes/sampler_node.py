@@ -1,33 +1,66 @@
 """Sampler preview: sample a MODEL (the trained one, or base + a LORA_MODEL) with
 ComfyUI's own sampler, each prompt with and without the trigger word; or a grid of
-prompts × LoRA strengths."""
+prompts × LoRA strengths.
+
+Prompts (and the empty negative) are encoded through the engine's content-keyed text
+cache (``trainer_core.data.cache.TextCache``: text + the CLIP's weights identity) in
+``<ComfyUI temp>/flowtrain_prompt_cache``, so re-running the node with another model or
+LoRA encodes nothing it encoded before (ComfyUI empties its temp folder at start-up)."""
 from __future__ import annotations
 
 from comfy_api.latest import io, ui
 
 from . import specs
 from .common import CATEGORY
-from .sampling import encode_prompt, image_grid, sample_image
+from .sampling import Conditioning, embedding_conditioning, image_grid, sample_image
 
 MODES = ("images", "grid")
+PROMPT_CACHE = "flowtrain_prompt_cache"
 
 
-def prompt_conditionings(clip, positive, prompts: tuple[str, ...], trigger: str, *, pairs: bool) -> list:
-    """Conditionings to render: per prompt (with trigger, without trigger) when ``pairs``,
-    else with the trigger only. Without a CLIP: the given positive CONDITIONING once."""
-    if clip is None:
-        if positive is None:
-            raise ValueError("FlowTrain Sampler Preview needs a CLIP (to encode the prompts) or a positive CONDITIONING")
-        return [positive]
+def prompt_cache_dir() -> str:
+    import os
+
+    import folder_paths
+
+    return os.path.join(folder_paths.get_temp_directory(), PROMPT_CACHE)
+
+
+def cached_prompts(clip, arch, texts: list[str], cache_dir) -> dict[str, Conditioning]:
+    """text → CONDITIONING for every text, encoded only when the cache lacks it."""
+    from trainer_core.data.cache import TextCache
+
+    from . import comfy_bridge as bridge
+
+    encoder = bridge.ClipTextEncoder(clip, arch)
+    embeddings = TextCache(cache_dir).get_or_encode(texts, encoder, what="Sampler Preview prompts")
+    return {t: embedding_conditioning(e) for t, e in embeddings.items()}
+
+
+def prompt_texts(prompts: tuple[str, ...], trigger: str, *, pairs: bool) -> list[str]:
+    """Texts to render: per prompt (with trigger, without trigger) when ``pairs`` and a
+    trigger is set, else with the trigger only."""
     if not prompts:
         raise ValueError("FlowTrain Sampler Preview: prompts is empty; write one prompt per line")
     out = []
     for prompt in prompts:
         with_t, without = specs.trigger_variants(prompt, trigger)
-        out.append(encode_prompt(clip, with_t))
-        if pairs and trigger:
-            out.append(encode_prompt(clip, without))
+        out += [with_t, without] if pairs and trigger else [with_t]
     return out
+
+
+def prompt_conditionings(clip, positive, prompts: tuple[str, ...], trigger: str, *, pairs: bool, arch=None,
+                         negative=None) -> tuple[list, Conditioning]:
+    """(conditionings to render, negative). Without a CLIP: the given positive
+    CONDITIONING once and the given negative; with one, the prompts and (unless given)
+    the empty negative, through the prompt cache."""
+    if clip is None:
+        if positive is None:
+            raise ValueError("FlowTrain Sampler Preview needs a CLIP (to encode the prompts) or a positive CONDITIONING")
+        return [positive], negative
+    texts = prompt_texts(prompts, trigger, pairs=pairs)
+    conds = cached_prompts(clip, arch, texts + ([""] if negative is None else []), prompt_cache_dir())
+    return [conds[t] for t in texts], negative if negative is not None else conds[""]
 
 
 class FlowTrainSamplerPreview(io.ComfyNode):
@@ -61,7 +94,9 @@ class FlowTrainSamplerPreview(io.ComfyNode):
                     "images: each prompt with and without the trigger; grid: prompts × LoRA strengths in one image.")),
                 io.String.Input("strengths", default="0, 0.5, 1.0", tooltip=(
                     "Grid mode: comma-separated LoRA strengths, one column each (0 = base model).")),
-                io.Clip.Input("clip", optional=True, tooltip="Text encoder for the prompts."),
+                io.Clip.Input("clip", optional=True, tooltip=(
+                    "Text encoder for the prompts. Their embeddings are cached (by text and encoder) in ComfyUI's temp "
+                    "folder, so sampling another model or LoRA encodes nothing again.")),
                 io.Conditioning.Input("positive", optional=True, tooltip="In place of clip + prompts: this CONDITIONING."),
                 io.Conditioning.Input("negative", optional=True, tooltip=(
                     "Negative CONDITIONING for CFG models (default: the empty prompt, or zeros without a CLIP).")),
@@ -76,23 +111,21 @@ class FlowTrainSamplerPreview(io.ComfyNode):
                 mode, strengths, clip=None, positive=None, negative=None, lora=None) -> io.NodeOutput:
         from . import comfy_bridge as bridge
 
-        bridge.detect_arch(model)
+        arch = bridge.detect_arch(model)
         trigger = trigger_word.strip()
-        if negative is None and clip is not None:
-            negative = encode_prompt(clip, "")
+        if mode == "grid" and lora is None:
+            raise ValueError("FlowTrain Sampler Preview: grid mode needs the 'lora' input (columns are its strengths)")
+        conds, negative = prompt_conditionings(clip, positive, specs.parse_prompts(prompts), trigger,
+                                               pairs=mode != "grid", arch=arch, negative=negative)
         kw = dict(seed=seed, steps=steps, guidance=guidance, sampler_name=sampler_name, scheduler=scheduler,
                   width=width, height=height)
         if mode == "grid":
-            if lora is None:
-                raise ValueError("FlowTrain Sampler Preview: grid mode needs the 'lora' input (columns are its strengths)")
-            conds = prompt_conditionings(clip, positive, specs.parse_prompts(prompts), trigger, pairs=False)
             columns = [model if s == 0 else bridge.model_with_lora(model, lora, s)
                        for s in specs.parse_float_list(strengths, "strengths")]
             rows = [[sample_image(m, vae, c, negative, **kw) for m in columns] for c in conds]
             images = image_grid(rows)
         else:
             m = model if lora is None else bridge.model_with_lora(model, lora, 1.0)
-            conds = prompt_conditionings(clip, positive, specs.parse_prompts(prompts), trigger, pairs=True)
             import torch
 
             images = torch.cat([sample_image(m, vae, c, negative, **kw) for c in conds])

@@ -22,6 +22,14 @@ def encode_prompt(clip, text: str) -> Conditioning:
     return clip.encode_from_tokens_scheduled(clip.tokenize(text))
 
 
+def embedding_conditioning(emb) -> Conditioning:
+    """A cached ``TextEmbedding`` (context [T, D], pooled [P] or None) as the CONDITIONING
+    CLIPTextEncode gives for FLUX (the context and the pooled vector are all FLUX samples
+    with; FLUX.2 has no pooled vector)."""
+    extra = {} if emb.pooled is None else {"pooled_output": emb.pooled[None]}
+    return [[emb.context[None], extra]]
+
+
 def zero_conditioning(conditioning: Conditioning) -> Conditioning:
     """The same shapes, all zeros (what ConditioningZeroOut gives): a neutral negative."""
     out = []

@@ -162,10 +162,9 @@ def trigger_variants(prompt: str, trigger: str) -> tuple[str, str]:
     """(prompt with the trigger, prompt without it), as the training previews pair them
     (``trainer_core.previews``): the trigger is prepended when missing and removed as a
     whole word for the second form, so the pair shows what the LoRA adds."""
-    from trainer_core.data.captions import ensure_trigger
-    from trainer_core.previews import without_trigger
+    from trainer_core.previews import prompt_pairs
 
-    return ensure_trigger(prompt.strip(), trigger, ","), without_trigger(prompt, trigger)
+    return prompt_pairs([prompt], trigger)[0]
 
 
 def safe_lora_filename(name: str) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import torch
 from comfy_api.latest import io, ui
@@ -71,32 +71,72 @@ def text_encoder(bridge, arch, clip, conditioning, dop: Optional[specs.DopSettin
     return bridge.FixedConditioningEncoder(conditioning)
 
 
-def release(vae, clip, encoder) -> None:
-    """Once the dataset is cached: unload the VAE's and CLIP's weights from the accelerator
-    (they reload on next use, e.g. for previews) and drop the encoder's CLIP reference."""
+def release(vae, clip, encoder, *, clip_users: Sequence[str] = ()) -> None:
+    """Once the dataset is cached: the VAE's and the CLIP's weights leave the accelerator
+    (ComfyUI unloads them, clones included; the VAE reloads for previews) and the encoder
+    drops its CLIP (previews read the cached prompt embeddings, they need no CLIP).
+
+    What cannot be freed here: the CLIP and VAE objects, which ComfyUI's node output cache
+    keeps while the graph holds them (on a CPU their weights stay in RAM). Logged once,
+    naming the other nodes that use the same CLIP (``clip_users``)."""
     import comfy.model_management as mm
 
     getattr(encoder, "release", lambda: None)()
-    objects = (vae, clip)
-    patchers = [getattr(o, "patcher", None) for o in objects if o is not None]
+    patchers = [p for p in (getattr(o, "patcher", None) for o in (vae, clip)) if p is not None]
+    freed: dict[str, int] = {}
     for i in range(len(mm.current_loaded_models) - 1, -1, -1):
         loaded = mm.current_loaded_models[i]
-        if any(p is not None and loaded.model is p for p in patchers):
-            loaded.model_unload()
-            mm.current_loaded_models.pop(i)
+        patcher = loaded.model
+        if patcher is None or not any(patcher is p or patcher.is_clone(p) for p in patchers):
+            continue
+        device = str(loaded.device)
+        freed[device] = freed.get(device, 0) + int(patcher.loaded_size())
+        loaded.model_unload()
+        mm.current_loaded_models.pop(i)
     mm.soft_empty_cache()
+    on_accelerator = {d: b for d, b in freed.items() if not d.startswith("cpu")}
+    if on_accelerator:
+        log.info("text encoder and VAE unloaded before training: %s", ", ".join(
+            f"{b / 2**20:.0f} MiB off {d}" for d, b in on_accelerator.items()))
+    else:
+        log.info("text encoder and VAE: no weights on an accelerator to unload")
+    if clip is not None:
+        also = f"; nodes {', '.join(clip_users)} use it too (it reloads for them)" if clip_users else ""
+        log.info("the CLIP's weights stay in RAM while ComfyUI caches its loader's output%s. The Trainer holds no "
+                 "reference to it any more: previews use the cached prompt embeddings", also)
+
+
+def clip_users(prompt: Optional[dict], node_id: Optional[str]) -> list[str]:
+    """Other nodes of the queued graph fed by the same CLIP output as this Trainer."""
+    if not prompt or node_id is None or str(node_id) not in prompt:
+        return []
+    link = prompt[str(node_id)].get("inputs", {}).get("clip")
+    if not isinstance(link, list) or len(link) != 2:
+        return []
+    same = lambda v: isinstance(v, list) and len(v) == 2 and [str(v[0]), int(v[1])] == [str(link[0]), int(link[1])]  # noqa: E731
+    return sorted(nid for nid, node in prompt.items()
+                  if nid != str(node_id) and any(same(v) for v in node.get("inputs", {}).values()))
 
 
 def preview_callbacks(model, vae, clip, conditioning, preview, trigger: str, node_id, output_dir: str) -> list:
-    """The in-training preview callback (empty when previews are off)."""
+    """The in-training preview callback (empty when previews are off). With a CLIP the
+    prompts come from the run's cached embeddings (``previews.prompt_texts`` go to
+    ``train_lora(prompts=...)``), so rendering never needs the CLIP."""
     from . import previews
 
     if preview is None or preview.every_n_steps < 1:
         return []
-    pairs = previews.preview_pairs(preview, trigger, clip, conditioning)
-    negative = previews.encode_prompt(clip, "") if clip is not None else None
-    render = previews.comfy_renderer(model, vae, pairs, preview, negative=negative)
+    conds = (previews.cached_conditionings(preview, trigger) if clip is not None
+             else previews.fixed_conditionings(preview, conditioning))
+    render = previews.comfy_renderer(model, vae, conds, preview)
     return [previews.preview_callback(render, preview, previews.announce(node_id, output_dir))]
+
+
+def preview_prompts(preview, trigger: str) -> list[str]:
+    """Texts the previews encode, cached with the captions (none when previews are off)."""
+    from . import previews
+
+    return previews.prompt_texts(preview, trigger) if preview is not None and preview.every_n_steps > 0 else []
 
 
 def loss_curve_tensor(history: list[dict]) -> torch.Tensor:
@@ -106,7 +146,7 @@ def loss_curve_tensor(history: list[dict]) -> torch.Tensor:
 
 
 def run_training(model, vae, clip, conditioning, dataset, lora_config, settings: specs.TrainerSettings,
-                 dop=None, preview=None, node_id: Optional[str] = None):
+                 dop=None, preview=None, node_id: Optional[str] = None, prompt: Optional[dict] = None):
     """Train; returns ``(TrainResult, trained MODEL, LoRA tensors)``. Raises ComfyUI's
     interrupt after a Cancel, whether the engine saw it between steps (``should_stop``), in
     a forward pass or in the final previews (their sampler raises it): the LoRA trained so
@@ -120,6 +160,8 @@ def run_training(model, vae, clip, conditioning, dataset, lora_config, settings:
 
     from . import comfy_bridge as bridge
 
+    progress = TrainingProgress(node_id, settings.steps)
+    progress.phase("loading", 0, 0, {})
     arch = bridge.detect_arch(model)
     output_root = folder_paths.get_output_directory()
     config = specs.build_training_config(dataset, lora_config, settings, output_dir=os.path.join(output_root, "flowtrain"),
@@ -128,6 +170,8 @@ def run_training(model, vae, clip, conditioning, dataset, lora_config, settings:
     encoder = text_encoder(bridge, arch, clip, conditioning, dop, trigger)
     codec = bridge.VaeCodec(vae, model)
     callbacks = preview_callbacks(model, vae, clip, conditioning, config.preview, trigger, node_id, output_root)
+    prompts = preview_prompts(config.preview, trigger) if clip is not None else []
+    users = clip_users(prompt, node_id)
     result = None
     with bridge.training_model(model, gradient_checkpointing=settings.gradient_checkpointing,
                                precision=settings.precision) as flow_model:
@@ -135,8 +179,9 @@ def run_training(model, vae, clip, conditioning, dataset, lora_config, settings:
         # them (e.g. this node's own output, sampled by the previous prompt)
         identity = base_model_identity(model)
         try:
-            result = train_lora(config, flow_model, codec, encoder, release_encoders=lambda: release(vae, clip, encoder),
-                                progress=TrainingProgress(node_id, config.train.steps),
+            result = train_lora(config, flow_model, codec, encoder,
+                                release_encoders=lambda: release(vae, clip, encoder, clip_users=users),
+                                progress=progress, phase_progress=progress.phase, prompts=prompts,
                                 should_stop=mm.processing_interrupted, callbacks=callbacks,
                                 base_model=identity)
         finally:
@@ -193,7 +238,11 @@ class FlowTrainTrainer(io.ComfyNode):
                 io.Int.Input("save_every", default=250, **bounds(TrainConfig, "save_every"), tooltip=tip(TrainConfig, "save_every")),
                 io.String.Input("output_name", default="flowtrain_lora", tooltip=tip(
                     TrainConfig, "output_name", "The run folder is <ComfyUI output>/flowtrain/<output_name>.")),
-                io.Clip.Input("clip", optional=True, tooltip="Text encoder for the captions (freed once they are cached)."),
+                io.Clip.Input("clip", optional=True, tooltip=(
+                    "Text encoder for the captions and the preview prompts. They are encoded once and cached in the "
+                    "run folder (a re-queue or resume encodes only new text); then its weights leave the GPU and the "
+                    "Trainer drops it. ComfyUI itself keeps the CLIP (in RAM) while the graph holds the loader's "
+                    "output.")),
                 io.Conditioning.Input("conditioning", optional=True, tooltip=(
                     "In place of the text encoder: every caption uses this CONDITIONING.")),
                 DopType.Input("dop", optional=True, tooltip="Optional FlowTrain DOP Settings."),
@@ -205,7 +254,7 @@ class FlowTrainTrainer(io.ComfyNode):
                 io.String.Output(display_name="lora_path", tooltip="Path of the saved LoRA file in the run folder."),
                 io.Image.Output(display_name="loss_curve", tooltip="The training loss and its moving average."),
             ],
-            hidden=[io.Hidden.unique_id],
+            hidden=[io.Hidden.unique_id, io.Hidden.prompt],
         )
 
     @classmethod
@@ -222,7 +271,7 @@ class FlowTrainTrainer(io.ComfyNode):
         settings = specs.TrainerSettings(**widgets)
         node_id = cls.hidden.unique_id
         result, trained, tensors = run_training(model, vae, clip, conditioning, dataset, lora_config, settings,
-                                                dop=dop, preview=preview, node_id=node_id)
+                                                dop=dop, preview=preview, node_id=node_id, prompt=cls.hidden.prompt)
         last = result.history[-1]["loss"] if result.history else float("nan")
         send_text(f"{result.reason}: {result.steps} steps, loss {last:.4f} → {result.lora_path}", node_id)
         curve = loss_curve_tensor(result.history)

@@ -210,9 +210,8 @@ Put 10-30 photos of your subject in `input/flowtrain_dataset/` with captions suc
 `sks person, smiling, outdoors`. **DOP** (Differential Output Preservation) trains the trigger
 `sks` while keeping what the base model draws for the class word `person`, so other people do not
 drift toward your subject; it costs about 2x per DOP step (raise `every_n_steps` to amortise).
-Previews (every 250 steps = save_every, so they stay with their checkpoint; each prompt with and
-without the trigger) land in
-`output/flowtrain/flux2_klein_subject_dop/` (`baseline/`, `checkpoint_*/`, `final/`) and show under the
+Previews (every 250 steps; each prompt with and without the trigger) land in
+`output/flowtrain/flux2_klein_subject_dop/previews/` (`baseline/`, `step_*/`, `final/`) and show under the
 loss chart; the validation loss is drawn in `learning_curve.svg` there. The Sampler Preview on the right
 renders the trained model with and without the trigger."""
 

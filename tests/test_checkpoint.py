@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from trainer_core.checkpoint import (COMPLETE, flatten, is_complete, latest_checkpoint, list_checkpoints,
+from trainer_core.checkpoint import (COMPLETE, WRITING, flatten, is_complete, latest_checkpoint, list_checkpoints,
                                      load_checkpoint, prune_checkpoints, remove_incomplete, unflatten)
 
 
@@ -54,11 +54,16 @@ def test_keep_last_k_and_ignore_incomplete(tiny_training):
     assert [s for s, _ in list_checkpoints(run)] == [4, 5]
     fake = run / "checkpoint_000009"
     fake.mkdir()
+    (fake / WRITING).write_text("step 9\n")  # what a write cut short by a crash leaves
     (fake / "lora.safetensors").write_bytes(b"partial")
+    foreign = run / "checkpoint_000007"  # an older FlowTrain's previews: not written by a checkpoint save
+    foreign.mkdir()
+    (foreign / "p0_trigger.png").write_bytes(b"png")
     assert latest_checkpoint(run).name == "checkpoint_000005"  # no COMPLETE: ignored
     with pytest.raises(ValueError, match="not a complete checkpoint"):
         load_checkpoint(fake)
     assert remove_incomplete(run) == [fake] and not fake.exists()
+    assert (foreign / "p0_trigger.png").is_file()
     assert prune_checkpoints(run, 1) == [run / "checkpoint_000004"]
     assert prune_checkpoints(run, 1) == []  # the newest complete one is never deleted
 

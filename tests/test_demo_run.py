@@ -8,6 +8,7 @@ the concept got stronger: the share of red/yellow object pixels
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -48,8 +49,12 @@ def _grid_rows(path) -> list[torch.Tensor]:
     return rows
 
 
-def test_demo_writes_the_run_folder(tmp_path, keep_threads):
+def test_demo_writes_the_run_folder(tmp_path, keep_threads, capsys):
     run = _run(tmp_path, "--steps", "3")
+    err = capsys.readouterr().err  # the caching before step 1 is on the terminal, with counts
+    for phase in ("encoding images", "encoding captions"):
+        counts = re.findall(rf"{phase} (\d+)/(\d+)", err)
+        assert counts and counts[0][0] == "0" and counts[-1][0] == counts[-1][1] != "0", (phase, err)
     for name in RUN_FILES:
         assert (run / name).is_file() and (run / name).stat().st_size > 0, name
     state = json.loads((run / "training_state.json").read_text())

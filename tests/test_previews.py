@@ -45,11 +45,12 @@ def test_previews_at_start_every_n_steps_and_end_with_the_ema(tmp_path):
     cfg = make_config(tmp_path / "data", steps=5, ema={"enabled": True, "decay": 0.5})
     train(cfg, tmp_path / "run", callbacks=[cb])
     assert [(c["step"], c["folder"]) for c in render.calls] == [
-        (0, "baseline"), (2, "checkpoint_000002"), (4, "checkpoint_000004"), (5, "final")]
+        (0, "baseline"), (2, "step_000002"), (4, "step_000004"), (5, "final")]
     assert all(not c["training"] and not c["grad"] for c in render.calls)  # eval mode, no grad
     assert all(c["ema_in"] for c in render.calls[1:])  # EMA weights swapped in
-    assert shown == [[tmp_path / "run" / c["folder"] / "p0_trigger.png"] for c in render.calls]
-    assert all((tmp_path / "run" / c["folder"] / "p0_trigger.png").is_file() for c in render.calls)
+    previews = tmp_path / "run" / "previews"
+    assert shown == [[previews / c["folder"] / "p0_trigger.png"] for c in render.calls]
+    assert all((previews / c["folder"] / "p0_trigger.png").is_file() for c in render.calls)
 
 
 def test_previews_use_raw_weights_without_ema_output(tmp_path):
@@ -59,6 +60,21 @@ def test_previews_use_raw_weights_without_ema_output(tmp_path):
     train(cfg, tmp_path / "run", callbacks=[PreviewCallback(render, every_n_steps=5)])
     assert [c["folder"] for c in render.calls] == ["baseline", "final"]
     assert not render.calls[-1]["ema_in"]
+
+
+def test_previews_of_an_earlier_run_survive_a_resume(tmp_path):
+    """Step-2 previews (no checkpoint at step 2) are not taken for a broken checkpoint and
+    removed when the run resumes from its step-3 checkpoint."""
+    write_data(tmp_path / "data", count=2)
+    run = tmp_path / "run"
+    train(make_config(tmp_path / "data", steps=3), run, callbacks=[PreviewCallback(Recorder(), every_n_steps=2)])
+    earlier = run / "previews" / "step_000002" / "p0_trigger.png"
+    assert earlier.is_file() and (run / "checkpoint_000003" / "COMPLETE").is_file()
+    render = Recorder()
+    result, _ = train(make_config(tmp_path / "data", steps=5), run, callbacks=[PreviewCallback(render, every_n_steps=2)])
+    assert result.steps == 5 and [c["folder"] for c in render.calls] == ["step_000004", "final"]  # resumed at 3
+    assert earlier.is_file(), "resuming deleted the earlier run's previews"
+    assert not list(run.glob("checkpoint_*/*.png"))
 
 
 def test_preview_callback_needs_a_positive_interval():

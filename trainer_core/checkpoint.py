@@ -9,6 +9,9 @@ A checkpoint is a folder ``<run>/checkpoint_000250/`` holding
 * ``training_state.json``: step, epoch and data position, the config, the losses so far,
   Python/numpy RNG states and the non-tensor skeletons of the optimizer, scheduler and
   EMA state dicts (a tensor leaf is ``{"__tensor__": key}``);
+* ``WRITING``: written first (and removed after ``COMPLETE``), so the cleanup of incomplete
+  checkpoints removes only folders a checkpoint write started, never anything else that
+  happens to be named ``checkpoint_*`` (e.g. previews of an older FlowTrain);
 * ``COMPLETE``: written last. Only a folder with it counts, so a crash or a full disk at
   any moment leaves either a complete checkpoint or one that is ignored and cleaned up.
 
@@ -34,10 +37,12 @@ from safetensors.torch import load_file, save_file
 from . import FORMAT_VERSION
 from .atomic import atomic_path, atomic_write_text
 from .loop import Callback, RunState
+from .phases import during
 
 log = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
+WRITING = "WRITING"
 STATE_JSON = "training_state.json"
 TENSORS = "optimizer_state.safetensors"
 _NAME = re.compile(r"^checkpoint_(\d{6,})$")
@@ -109,12 +114,19 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
 
 
 def remove_incomplete(run_dir: Path) -> list[Path]:
-    """Delete checkpoint folders without ``COMPLETE`` (left by a crash or a full disk)."""
-    gone = [p for _, p in list_checkpoints(run_dir, complete=False) if not is_complete(p)]
+    """Delete checkpoint folders whose write started (``WRITING``) but never finished
+    (no ``COMPLETE``: a crash or a full disk). Other incomplete ``checkpoint_*`` folders
+    were not written by the checkpoint writer (e.g. previews): kept, and ignored."""
+    incomplete = [p for _, p in list_checkpoints(run_dir, complete=False) if not is_complete(p)]
+    gone = [p for p in incomplete if (p / WRITING).is_file()]
     for p in gone:
         shutil.rmtree(p, ignore_errors=True)
     if gone:
         log.info("removed %d incomplete checkpoint folder(s): %s", len(gone), ", ".join(p.name for p in gone))
+    kept = [p.name for p in incomplete if p not in gone]
+    if kept:
+        log.info("kept %d checkpoint_* folder(s) that hold no checkpoint (not written by a checkpoint save): %s",
+                 len(kept), ", ".join(kept))
     return gone
 
 
@@ -160,6 +172,7 @@ def save_checkpoint(run_dir: Path, state: RunState, write_loras: LoraWriter, *, 
     if is_complete(folder):
         return folder
     folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / WRITING, f"step {state.step}\n")  # first: marks the folder as ours to clean up
     t0 = time.perf_counter()
     write_loras(state, folder)
     tensors = {f"lora.{k}": v.detach().cpu().contiguous() for k, v in state.network.state_dict().items()}
@@ -180,6 +193,7 @@ def save_checkpoint(run_dir: Path, state: RunState, write_loras: LoraWriter, *, 
            "rng": rng_json, **skeletons, **(meta or {})}
     atomic_write_text(folder / STATE_JSON, json.dumps(doc, sort_keys=True, default=str))
     atomic_write_text(folder / COMPLETE, f"step {state.step}\n")
+    (folder / WRITING).unlink(missing_ok=True)
     log.info("checkpoint %s saved (%.2fs)", folder, time.perf_counter() - t0)
     return folder
 
@@ -266,7 +280,8 @@ class CheckpointCallback(Callback):
         if state.step == self.last_saved:
             return checkpoint_dir(self.run_dir, state.step)
         try:
-            folder = save_checkpoint(self.run_dir, state, self.write_loras, meta=self.meta)
+            with during(state, "saving"):
+                folder = save_checkpoint(self.run_dir, state, self.write_loras, meta=self.meta)
         except BaseException:
             self.failed = True  # do not try again at the end (a full disk stays full)
             partial = checkpoint_dir(self.run_dir, state.step)

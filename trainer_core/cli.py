@@ -83,6 +83,22 @@ class TerminalProgress:
         sys.stderr.flush()
 
 
+class TerminalPhases:
+    """The caching before step 1 on stderr: one updating line per counted phase
+    (``encoding images 12/40 (3.1/s, ETA 9s)``), ended when the phase is done, so a slow
+    start does not look like a hang. Phases without counts are left to the log."""
+
+    def __call__(self, phase: str, n: int, total: int, info: dict) -> None:
+        from .phases import describe
+
+        if not total:
+            return
+        sys.stderr.write(f"\r  {phase} {n}/{total}{describe(info)} ")
+        if n >= total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
 class StopFlag:
     """SIGINT/SIGTERM ask for a clean stop (checked after each step); a second SIGINT aborts."""
 
@@ -177,6 +193,7 @@ def _deep_update(dst: dict, src: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("trainer_core.phases").setLevel(logging.WARNING)  # TerminalPhases shows the counts
     args = build_parser().parse_args(argv)
     stop = StopFlag()
     stop.install()
@@ -184,7 +201,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from .demo.run import run_demo
 
-            run_demo(args, stop=stop, progress=TerminalProgress(), make_config=make_config)
+            run_demo(args, stop=stop, progress=TerminalProgress(), make_config=make_config,
+                     phase_progress=TerminalPhases())
         else:
             from .models.local import load_diffusers_flux_folder
             from .session import DTYPES, check_before_loading, train_lora
@@ -193,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
             check_before_loading(config)  # the data folder, captions and run folder: before the slow load
             model, codec, text = load_diffusers_flux_folder(args.model, dtype=DTYPES[config.train.precision])
             result = train_lora(config, model, codec, text, release_encoders=lambda: (codec.release(), text.release()),
-                                progress=TerminalProgress(), should_stop=stop, base_model=str(args.model))
+                                progress=TerminalProgress(), should_stop=stop, base_model=str(args.model),
+                                phase_progress=TerminalPhases())
             log.info("LoRA: %s (%s after %d steps)", result.lora_path, result.reason, result.steps)
     except (ConfigError, ValueError, FileNotFoundError, NonFiniteLoss, OSError) as e:
         # each of these carries a message that names the file or setting and the fix

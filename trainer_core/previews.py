@@ -3,24 +3,24 @@ renderer (host-specific) that decides *how*.
 
 ``Renderer = (state, folder) -> [png paths]``. ``PreviewCallback`` calls it
 
-* before the first step into ``<run>/baseline/`` (the base model: the LoRA is still zero),
-* after every ``every_n_steps``-th step into ``<run>/checkpoint_{step:06d}/`` (the same
-  folder as that step's checkpoint, when one is saved),
-* at the end into ``<run>/final/`` (next to ``lora_final.safetensors``; also after a stop,
-  not after an error or an interrupt), after the LoRA, the checkpoint and the run's status
-  are saved: a failure or a Cancel while rendering cannot lose the run,
+* before the first step into ``<run>/previews/baseline/`` (the base model: the LoRA is still zero),
+* after every ``every_n_steps``-th step into ``<run>/previews/step_{step:06d}/``,
+* at the end into ``<run>/previews/final/`` (also after a stop, not after an error or an
+  interrupt), after the LoRA, the checkpoint and the run's status are saved: a failure or a
+  Cancel while rendering cannot lose the run,
 
 in eval mode, under ``no_grad``, with the EMA weights when the run outputs them
 (``validation.output_weights``). ``on_images`` receives the paths after each render so
 a host (ComfyUI) can show them while training runs.
 
-Note: a ``checkpoint_*`` folder that holds previews but no ``COMPLETE`` checkpoint (when
-``preview.every_n_steps`` is not a multiple of ``train.save_every``) counts as an
-incomplete checkpoint and is removed when the run resumes, and old checkpoints are pruned
-with their previews (``train.keep_checkpoints``); choose ``every_n_steps`` a multiple of
-``save_every`` and ``keep_checkpoints = 0`` to keep every preview.
+Previews live apart from the checkpoints (``PREVIEW_DIR``): neither the cleanup of
+incomplete checkpoints on resume nor the pruning of old ones (``train.keep_checkpoints``)
+touches them, and a resumed run adds its previews next to the earlier ones.
 
-``demo_renderer`` is the engine-only renderer (demo, tests, command line).
+``demo_renderer`` is the engine-only renderer (demo, tests, command line). Prompt
+embeddings: a host passes ``prompt_texts(...)`` to ``train_lora(prompts=...)``; they are
+encoded with the captions through the content-keyed text cache, so a resume or a re-run
+encodes none of them again, and renderers read them from ``run_embeddings(state)``.
 """
 from __future__ import annotations
 
@@ -32,13 +32,16 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .data.cache import EmbeddingLookup
 from .data.captions import ensure_trigger, join_tags, split_tags, word_pattern
 from .loop import Callback, RunState
+from .phases import during
 from .validation import output_weights
 
 log = logging.getLogger(__name__)
 
 Renderer = Callable[[RunState, Path], list[Path]]
+PREVIEW_DIR = "previews"
 ImagesFn = Callable[[list[Path]], None]
 
 
@@ -58,16 +61,16 @@ class PreviewCallback(Callback):
 
     def on_step_end(self, state: RunState, logs: dict) -> None:
         if state.step % self.every == 0 and state.step < state.total_steps:
-            self._render(state, f"checkpoint_{state.step:06d}")
+            self._render(state, f"step_{state.step:06d}")
 
     def on_train_end(self, state: RunState, reason: str) -> None:
         if state.step > 0 and not reason.startswith("error") and not state.interrupted:
             self._render(state, "final")
 
     def _render(self, state: RunState, name: str) -> list[Path]:
-        folder = Path(state.extra["run_dir"]) / name
+        folder = Path(state.extra["run_dir"]) / PREVIEW_DIR / name
         folder.mkdir(parents=True, exist_ok=True)
-        with output_weights(state) as weights:
+        with during(state, "previews"), output_weights(state) as weights:
             paths = list(self.render(state, folder))
         log.info("step %d: %d preview(s) in %s (%s weights)", state.step, len(paths), folder, weights)
         self.rendered[name] = paths
@@ -84,6 +87,24 @@ def without_trigger(prompt: str, trigger: str, separator: str = ",") -> str:
     removed = word_pattern(trigger).sub("", prompt)
     tags = [" ".join(t.split()) for t in split_tags(removed, separator)]
     return join_tags([t for t in tags if t], separator)
+
+
+def prompt_pairs(prompts: Sequence[str], trigger: str) -> list[tuple[str, str]]:
+    """(with the trigger, without it) per preview prompt: the trigger is prepended when
+    missing and removed as a whole word for the second form."""
+    return [(ensure_trigger(p.strip(), trigger, ","), without_trigger(p, trigger)) for p in prompts]
+
+
+def prompt_texts(prompts: Sequence[str], trigger: str, *, negative: bool = True) -> list[str]:
+    """Every text the previews of ``prompts`` encode (both forms, and the empty negative):
+    what a host passes as ``train_lora(prompts=...)`` so they are cached with the captions."""
+    texts = [t for pair in prompt_pairs(prompts, trigger) for t in pair] + ([""] if negative else [])
+    return list(dict.fromkeys(texts))
+
+
+def run_embeddings(state: RunState) -> dict:
+    """The run's cached text embeddings (captions and prompts), or {} without a dataset."""
+    return getattr(state.data, "embeddings", None) or {}
 
 
 def save_png(image: torch.Tensor, path: Path) -> Path:
@@ -104,13 +125,14 @@ def demo_renderer(codec, text_encoder, prompts: Sequence[str], trigger: str, see
     if not prompts:
         raise ValueError("demo_renderer needs at least one prompt (preview.prompts)")
     size = (size, size) if isinstance(size, int) else tuple(size)
-    pairs = [(ensure_trigger(p.strip(), trigger, ","), without_trigger(p, trigger)) for p in prompts]
+    pairs = prompt_pairs(prompts, trigger)
 
     def render(state: RunState, folder: Path) -> list[Path]:
+        texts = EmbeddingLookup(run_embeddings(state), fallback=text_encoder)  # cached when passed as prompts
         paths = []
         for i, pair in enumerate(pairs):
             for kind, prompt in zip(("trigger", "plain"), pair):  # one call each: the same noise
-                image = sample_images(state.model, codec, text_encoder, [prompt], seed=seed, steps=steps,
+                image = sample_images(state.model, codec, texts, [prompt], seed=seed, steps=steps,
                                       size=size, guidance=state.config.preview.guidance)[0]
                 paths.append(save_png(image, Path(folder) / f"p{i}_{kind}.png"))
         return paths

@@ -3,7 +3,10 @@
 ``train_lora`` is what the command line and the ComfyUI Trainer node call. Everything
 host-specific arrives as arguments: the model adapter, the codec and text encoder, a
 ``release_encoders`` hook (free them once the dataset is cached), a ``progress`` callable
-and a ``should_stop`` callable (ComfyUI's Cancel, a signal, a control file).
+(per step), a ``phase_progress`` callable (what the run is doing, with counts while it
+caches: ``phases.py``) and a ``should_stop`` callable (ComfyUI's Cancel, a signal, a control
+file). ``prompts`` (preview prompts, negatives) are encoded with the captions, through the
+same content-keyed cache, and served from ``state.data.embeddings`` once the encoder is gone.
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from .lora.formats import LORA_FORMATS
 from .lora.io import build_metadata, save_lora_file
 from .lora.network import LoraNetwork
 from .optim import build_optimizer, build_scheduler
+from .phases import PhaseFn, PhaseReporter, during
 from .report import write_learning_curve, write_state
 from .resume import find_resume_point, is_finished
 from .types import FlowModel, LatentCodec, TextEncoder
@@ -121,6 +125,10 @@ class LoraSaveCallback(Callback):
             self.save(path, state)
 
     def save(self, path: Path, state: RunState) -> None:
+        with during(state, "saving"):
+            self._save(path, state)
+
+    def _save(self, path: Path, state: RunState) -> None:
         ema = state.extra.get("ema")
         if ema is None or not state.config.ema.use_for_output:
             save_lora(path, state.network, state.model, state.config, state.step, self.base_model)
@@ -166,23 +174,30 @@ def train_lora(
     callbacks: Sequence[Callback] = (),
     extra_terms: Sequence[LossTerm] = (),
     base_model: str = "",
+    prompts: Sequence[str] = (),
+    phase_progress: Optional[PhaseFn] = None,
 ) -> TrainResult:
     """Train a LoRA on ``model`` as ``config`` says; write it under the run folder.
 
     The LoRA stays injected in ``model.module`` afterwards (``result.network.remove()``
     restores the base model)."""
+    phase = PhaseReporter(phase_progress)
+    phase("loading")
     run_dir = Path(run_dir) if run_dir is not None else run_folder(config)
     model_info = {"arch": model.arch, "base_model": base_model, "lora_format": model.lora_format}
     resume_from = find_resume_point(run_dir, config, model_info)  # refuses unsafe changes before any work
     if resume_from is not None and is_finished(run_dir, resume_from, config.train.steps):
-        return _finished_result(run_dir, config, model, resume_from)
+        result = _finished_result(run_dir, config, model, resume_from)
+        phase("done")
+        return result
     data_before = folder_snapshot(config.data.path) if config.data.path else {}
     cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else run_dir / ".latent_cache"
 
     # the run folder is made once the data passed its checks: a bad dataset leaves none behind
     dataset = prepare_dataset(config.data, codec, text_encoder, cache_dir=cache_dir,
                               pixel_multiple=model.pixel_multiple, seed=config.train.seed,
-                              extra_captions=assemble.extra_captions(config))
+                              extra_captions=assemble.extra_captions(config), prompts=prompts,
+                              progress=phase.counter())
     run_dir.mkdir(parents=True, exist_ok=True)
     write_state(run_dir / "config.json", {"format_version": FORMAT_VERSION, "config": config.to_dict()})
     if release_encoders is not None and not dataset.needs_codec:  # live augmentation encodes every step
@@ -197,6 +212,7 @@ def train_lora(
     state = RunState(config=config, model=model, network=network, optimizer=optimizer,
                      scheduler=scheduler, data=dataset, total_steps=config.train.steps)
     state.extra["run_dir"] = run_dir
+    state.extra["phase"] = phase
     if resume_from is not None:
         _resume(state, resume_from)
     saver = LoraSaveCallback(run_dir, 0, base_model)  # lora_final; checkpoints come from `durability`
@@ -207,7 +223,11 @@ def train_lora(
     log.info("training %d LoRA modules (%d parameters) for %d steps in %s",
              len(network.modules_trained()), sum(p.numel() for p in network.parameters()),
              config.train.steps, run_dir)
-    reason = _run_guarded(state, terms, all_callbacks, should_stop, assemble.build_noise_fn(config), run_dir)
+    phase("training")
+    try:
+        reason = _run_guarded(state, terms, all_callbacks, should_stop, assemble.build_noise_fn(config), run_dir)
+    finally:
+        phase("done")
     return TrainResult(run_dir=run_dir, lora_path=saver.final_path, steps=state.step, reason=reason,
                        history=state.history, network=network, dataset_summary=dataset.summary())
 

@@ -1,9 +1,12 @@
 // FlowTrain web extension: a live loss chart on the FlowTrain Trainer node.
 //
 // The Trainer sends "flowtrain.progress" {node, step, total, loss, lr} after every
-// optimizer step and "flowtrain.preview" {node, images: [{filename, subfolder, type}]}
-// after each in-training preview. This draws the loss and its moving average in a canvas
-// DOM widget, with a step/total, loss and lr readout, and shows the newest previews.
+// optimizer step, "flowtrain.phase" {node, phase, n, total, rate, eta} when the run changes
+// phase (loading, encoding images, encoding captions, training, previews, saving, done) and
+// while it encodes (n of total, items/s, seconds left), and "flowtrain.preview" {node,
+// images: [{filename, subfolder, type}]} after each in-training preview. This draws the loss
+// and its moving average in a canvas DOM widget, with the phase, step/total, loss and lr
+// readout, and shows the newest previews.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
@@ -26,6 +29,16 @@ function movingAverage(values, window) {
   return out;
 }
 
+// "encoding captions 12/40 (3.1/s, ETA 9s)", or the bare phase name when it has no count.
+function phaseText(p) {
+  if (!p) return "";
+  if (!p.total) return p.phase;
+  const parts = [];
+  if (Number.isFinite(p.rate) && p.rate > 0) parts.push(p.rate >= 1 ? `${p.rate.toFixed(1)}/s` : `${(1 / p.rate).toFixed(1)}s each`);
+  if (Number.isFinite(p.eta)) parts.push(`ETA ${Math.round(p.eta)}s`);
+  return `${p.phase} ${p.n}/${p.total}` + (parts.length ? ` (${parts.join(", ")})` : "");
+}
+
 function draw(run) {
   const { canvas, text } = run.el;
   const dpr = window.devicePixelRatio || 1;
@@ -41,9 +54,16 @@ function draw(run) {
   const last = run.steps.length ? run.steps[run.steps.length - 1] : 0;
   const loss = pts.length ? pts[pts.length - 1][1] : NaN;
   const lr = Number.isFinite(run.lr) ? `  lr ${run.lr.toExponential(2)}` : "";
-  text.textContent = run.total
-    ? `step ${last}/${run.total}  loss ${Number.isFinite(loss) ? loss.toFixed(4) : "-"}${lr}`
-    : "waiting for training…";
+  const phase = run.phase?.phase;
+  const steps = run.total ? `step ${last}/${run.total}  loss ${Number.isFinite(loss) ? loss.toFixed(4) : "-"}${lr}` : "";
+  const idle = phase === "training" ? "training: first step running…" : phase === "done" ? "done" : "waiting for training…";
+  if (!phase || phase === "training" || phase === "done") text.textContent = steps || idle;
+  else text.textContent = steps ? `${steps}  · ${phase}…` : phaseText(run.phase);
+  if (run.phase?.total && !steps) {
+    // the encoding before step 1: its own bar along the bottom edge
+    ctx.fillStyle = "#d0a040";
+    ctx.fillRect(0, h - 2, (w * run.phase.n) / run.phase.total, 2);
+  }
   if (pts.length < 2) return;
   const avg = movingAverage(pts.map((p) => p[1]), WINDOW);
   const xs = pts.map((p) => p[0]);
@@ -83,7 +103,7 @@ function draw(run) {
 function runFor(node) {
   let run = runs.get(node);
   if (!run) {
-    run = { steps: [], losses: [], total: 0, lr: NaN, el: null, observer: null };
+    run = { steps: [], losses: [], total: 0, lr: NaN, phase: null, el: null, observer: null };
     runs.set(node, run);
   }
   return run;
@@ -144,6 +164,21 @@ function onProgress(event) {
   node.setDirtyCanvas?.(true, false);
 }
 
+function onPhase(event) {
+  const d = event.detail || {};
+  const node = findNode(d.node);
+  if (!node || node.type !== TRAINER) return;
+  const run = runFor(node);
+  if (d.phase === "loading") {
+    run.steps = []; // a new (or resumed) run on the same node: the chart starts over
+    run.losses = [];
+    run.total = 0;
+  }
+  run.phase = { phase: d.phase, n: d.n ?? 0, total: d.total ?? 0, rate: d.rate ?? NaN, eta: d.eta ?? NaN };
+  if (run.el) draw(run);
+  node.setDirtyCanvas?.(true, false);
+}
+
 function onPreview(event) {
   const d = event.detail || {};
   const node = findNode(d.node);
@@ -172,6 +207,7 @@ if (!window[LOADED]) {
     name: "FlowTrain.LossChart",
     async setup() {
       api.addEventListener("flowtrain.progress", onProgress);
+      api.addEventListener("flowtrain.phase", onPhase);
       api.addEventListener("flowtrain.preview", onPreview);
     },
     async beforeRegisterNodeDef(nodeType, nodeData) {

@@ -72,18 +72,18 @@ def test_dop_workflow_trains_with_dop_previews_and_validation(env):  # noqa: F81
     assert dop[0] == 0.0 and all(math.isfinite(v) and v > 0 for v in dop[1:]), dop
 
     # previews with and without the trigger, before training, at step 2 and at the end ...
-    for folder in ("baseline", "checkpoint_000002", "final"):
-        assert sorted(p.name for p in (run_dir / folder).glob("*.png")) == PREVIEWS, folder
+    for folder in ("baseline", "step_000002", "final"):
+        assert sorted(p.name for p in (run_dir / "previews" / folder).glob("*.png")) == PREVIEWS, folder
     # ... and announced while training ran: the step-2 images before step 3 (preview callbacks run
     # before the progress report of their step)
     events = [(e, d) for e, d, _ in stub.messages if e in ("flowtrain.progress", "flowtrain.preview")]
     order = [f"p{d['step']}" if e == "flowtrain.progress" else d["images"][0]["subfolder"].rsplit("/", 1)[-1]
              for e, d in events]
-    assert order == ["baseline", "p1", "checkpoint_000002", "p2", "p3", "final"], order
+    assert order == ["baseline", "p1", "step_000002", "p2", "p3", "final"], order
     for e, d in events:
         if e == "flowtrain.preview":
             assert d["node"] == trainer and sorted(i["filename"] for i in d["images"]) == PREVIEWS
-            assert all(i["type"] == "output" and i["subfolder"].startswith(f"flowtrain/{output_name}/")
+            assert all(i["type"] == "output" and i["subfolder"].startswith(f"flowtrain/{output_name}/previews/")
                        for i in d["images"])
 
     # the validation loss: before training, every 2 steps and at the end, drawn in the chart

@@ -121,8 +121,8 @@ def test_example_workflow_trains_and_samples(env, name, caplog):
     assert images.ndim == 4 and images.shape[1:] == (64, 64, 3)
     assert ex.history_result["outputs"][nodes_of(graph, "FlowTrainSamplerPreview")[0]]["images"]
     run_dir = env.output / "flowtrain" / output_name
-    assert sorted(p.name for p in (run_dir / "final").glob("*.png")) == ["p0_plain.png", "p0_trigger.png"]
-    assert list((run_dir / "baseline").glob("*.png"))
+    assert sorted(p.name for p in (run_dir / "previews" / "final").glob("*.png")) == ["p0_plain.png", "p0_trigger.png"]
+    assert list((run_dir / "previews" / "baseline").glob("*.png"))
     # the KSampler branch with the trained MODEL ran and saved an image
     assert ex.history_result["outputs"][nodes_of(graph, "SaveImage")[-1]]["images"]
 

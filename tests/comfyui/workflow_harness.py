@@ -70,6 +70,7 @@ def comfy_env(root: Path) -> ComfyEnv:
     folder_paths.add_model_folder_path("vae", str(env.models), is_default=True)
     folder_paths.add_model_folder_path("loras", str(env.loras), is_default=True)
     folder_paths.set_input_directory(str(env.input))
+    folder_paths.set_temp_directory(str(root / "temp"))  # not the ComfyUI checkout's temp/ (Sampler Preview's prompt cache)
     env.stub = init_comfyui(comfy_path(), load_nodes=True, output_dir=str(env.output))
     import nodes
 

@@ -4,7 +4,9 @@ Keys are sha256 digests of *everything the encoded tensor depends on*, so a cach
 can never be stale, only unused:
 
 * latents: image bytes (``content_hash``), bucket size, crop box, flip, codec identity;
-* text: the exact caption string and the encoder identity.
+* text: the exact string and the encoder identity (captions, and the prompts a host
+  passes to ``train_lora(prompts=...)``: preview prompts, negatives; the Sampler Preview
+  node keys its prompts the same way).
 
 (ai-toolkit keys latents by file name and kohya's text cache ignores caption edits;
 both go stale after an edit. Here an edited image or caption simply gets a new key.)
@@ -37,6 +39,8 @@ from ..types import LatentCodec, TextEmbedding, TextEncoder
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = "1"
+# (n done, total to encode, phase name): called with n=0 before the first encode (also when
+# everything is cached, total=0), then after every batch. See trainer_core.phases.
 Progress = Callable[[int, int, str], None] | None
 
 
@@ -157,6 +161,9 @@ class LatentCache:
         if check is not None and todo:
             check([job for bucket in sorted(todo) for job in todo[bucket]])
         total, done = sum(len(v) for v in todo.values()), 0
+        log.info("images: %d latent(s) to encode, %d from the cache", total, len(out))
+        if progress is not None:
+            progress(0, total, "encoding images")
         for bucket in sorted(todo):
             for chunk in _chunks(todo[bucket], batch_size):
                 pixels = torch.stack([job.pixels() for job in chunk])
@@ -185,6 +192,7 @@ class TextCache:
         self.dir = Path(directory) / "text"
         self.hits = 0
         self.misses = 0
+        self.cached: set[str] = set()
 
     @staticmethod
     def key(text: str, encoder_identity: str) -> str:
@@ -204,10 +212,12 @@ class TextCache:
         _write_atomic(self.path(key), tensors, {"format": CACHE_FORMAT, "encoder": encoder_identity})
 
     def get_or_encode(self, texts: Iterable[str], encoder: TextEncoder, *, batch_size: int = 16,
-                      progress: Progress = None, sources: Mapping[str, str] | None = None) -> dict[str, TextEmbedding]:
+                      progress: Progress = None, sources: Mapping[str, str] | None = None,
+                      what: str = "text(s)") -> dict[str, TextEmbedding]:
         """text → embedding for every distinct text; misses go to ``encoder.encode`` in
         batches of ``batch_size`` (one call per batch, under ``torch.no_grad``).
-        ``sources`` (text → where it comes from, e.g. its caption file) words errors."""
+        ``sources`` (text → where it comes from, e.g. its caption file) words errors;
+        ``self.cached`` holds the texts of this call served from the cache."""
         sources = sources or {}
         out: dict[str, TextEmbedding] = {}
         misses: list[str] = []
@@ -218,6 +228,11 @@ class TextCache:
                 self.hits += 1
             else:
                 misses.append(text)
+        self.cached = set(out)
+        if out or misses:
+            log.info("%s: %d to encode, %d from the cache", what, len(misses), len(out))
+        if progress is not None:
+            progress(0, len(misses), "encoding captions")
         for i, chunk in enumerate(_chunks(misses, batch_size)):
             with torch.no_grad():
                 embs = encoder.encode(chunk)
@@ -237,3 +252,23 @@ class TextCache:
             if progress is not None:
                 progress(min(len(misses), (i + 1) * batch_size), len(misses), "encoding captions")
         return out
+
+
+class EmbeddingLookup:
+    """A ``TextEncoder`` over embeddings already encoded (``dataset.embeddings``): serves
+    them with no encoder loaded. A text not among them goes to ``fallback`` (counted in
+    ``encoded``), or raises a KeyError naming it when there is none."""
+
+    def __init__(self, embeddings: dict[str, TextEmbedding], fallback: TextEncoder | None = None):
+        self.embeddings, self.fallback = embeddings, fallback
+        self.identity = getattr(fallback, "identity", "cached-embeddings")
+        self.encoded = 0
+
+    def encode(self, texts: list[str]) -> list[TextEmbedding]:
+        missing = [t for t in dict.fromkeys(texts) if t not in self.embeddings]
+        if missing and self.fallback is None:
+            raise KeyError(f"no cached embedding for {missing[:3]}: pass these texts as train_lora(prompts=...) "
+                           "so they are encoded with the captions")
+        new = dict(zip(missing, self.fallback.encode(missing))) if missing else {}
+        self.encoded += len(new)
+        return [self.embeddings[t] if t in self.embeddings else new[t] for t in texts]

@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -152,6 +152,7 @@ def prepare_dataset(
     pixel_multiple: int,
     seed: int,
     extra_captions: Mapping[str, Callable[[str], str]] | None = None,
+    prompts: Sequence[str] = (),
     progress: Progress = None,
     latent_batch_size: int = 4,
     text_batch_size: int = 16,
@@ -161,8 +162,11 @@ def prepare_dataset(
     Order of work: scan → read every header → choose buckets → decode-check the images
     whose latents are not cached → skip every unreadable image with one warning (or stop:
     ``data.strict``, or none usable; ``survey.settle``) → encode latents → caption
-    variants → encode every distinct text once: the variants, ``""`` when caption_dropout > 0, and for each ``extra_captions`` name the transformed
-    variants plus the transform of a missing caption (used when a caption is dropped).
+    variants → encode every distinct text once: the variants, ``""`` when caption_dropout
+    > 0, for each ``extra_captions`` name the transformed variants plus the transform of a
+    missing caption (used when a caption is dropped), and the ``prompts`` (preview prompts,
+    negatives: ``dataset.embeddings`` serves them after the encoder is freed).
+    ``progress(n, total, phase)`` reports both encoding phases (``cache.Progress``).
     """
     extra_captions = dict(extra_captions or {})
     check_bucket_step(cfg.buckets, pixel_multiple)
@@ -206,9 +210,15 @@ def prepare_dataset(
     latents = latent_cache.get_or_encode(jobs, codec, batch_size=latent_batch_size, progress=progress)
 
     texts, extras = _texts_to_encode(variants, policy, cfg.captions.caption_dropout > 0, extra_captions)
+    prompts = [t for t in dict.fromkeys(prompts) if t not in texts]
     text_cache = TextCache(cache_dir)
-    embeddings = text_cache.get_or_encode(texts, text_encoder, batch_size=text_batch_size, progress=progress,
+    embeddings = text_cache.get_or_encode(texts + prompts, text_encoder, batch_size=text_batch_size,
+                                          progress=progress, what=f"texts (captions and {len(prompts)} prompt(s))",
                                           sources=_text_sources(records, variants, extras, cfg.captions.caption_extension))
+    prompt_hits = sum(t in text_cache.cached for t in prompts)
+    if text_cache.cached:
+        log.info("text encodes saved by the cache: %d (%d caption texts, %d prompts)", len(text_cache.cached),
+                 len(text_cache.cached) - prompt_hits, prompt_hits)
 
     entries = [Entry(latents[p.key], p.bucket, variants[p.record.path], p.record.path, p.record.repeats,
                      flipped=latents.get(p.flip_key), flip_ok=p.record.path in flip_ok, size=p.size) for p in planned]
@@ -227,9 +237,10 @@ def prepare_dataset(
         "caption_fallbacks": found.scan.caption_fallbacks,
         "overlong_captions": overlong,
         "texts": len(texts),
+        "prompts": len(prompts),
         "augment": {"flip_images": len(flip_ok & used), "live_encoding": live},
         "cache": {"latent_hits": latent_cache.hits, "latent_misses": latent_cache.misses,
-                  "text_hits": text_cache.hits, "text_misses": text_cache.misses},
+                  "text_hits": text_cache.hits, "text_misses": text_cache.misses, "prompt_hits": prompt_hits},
     }
     return CachedDataset(entries, embeddings, batch_size=cfg.batch_size, seed=seed,
                          caption_dropout=cfg.captions.caption_dropout, extras=extras,

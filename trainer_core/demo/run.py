@@ -21,7 +21,7 @@ from typing import Callable
 import torch
 
 from ..models.diffusers_flux import DiffusersFlux1
-from ..previews import PreviewCallback, demo_renderer
+from ..previews import PreviewCallback, demo_renderer, prompt_texts
 from ..session import train_lora
 from .codec import DctCodec
 from .dataset import concept_fraction, sample_prompts, write_demo_dataset
@@ -70,13 +70,19 @@ def demo_parts(seed: int = 0):
 
 
 def preview_callbacks(config, codec, text) -> list:
-    """Previews (``<run>/baseline``, ``checkpoint_*``, ``final``) when preview.every_n_steps > 0."""
+    """Previews (``<run>/previews/baseline``, ``step_*``, ``final``) when preview.every_n_steps > 0."""
     p = config.preview
     if p.every_n_steps <= 0:
         return []
     render = demo_renderer(codec, text, p.prompts, config.data.captions.trigger_word, p.seed, p.steps,
                            (p.height, p.width))
     return [PreviewCallback(render, p.every_n_steps)]
+
+
+def preview_prompts(config) -> list[str]:
+    """The preview prompts' texts, cached with the captions (none when previews are off)."""
+    p = config.preview
+    return prompt_texts(p.prompts, config.data.captions.trigger_word, negative=False) if p.every_n_steps > 0 else []
 
 
 def single_thread_unless_asked() -> None:
@@ -93,7 +99,7 @@ def single_thread_unless_asked() -> None:
         torch.set_num_threads(1)
 
 
-def run_demo(args, *, stop: Callable[[], bool], progress, make_config) -> Path:
+def run_demo(args, *, stop: Callable[[], bool], progress, make_config, phase_progress=None) -> Path:
     config = make_config(args, DEMO_DEFAULTS)
     single_thread_unless_asked()
     run_dir = Path(config.train.output_dir) / config.train.output_name
@@ -108,8 +114,8 @@ def run_demo(args, *, stop: Callable[[], bool], progress, make_config) -> Path:
     log.info("sampling 'before' images")
     before = sample_images(model, codec, text, with_trigger, seed=SAMPLE_SEED, size=(DEMO_SIZE, DEMO_SIZE))
     result = train_lora(config, model, codec, text, run_dir=run_dir, progress=progress, should_stop=stop,
-                        callbacks=preview_callbacks(config, codec, text),
-                        base_model="embedded tiny FLUX.1 (random weights)")
+                        callbacks=preview_callbacks(config, codec, text), prompts=preview_prompts(config),
+                        base_model="embedded tiny FLUX.1 (random weights)", phase_progress=phase_progress)
     log.info("sampling 'after' images")
     after = sample_images(model, codec, text, with_trigger, seed=SAMPLE_SEED, size=(DEMO_SIZE, DEMO_SIZE))
     reference = _reference_row(data_dir, codec, without_trigger)

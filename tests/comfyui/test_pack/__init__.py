@@ -1,9 +1,11 @@
-"""Test-only ComfyUI node pack: seeded random CONDITIONING in place of a text encoder, and a
-seeded random LORA_MODEL.
+"""Test-only ComfyUI node pack: seeded random CONDITIONING in place of a text encoder, a
+CLIP that records what it encodes, and a seeded random LORA_MODEL.
 
 Loaded only by the ComfyUI integration tests (through an extra ``custom_nodes`` folder);
 never shipped with FlowTrain."""
 from __future__ import annotations
+
+import zlib
 
 import torch
 from comfy_api.latest import ComfyExtension, io
@@ -63,9 +65,66 @@ class FlowTrainTestLora(io.ComfyNode):
         return io.NodeOutput(lora)
 
 
+class SpyClip:
+    """Answers like ``comfy.sd.CLIP`` (``tokenize``, ``encode_from_tokens``,
+    ``encode_from_tokens_scheduled``) with seeded random embeddings of each text, and records
+    every text it encodes in ``FlowTrainTestClip.encoded`` as ``(path, text)``: "direct" for
+    ``encode_from_tokens`` (FlowTrain), "scheduled" for CLIPTextEncode's path."""
+
+    def __init__(self, width: int, pooled_width: int, seed: int):
+        self.width, self.pooled_width, self.seed = width, pooled_width, seed
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.cond_stage_model = torch.nn.Linear(4, 4)  # its weights are the encoder's identity
+
+    def tokenize(self, text):
+        return {"text": text}
+
+    def _encode(self, text: str) -> dict:
+        g = torch.Generator().manual_seed(zlib.crc32(text.encode("utf-8")) ^ self.seed)
+        cond = torch.randn(1, 5, self.width, generator=g)
+        pooled = torch.randn(1, self.pooled_width, generator=g) if self.pooled_width else None
+        return {"cond": cond, "pooled_output": pooled}
+
+    def encode_from_tokens(self, tokens, return_pooled=False, return_dict=False):
+        FlowTrainTestClip.encoded.append(("direct", tokens["text"]))
+        out = self._encode(tokens["text"])
+        if return_dict:
+            return out
+        return (out["cond"], out["pooled_output"]) if return_pooled else out["cond"]
+
+    def encode_from_tokens_scheduled(self, tokens, **kwargs):
+        FlowTrainTestClip.encoded.append(("scheduled", tokens["text"]))
+        out = self._encode(tokens["text"])
+        cond = out.pop("cond")
+        return [[cond, out]]
+
+
+class FlowTrainTestClip(io.ComfyNode):
+    """A CLIP that counts what it encodes (``SpyClip``), in place of a real text encoder."""
+
+    encoded: list = []
+
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="FlowTrainTestClip", display_name="FlowTrain Test CLIP", category="FlowTrain/testing",
+            inputs=[
+                io.Int.Input("width", default=64, min=1, max=16384, tooltip="Context width (txt_in input size)."),
+                io.Int.Input("pooled_width", default=0, min=0, max=16384, tooltip="Pooled vector width (0 = none)."),
+                io.Int.Input("seed", default=0, min=0, max=2**31, control_after_generate=False, tooltip="Seed."),
+            ],
+            outputs=[io.Clip.Output()],
+        )
+
+    @classmethod
+    def execute(cls, width, pooled_width, seed) -> io.NodeOutput:
+        return io.NodeOutput(SpyClip(width, pooled_width, seed))
+
+
 class TestPackExtension(ComfyExtension):
     async def get_node_list(self):
-        return [FlowTrainTestConditioning, FlowTrainTestLora]
+        return [FlowTrainTestConditioning, FlowTrainTestLora, FlowTrainTestClip]
 
 
 async def comfy_entrypoint():

@@ -1,0 +1,95 @@
+"""What a run is doing right now, for hosts that show it: the phase seam.
+
+A run moves through ``PHASES``: ``loading`` (scan the folder, read headers), ``encoding
+images`` and ``encoding captions`` (the caching before step 1, often most of a short run),
+``training``, and, interleaved with training, ``previews`` and ``saving``; ``done`` at the end.
+
+``PhaseFn = (phase, n, total, info) -> None`` is what a host passes to
+``session.train_lora(phase_progress=...)``: the ComfyUI node turns it into its progress bar,
+node text and a ``flowtrain.phase`` event for the live chart, the command line into a
+status line. ``n``/``total`` count the phase's items (images or texts encoded; 0/0 for a
+phase without items); ``info`` holds ``rate`` (items per second since the phase began, or
+None before the first item) and ``eta`` (seconds, or None).
+
+``PhaseReporter`` wraps a ``PhaseFn`` (or none): it adds ``rate``/``eta``, logs a line at
+the start and end of each counted phase and at most every ``log_every_s`` seconds in
+between, so logs show the caching too. Callbacks reach it as ``state.extra["phase"]``
+(``enter(state, name)``).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from typing import Any, Callable, Optional
+
+log = logging.getLogger(__name__)
+
+PHASES = ("loading", "encoding images", "encoding captions", "training", "previews", "saving", "done")
+PhaseFn = Callable[[str, int, int, dict], None]
+
+
+class PhaseReporter:
+    """``reporter(phase, n, total)``: reports a phase's progress to ``fn`` with rate and ETA.
+
+    A call with a new phase name starts that phase's clock; the rate is measured from
+    that moment, so the first call of a phase should be ``n=0``."""
+
+    def __init__(self, fn: Optional[PhaseFn] = None, *, log_every_s: float = 10.0,
+                 clock: Callable[[], float] = time.perf_counter):
+        self.fn, self.log_every_s, self.clock = fn, log_every_s, clock
+        self.phase: Optional[str] = None
+        self.t0 = self.last_log = 0.0
+
+    def __call__(self, phase: str, n: int = 0, total: int = 0, **extra: Any) -> None:
+        if phase not in PHASES:
+            raise ValueError(f"unknown phase {phase!r}; phases: {', '.join(PHASES)}")
+        now = self.clock()
+        if phase != self.phase:
+            self.phase, self.t0, self.last_log = phase, now, now
+        elapsed = now - self.t0
+        rate = n / elapsed if n > 0 and elapsed > 0 else None
+        eta = (total - n) / rate if rate and total >= n else None
+        info = {"rate": rate, "eta": eta, **extra}
+        if total and (n == 0 or n >= total or now - self.last_log >= self.log_every_s):
+            self.last_log = now
+            log.info("%s %d/%d%s", phase, n, total, describe(info))
+        if self.fn is not None:
+            self.fn(phase, n, total, info)
+
+    def counter(self) -> Callable[[int, int, str], None]:
+        """The ``(n, total, phase)`` callable the data caches call."""
+        return lambda n, total, phase: self(phase, n, total)
+
+
+def describe(info: dict) -> str:
+    """``" (3.1/s, ETA 9s)"`` from a phase's info, or ``""`` without a rate yet."""
+    rate, eta = info.get("rate"), info.get("eta")
+    if not rate:
+        return ""
+    speed = f"{rate:.1f}/s" if rate >= 1 else f"{1 / rate:.1f}s each"
+    return f" ({speed}, ETA {eta:.0f}s)" if eta is not None else f" ({speed})"
+
+
+def enter(state: Any, phase: str) -> None:
+    """Report ``phase`` for a run (``state.extra["phase"]``, set by ``train_lora``); no-op without one."""
+    reporter = getattr(state, "extra", {}).get("phase")
+    if reporter is not None:
+        reporter(phase)
+
+
+@contextlib.contextmanager
+def during(state: Any, phase: str):
+    """``phase`` while the block runs, then the phase before it again (previews and saves
+    interrupt training)."""
+    reporter = getattr(state, "extra", {}).get("phase")
+    before = getattr(reporter, "phase", None)
+    if before == phase:  # nested (a checkpoint save writes the LoRA through the LoRA saver)
+        yield
+        return
+    enter(state, phase)
+    try:
+        yield
+    finally:
+        if before is not None:
+            enter(state, before)
