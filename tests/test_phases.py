@@ -75,9 +75,10 @@ def test_previews_and_saves_interrupt_training_and_return_to_it(tmp_path):
     run(tmp_path, "run", 3, events)
     order = [p for p, *_ in events]
     start = order.index("training")
-    # baseline preview at the start, step 2's preview, then the end: final preview, final LoRA, final checkpoint
+    # baseline preview at the start, step 2's preview, then the end: final LoRA, final checkpoint, and only
+    # then the final preview (saving never waits on, or depends on, a preview)
     assert order[start:] == ["training", "previews", "training", "previews", "training",
-                             "previews", "training", "saving", "training", "saving", "training", "done"]
+                             "saving", "training", "saving", "training", "previews", "training", "done"]
 
 
 def test_prompts_are_encoded_once_with_the_captions_and_never_again(tmp_path, caplog):
