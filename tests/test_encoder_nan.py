@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from conftest import tiny_parts
+from tiny_run import tiny_model
 from trainer_core.data.cache import EncoderOutputError
 from trainer_core.demo.codec import DctCodec
 from trainer_core.demo.text import HashTextEncoder
@@ -42,8 +42,7 @@ class PoisonIsNaN(HashTextEncoder):
 
 
 def _run(tiny_training, config, codec=None, text=None, **kwargs):
-    model, default_codec, default_text = tiny_parts(0)
-    return train_lora(config, model, codec or default_codec, text or default_text, **kwargs)
+    return train_lora(config, tiny_model(0), codec or DctCodec(), text or HashTextEncoder(), **kwargs)
 
 
 def test_nan_latent_names_the_image_and_the_vae(tiny_training):
