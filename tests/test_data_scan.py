@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from trainer_core.data.images import ImageError, image_size, image_to_tensor, load_image
-from trainer_core.data.scan import IMAGE_EXTENSIONS, scan, scan_folder
+from trainer_core.data.scan import IMAGE_EXTENSIONS, scan_folder
 
 
 def _save(img: Image.Image, path, **kw):

@@ -279,3 +279,24 @@ def test_latent_is_the_encoded_bucket_crop(folder, tmp_path):
         want = PoolCodec().encode(image_to_tensor(img)[None])[0]
         tol = 0.05 if e.source.suffix == ".jpg" else 1e-5  # JPEG may be decoded at a reduced DCT scale
         assert torch.allclose(e.latent, want, atol=tol), e.source
+
+
+def test_warnings_name_every_file_not_the_first_few(tmp_path, caplog):
+    root = tmp_path / "many"
+    for i in range(30):
+        _img(root / f"img{i:02d}.png", 32, 32, i)  # no captions
+    with caplog.at_level(logging.WARNING):
+        _prepare(_cfg(root), tmp_path)
+    message = next(r.getMessage() for r in caplog.records if "no caption file" in r.getMessage())
+    assert all(str(root / f"img{i:02d}.png") in message for i in range(30)) and "more" not in message
+
+
+def test_dataset_change_warning_names_every_change(tmp_path, caplog):
+    from trainer_core.control import DatasetWatchCallback, folder_snapshot
+
+    before = folder_snapshot(tmp_path)
+    for i in range(30):
+        (tmp_path / f"new{i:02d}.txt").write_text("x")
+    with caplog.at_level(logging.WARNING):
+        DatasetWatchCallback(tmp_path, before).on_train_end(None, "finished")
+    assert all(f"added new{i:02d}.txt" in caplog.text for i in range(30)) and "more" not in caplog.text
