@@ -114,11 +114,11 @@ def latest_checkpoint(run_dir: Path) -> Optional[Path]:
 
 
 def remove_incomplete(run_dir: Path) -> list[Path]:
-    """Delete checkpoint folders whose write started (``WRITING``) but never finished
-    (no ``COMPLETE``: a crash or a full disk). Other incomplete ``checkpoint_*`` folders
-    were not written by the checkpoint writer (e.g. previews): kept, and ignored."""
+    """Delete checkpoint folders whose write started (``WRITING``, or still empty) but never
+    finished (no ``COMPLETE``: a crash or a full disk). Other incomplete ``checkpoint_*``
+    folders were not written by the checkpoint writer (e.g. previews): kept, and ignored."""
     incomplete = [p for _, p in list_checkpoints(run_dir, complete=False) if not is_complete(p)]
-    gone = [p for p in incomplete if (p / WRITING).is_file()]
+    gone = [p for p in incomplete if (p / WRITING).is_file() or not any(p.iterdir())]  # empty: killed after mkdir
     for p in gone:
         shutil.rmtree(p, ignore_errors=True)
     if gone:
