@@ -25,10 +25,12 @@ from .flow import step_generator
 from .loop import Callback, LossTerm, NonFiniteLoss, RunState, run_loop
 from .lora.formats import LORA_FORMATS
 from .lora.io import build_metadata, save_lora_file
+from .lora.metadata import RunInfo, dataset_facts, with_hashes
 from .lora.network import LoraNetwork
 from .optim import build_optimizer, build_scheduler
 from .report import write_learning_curve, write_state
 from .resume import find_resume_point, is_finished
+from .models.variants import Detection, model_variant
 from .types import FlowModel, LatentCodec, TextEncoder
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,7 @@ class TrainResult:
     history: list[dict]
     network: LoraNetwork  # still injected: the model now carries the trained LoRA
     dataset_summary: dict[str, Any] = field(default_factory=dict)
+    variant: Optional[Detection] = None  # the detected base model variant
 
 
 def run_folder(config: TrainingConfig) -> Path:
@@ -59,11 +62,11 @@ def target_regex(config: TrainingConfig, model: FlowModel) -> str:
 
 
 def save_lora(path: Path, network: LoraNetwork, model: FlowModel, config: TrainingConfig, steps: int,
-              base_model: str = "") -> Path:
+              base_model: str = "", run: Optional[RunInfo] = None) -> Path:
     tensors = LORA_FORMATS.get(model.lora_format).to_tensors(network, model)
     metadata = build_metadata(config, arch=model.arch, steps=steps, base_model=base_model,
-                              trigger_word=config.data.captions.trigger_word)
-    save_lora_file(path, tensors, metadata)
+                              trigger_word=config.data.captions.trigger_word, run=run)
+    save_lora_file(path, tensors, with_hashes(tensors, metadata))
     return path
 
 
@@ -114,14 +117,14 @@ class LoraSaveCallback(Callback):
             self.save(path, state)
 
     def save(self, path: Path, state: RunState) -> None:
-        ema = state.extra.get("ema")
+        ema, run = state.extra.get("ema"), state.extra.get("run_info")
         if ema is None or not state.config.ema.use_for_output:
-            save_lora(path, state.network, state.model, state.config, state.step, self.base_model)
+            save_lora(path, state.network, state.model, state.config, state.step, self.base_model, run)
             return
         save_lora(path.with_name(path.stem + "_raw" + path.suffix), state.network, state.model, state.config,
-                  state.step, self.base_model)
+                  state.step, self.base_model, run)
         with ema.swapped_in():
-            save_lora(path, state.network, state.model, state.config, state.step, self.base_model)
+            save_lora(path, state.network, state.model, state.config, state.step, self.base_model, run)
 
     def on_train_end(self, state: RunState, reason: str) -> None:
         if state.step == 0:
@@ -144,8 +147,12 @@ def train_lora(
     callbacks: Sequence[Callback] = (),
     extra_terms: Sequence[LossTerm] = (),
     base_model: str = "",
+    model_name: str = "",
 ) -> TrainResult:
     """Train a LoRA on ``model`` as ``config`` says; write it under the run folder.
+
+    ``base_model``: an identity of the base model (resuming refuses a different one);
+    ``model_name``: its file name, as the LoRA metadata reports it (``ss_sd_model_name``).
 
     The LoRA stays injected in ``model.module`` afterwards (``result.network.remove()``
     restores the base model)."""
@@ -174,6 +181,8 @@ def train_lora(
     state = RunState(config=config, model=model, network=network, optimizer=optimizer,
                      scheduler=scheduler, data=dataset, total_steps=config.train.steps)
     state.extra["run_dir"] = run_dir
+    variant = detect_variant_logged(model)
+    state.extra["run_info"] = RunInfo(variant=variant, model_name=model_name, dataset=dataset_facts(dataset))
     if resume_from is not None:
         _resume(state, resume_from)
     saver = LoraSaveCallback(run_dir, 0, base_model)  # lora_final; checkpoints come from `durability`
@@ -186,7 +195,7 @@ def train_lora(
              config.train.steps, run_dir)
     reason = _run_guarded(state, terms, all_callbacks, should_stop, assemble.build_noise_fn(config), run_dir)
     return TrainResult(run_dir=run_dir, lora_path=saver.final_path, steps=state.step, reason=reason,
-                       history=state.history, network=network, dataset_summary=dataset.summary())
+                       history=state.history, network=network, dataset_summary=dataset.summary(), variant=variant)
 
 
 # --------------------------------------------------------------------------- durability
@@ -201,6 +210,19 @@ def durability_callbacks(config: TrainingConfig, run_dir: Path, saver: LoraSaveC
     if config.data.path:
         tail.append(DatasetWatchCallback(config.data.path, data_before))
     return [StepSeedCallback(config.train.seed), *callbacks, *tail]
+
+
+def detect_variant_logged(model: FlowModel) -> Optional[Detection]:
+    """The base model's variant (``models.variants``), logged; None for a model whose
+    shape cannot be read (the metadata then names only its family)."""
+    try:
+        found = model_variant(model)
+    except (ValueError, AttributeError) as e:
+        log.warning("cannot tell which %s variant this model is (%s); the LoRA metadata names only the family",
+                    getattr(model, "arch", "?"), e)
+        return None
+    log.info("base model: %s", found.describe())
+    return found
 
 
 def seeded_inject(config: TrainingConfig, model: FlowModel) -> LoraNetwork:
