@@ -21,6 +21,7 @@ from .checkpoint import Checkpoint, CheckpointCallback, StepSeedCallback, latest
 from .config import TrainingConfig
 from .control import ControlCallback, DatasetWatchCallback, folder_snapshot
 from .data.dataset import prepare_dataset
+from .data.holdout import split_validation
 from .flow import step_generator
 from .loop import Callback, LossTerm, NonFiniteLoss, RunState, run_loop
 from .lora.formats import LORA_FORMATS
@@ -169,6 +170,8 @@ def train_lora(
     dataset = prepare_dataset(config.data, codec, text_encoder, cache_dir=cache_dir,
                               pixel_multiple=model.pixel_multiple, seed=config.train.seed,
                               extra_captions=assemble.extra_captions(config))
+    dataset, validation_data = split_validation(config, dataset, lambda data: prepare_dataset(
+        data, codec, text_encoder, cache_dir=cache_dir, pixel_multiple=model.pixel_multiple, seed=config.train.seed))
     if release_encoders is not None and not dataset.needs_codec:  # live augmentation encodes every step
         release_encoders()
 
@@ -181,11 +184,13 @@ def train_lora(
     state = RunState(config=config, model=model, network=network, optimizer=optimizer,
                      scheduler=scheduler, data=dataset, total_steps=config.train.steps)
     state.extra["run_dir"] = run_dir
+    state.extra["validation_data"] = validation_data
     variant = detect_variant_logged(model)
-    state.extra["run_info"] = RunInfo(variant=variant, model_name=model_name, dataset=dataset_facts(dataset))
+    state.extra["run_info"] = RunInfo(variant=variant, model_name=model_name, dataset=dataset_facts(dataset, validation_data))
     if resume_from is not None:
         _resume(state, resume_from)
     saver = LoraSaveCallback(run_dir, 0, base_model)  # lora_final; checkpoints come from `durability`
+    state.extra["save_lora"] = saver.save  # e.g. validation's best/
     terms = [*assemble.build_terms(config, model), *extra_terms]
     all_callbacks = [*assemble.build_callbacks(config, run_dir), *callbacks,
                      ReportCallback(run_dir, progress, config.train.log_every), saver]
