@@ -209,6 +209,7 @@ class TrainConfig(_Validated):
     keep_checkpoints: int = opt(3, "Keep the newest N checkpoints (the newest complete one is never deleted); 0 = keep all.", lo=0, hi=100_000)
     existing_run: str = opt("resume", "When the run folder already exists: resume (from its newest complete checkpoint) or refuse.", choices=lambda: ["resume", "refuse"])
     resume_from: str = opt("", "Resume from this checkpoint folder instead of the newest one (empty = newest).")
+    tensorboard: bool = opt(True, "Write TensorBoard event files to <run>/tensorboard (when the tensorboard package is installed): loss and its terms, lr, grad norm, validation loss, loss by σ bin, previews.")
 
     def check(self) -> None:
         name = self.output_name

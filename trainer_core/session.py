@@ -32,6 +32,7 @@ from .optim import build_optimizer, build_scheduler
 from .report import write_learning_curve, write_state
 from .resume import find_resume_point, is_finished
 from .models.variants import Detection, model_variant
+from .tracking import tracking_callbacks
 from .types import FlowModel, LatentCodec, TextEncoder
 
 log = logging.getLogger(__name__)
@@ -192,7 +193,7 @@ def train_lora(
     saver = LoraSaveCallback(run_dir, 0, base_model)  # lora_final; checkpoints come from `durability`
     state.extra["save_lora"] = saver.save  # e.g. validation's best/
     terms = [*assemble.build_terms(config, model), *extra_terms]
-    all_callbacks = [*assemble.build_callbacks(config, run_dir), *callbacks,
+    all_callbacks = [*assemble.build_callbacks(config, run_dir), *callbacks, *tracking_callbacks(config, run_dir),
                      ReportCallback(run_dir, progress, config.train.log_every), saver]
     all_callbacks = durability_callbacks(config, run_dir, saver, should_stop, model_info, data_before, all_callbacks)
     log.info("training %d LoRA modules (%d parameters) for %d steps in %s",
