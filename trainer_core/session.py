@@ -16,7 +16,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from . import FORMAT_VERSION, assemble
+from . import FORMAT_VERSION, assemble, modelcard
 from .checkpoint import Checkpoint, CheckpointCallback, StepSeedCallback, latest_checkpoint, restore
 from .config import TrainingConfig
 from .control import ControlCallback, DatasetWatchCallback, folder_snapshot
@@ -200,6 +200,10 @@ def train_lora(
              len(network.modules_trained()), sum(p.numel() for p in network.parameters()),
              config.train.steps, run_dir)
     reason = _run_guarded(state, terms, all_callbacks, should_stop, assemble.build_noise_fn(config), run_dir)
+    modelcard.write_after_training(run_dir, config, saver.final_path, variant=variant, model_name=model_name,
+                                   steps=state.step, reason=reason, history=state.history,
+                                   dataset_summary=dict(dataset.summary(), validation_images=state.extra[
+                                       "run_info"].dataset.num_validation_images))
     return TrainResult(run_dir=run_dir, lora_path=saver.final_path, steps=state.step, reason=reason,
                        history=state.history, network=network, dataset_summary=dataset.summary(), variant=variant)
 

@@ -293,7 +293,9 @@ class CachedDataset:
                                caption_dropout=self.caption_dropout, extras=self.extras,
                                dropped_base=self.dropped_base, caption_dropout_warmup=self.caption_dropout_warmup,
                                flip=self.flip, augmenter=self.augmenter, codec=self.codec,
-                               summary=dict(self._summary, images=len({e.source for e in entries})))
+                               summary=dict(self._summary, images=len({e.source for e in entries}),
+                                            buckets=dict(sorted(_count(f"{e.bucket[0]}x{e.bucket[1]}"
+                                                                       for e in entries).items()))))
         return out
 
     @property
