@@ -233,6 +233,7 @@ class FlowTrainTrainer(io.ComfyNode):
         result, trained, tensors = run_training(model, vae, clip, conditioning, dataset, lora_config, settings,
                                                 dop=dop, preview=preview, node_id=node_id)
         last = result.history[-1]["loss"] if result.history else float("nan")
-        send_text(f"{result.reason}: {result.steps} steps, loss {last:.4f} → {result.lora_path}", node_id)
+        model_label = f" on {result.variant.variant.label}" if result.variant is not None else ""
+        send_text(f"{result.reason}: {result.steps} steps{model_label}, loss {last:.4f} → {result.lora_path}", node_id)
         curve = loss_curve_tensor(result.history)
         return io.NodeOutput(trained, tensors, str(result.lora_path), curve, ui=ui.PreviewImage(curve, cls=cls))
