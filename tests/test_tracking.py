@@ -43,7 +43,7 @@ def test_event_files_hold_losses_lr_validation_sigma_bins_and_previews(tmp_path,
     assert all(abs(v - h["loss"]) < 1e-6 for (_, v), h in zip(losses, result.history))
     assert [e.step for e in acc.Scalars("loss/flow")] == [1, 2, 3, 4]
     assert {"lr", "grad_norm"} <= set(tags["scalars"])
-    assert [e.step for e in acc.Scalars("validation/loss")] == [2, 4]
+    assert [e.step for e in acc.Scalars("validation/loss")] == [0, 2, 4]  # the baseline, then every 2 steps
     bins = [t for t in tags["scalars"] if t.startswith("loss_by_sigma/")]
     assert bins and all(t in {"loss_by_sigma/0.00-0.25", "loss_by_sigma/0.25-0.50", "loss_by_sigma/0.50-0.75",
                                "loss_by_sigma/0.75-1.00"} for t in bins)

@@ -136,3 +136,19 @@ def test_holdout_is_seeded_and_refuses_to_hold_out_everything(tmp_path):
     assert any(held_out_sources(files, 2, seed=s) != a for s in range(2, 6))
     with pytest.raises(ValueError, match="validation.images=6 would hold out all 6"):
         held_out_sources(files, 6, seed=1)
+
+
+def test_resume_refuses_a_change_of_the_held_out_images():
+    from trainer_core.config import TrainingConfig
+    from trainer_core.resume import config_changes
+
+    def cfg(**v):
+        return TrainingConfig.from_dict({"validation": v}).to_dict()
+
+    on = cfg(every_n_steps=10, images=2)
+    for changed in (cfg(every_n_steps=10, images=3), cfg(every_n_steps=10, images=2, seed=5), cfg(every_n_steps=0),
+                    cfg(every_n_steps=10, path="/elsewhere")):
+        unsafe, _, _ = config_changes(on, changed, {}, {})
+        assert any(u.startswith("validation.held_out") for u in unsafe), changed["validation"]
+    unsafe, safe, _ = config_changes(on, cfg(every_n_steps=20, images=2, sigmas=[0.5]), {}, {})
+    assert not unsafe and len(safe) == 2  # how often and at which σ does not change what is trained

@@ -5,7 +5,8 @@
 (``pip install tensorboard``; ``train.tensorboard`` turns it off):
 
 * every step: ``loss/total``, ``loss/<term>`` for each loss term (``flow``, ``dop``, ...),
-  ``lr``, ``grad_norm``; ``validation/loss`` when the validation loss was computed;
+  ``lr``, ``grad_norm``; ``validation/loss`` when the validation loss was computed (and
+  its step-0 baseline);
 * every ``train.log_every`` steps (and at the end): ``loss_by_sigma/<lo>-<hi>``, the mean
   unweighted training loss of the samples whose σ fell in that bin since the last write
   (``loss.sigma_bins`` bins);
@@ -83,6 +84,9 @@ class TensorBoardCallback(Callback):
         self.writer = SummaryWriter(str(self.folder), purge_step=state.step if state.step > 0 else None)
         log.info("TensorBoard event files in %s; open them with: tensorboard --logdir %s", self.folder, self.folder)
         if state.step == 0:
+            for step, value in state.extra.get("curves", {}).get("validation", []):
+                if step == 0:  # the baseline before training (validation.ValidationCallback runs first)
+                    self.writer.add_scalar("validation/loss", value, 0)
             self._previews("baseline", 0)
 
     def on_step_end(self, state: RunState, logs: dict) -> None:
