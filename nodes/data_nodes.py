@@ -190,7 +190,10 @@ class FlowTrainPreviewSettings(io.ComfyNode):
                 io.Int.Input("validation_every", default=0, **bounds(ValidationConfig, "every_n_steps"),
                              tooltip=tip(ValidationConfig, "every_n_steps",
                                          "Drawn in the run folder's learning_curve.svg; validation.json holds the "
-                                         "values (the first dataset images, fixed noise levels).")),
+                                         "values (held-out images, fixed noise levels); the LoRA with the lowest "
+                                         "validation loss is kept in the run folder's best/.")),
+                io.Int.Input("validation_images", default=2, **bounds(ValidationConfig, "images"),
+                             tooltip=tip(ValidationConfig, "images")),
             ],
             outputs=[PreviewType.Output(display_name="preview")],
         )

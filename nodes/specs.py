@@ -220,13 +220,14 @@ class PreviewSettings:
 
 
 def preview_settings(*, every_n_steps: int, prompts: str, seed: int, steps: int, width: int, height: int,
-                     guidance: float, validation_every: int = 0) -> PreviewSettings:
+                     guidance: float, validation_every: int = 0, validation_images: int = 2) -> PreviewSettings:
     """The Preview settings node's widgets → ``PreviewSettings`` (``prompts``: one per line;
-    ``validation_every`` → ``validation.every_n_steps``, 0 = off)."""
+    ``validation_every`` → ``validation.every_n_steps``, 0 = off; ``validation_images`` →
+    ``validation.images``, held out of the dataset)."""
     return PreviewSettings(
         PreviewConfig(every_n_steps=every_n_steps, prompts=parse_prompts(prompts), seed=seed, steps=steps,
                       width=width, height=height, guidance=guidance),
-        ValidationConfig(every_n_steps=validation_every))
+        ValidationConfig(every_n_steps=validation_every, images=validation_images))
 
 
 @dataclass(frozen=True)
@@ -323,7 +324,7 @@ NODE_WIDGETS: dict[str, tuple[str, ...]] = {
     "FlowTrainLoraConfig": ("rank", "alpha", "dropout", "targets", "target_regex", "dtype"),
     "FlowTrainDopSettings": ("enabled", "class_word", "multiplier", "every_n_steps", "gradient_surgery"),
     "FlowTrainPreviewSettings": ("every_n_steps", "prompts", "seed", "steps", "width", "height", "guidance",
-                                 "validation_every"),
+                                 "validation_every", "validation_images"),
     "FlowTrainTrainer": tuple(f.name for f in dataclasses.fields(TrainerSettings)),
     "FlowTrainSaveLora": ("name",),
     "FlowTrainSamplerPreview": ("prompts", "trigger_word", "seed", "steps", "guidance", "sampler_name", "scheduler",

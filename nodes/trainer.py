@@ -42,6 +42,16 @@ def base_model_identity(model_patcher) -> str:
     return f"comfy:{kind}:{digest}:patches={len(model_patcher.patches or {})}"
 
 
+def model_file_name(model_patcher) -> str:
+    """The file the MODEL was loaded from (UNETLoader, CheckpointLoaderSimple), for the LoRA
+    metadata's ``ss_sd_model_name``: ComfyUI keeps the loader call that can rebuild a patcher
+    as ``cached_patcher_init = (loader, (path, ...))``. Empty when it is unknown."""
+    init = getattr(model_patcher, "cached_patcher_init", None)
+    args = init[1] if isinstance(init, tuple) and len(init) > 1 else ()
+    first = args[0] if isinstance(args, (tuple, list)) and args else None
+    return os.path.basename(first) if isinstance(first, str) else ""
+
+
 def _tensors_in(obj: Any, depth: int = 0) -> list[torch.Tensor]:
     if depth > 4:
         return []
@@ -183,7 +193,7 @@ def run_training(model, vae, clip, conditioning, dataset, lora_config, settings:
                                 release_encoders=lambda: release(vae, clip, encoder, clip_users=users),
                                 progress=progress, phase_progress=progress.phase, prompts=prompts,
                                 should_stop=mm.processing_interrupted, callbacks=callbacks,
-                                base_model=identity)
+                                base_model=identity, model_name=model_file_name(model))
         finally:
             if result is not None:
                 result.network.remove()
@@ -273,6 +283,7 @@ class FlowTrainTrainer(io.ComfyNode):
         result, trained, tensors = run_training(model, vae, clip, conditioning, dataset, lora_config, settings,
                                                 dop=dop, preview=preview, node_id=node_id, prompt=cls.hidden.prompt)
         last = result.history[-1]["loss"] if result.history else float("nan")
-        send_text(f"{result.reason}: {result.steps} steps, loss {last:.4f} → {result.lora_path}", node_id)
+        model_label = f" on {result.variant.variant.label}" if result.variant is not None else ""
+        send_text(f"{result.reason}: {result.steps} steps{model_label}, loss {last:.4f} → {result.lora_path}", node_id)
         curve = loss_curve_tensor(result.history)
         return io.NodeOutput(trained, tensors, str(result.lora_path), curve, ui=ui.PreviewImage(curve, cls=cls))

@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
             model, codec, text = load_diffusers_flux_folder(args.model, dtype=DTYPES[config.train.precision])
             result = train_lora(config, model, codec, text, release_encoders=lambda: (codec.release(), text.release()),
                                 progress=TerminalProgress(), should_stop=stop, base_model=str(args.model),
-                                phase_progress=TerminalPhases())
+                                phase_progress=TerminalPhases(), model_name=Path(args.model).name)
             log.info("LoRA: %s (%s after %d steps)", result.lora_path, result.reason, result.steps)
     except (ConfigError, ValueError, FileNotFoundError, NonFiniteLoss, OSError) as e:
         # each of these carries a message that names the file or setting and the fix

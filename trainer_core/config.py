@@ -190,8 +190,10 @@ class ValidationConfig(_Validated):
     _prefix = "validation"
     every_n_steps: int = opt(0, "Compute the validation loss every N steps (0 = off).", lo=0, hi=10_000_000)
     sigmas: tuple[float, ...] = opt((0.1, 0.25, 0.5, 0.75, 0.9), "Fixed noise levels of the validation loss.", lo=0.0, lo_open=True, hi=1.0)
-    images: int = opt(4, "How many images (held out when the dataset has enough, else training images) the validation loss uses.", lo=1, hi=1000)
-    seed: int = opt(1, "Seed of the fixed validation noise.", lo=0, hi=2**62)
+    images: int = opt(2, "How many images of data.path are held out for the validation loss (never trained on; chosen by validation.seed). Ignored when validation.path is set.", lo=1, hi=1000)
+    path: str = opt("", "A separate folder of validation images (with captions); when set, nothing is held out of data.path.")
+    seed: int = opt(1, "Seed of the fixed validation noise and of which images are held out.", lo=0, hi=2**62)
+    keep_best: bool = opt(True, "Keep the LoRA with the lowest validation loss in <run>/best/.")
 
 
 @dataclass(frozen=True)
@@ -208,6 +210,7 @@ class TrainConfig(_Validated):
     keep_checkpoints: int = opt(3, "Keep the newest N checkpoints (the newest complete one is never deleted); 0 = keep all.", lo=0, hi=100_000)
     existing_run: str = opt("resume", "When the run folder already exists: resume (from its newest complete checkpoint) or refuse.", choices=lambda: ["resume", "refuse"])
     resume_from: str = opt("", "Resume from this checkpoint folder instead of the newest one (empty = newest).")
+    tensorboard: bool = opt(True, "Write TensorBoard event files to <run>/tensorboard (when the tensorboard package is installed): loss and its terms, lr, grad norm, validation loss, loss by σ bin, previews.")
 
     def check(self) -> None:
         name = self.output_name

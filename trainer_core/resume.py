@@ -10,10 +10,12 @@ from .checkpoint import Checkpoint, latest_checkpoint, list_checkpoints, load_ch
 
 log = logging.getLogger(__name__)
 
+HELD_OUT = "validation.held_out"  # derived: which images data/holdout.py keeps out of training
+
 # Changing one of these makes the saved state meaningless for the new config: refused.
 UNSAFE_FIELDS = ("lora.rank", "lora.alpha", "lora.targets", "lora.target_regex", "lora.dtype", "data.path",
                  "data.batch_size", "train.seed", "optim.grad_accum", "optim.optimizer",
-                 "optim.loraplus_lr_ratio", "ema.enabled")
+                 "optim.loraplus_lr_ratio", "ema.enabled", HELD_OUT)
 # Changing one of these does not change what is trained: accepted and logged.
 SAFE_FIELDS = ("train.steps", "train.save_every", "train.log_every", "train.keep_checkpoints",
                "train.existing_run", "train.resume_from", "train.output_dir", "train.output_name",
@@ -38,6 +40,7 @@ def config_changes(old: dict, new: dict, old_model: dict, new_model: dict) -> tu
     for d in (a, b):
         if d.get("data.path"):
             d["data.path"] = str(Path(d["data.path"]).expanduser().resolve())
+        d[HELD_OUT] = _held_out(d)
     unsafe, safe, other = [], [], []
     for key in sorted(set(a) | set(b)):
         if a.get(key) == b.get(key):
@@ -54,6 +57,14 @@ def config_changes(old: dict, new: dict, old_model: dict, new_model: dict) -> tu
         if x and y and x != y:
             unsafe.append(f"model {key}: {x!r} -> {y!r}")
     return unsafe, safe, other
+
+
+def _held_out(d: dict[str, Any]) -> str:
+    """The validation split's effect on training: other ``validation.*`` changes are safe,
+    but holding out other images changes the training set."""
+    if not d.get("validation.every_n_steps") or d.get("validation.path"):
+        return "none"
+    return f"{d.get('validation.images')} image(s), seed {d.get('validation.seed')}"
 
 
 def _has_run(run_dir: Path) -> list[str]:

@@ -19,20 +19,24 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from . import FORMAT_VERSION, assemble
+from . import FORMAT_VERSION, assemble, modelcard
 from .checkpoint import Checkpoint, CheckpointCallback, StepSeedCallback, latest_checkpoint, restore
 from .config import TrainingConfig
 from .control import ControlCallback, DatasetWatchCallback, folder_snapshot
 from .data.dataset import prepare_dataset
+from .data.holdout import split_validation
 from .flow import step_generator
 from .loop import Callback, LossTerm, NonFiniteLoss, NonFiniteWeights, RunState, run_loop
 from .lora.formats import LORA_FORMATS
 from .lora.io import build_metadata, save_lora_file
+from .lora.metadata import RunInfo, dataset_facts, with_hashes
 from .lora.network import LoraNetwork
 from .optim import build_optimizer, build_scheduler
 from .phases import PhaseFn, PhaseReporter, during
 from .report import write_learning_curve, write_state
 from .resume import find_resume_point, is_finished
+from .models.variants import Detection, model_variant
+from .tracking import tracking_callbacks
 from .types import FlowModel, LatentCodec, TextEncoder
 
 log = logging.getLogger(__name__)
@@ -50,6 +54,7 @@ class TrainResult:
     history: list[dict]
     network: LoraNetwork  # still injected: the model now carries the trained LoRA
     dataset_summary: dict[str, Any] = field(default_factory=dict)
+    variant: Optional[Detection] = None  # the detected base model variant
 
 
 def run_folder(config: TrainingConfig) -> Path:
@@ -63,11 +68,11 @@ def target_regex(config: TrainingConfig, model: FlowModel) -> str:
 
 
 def save_lora(path: Path, network: LoraNetwork, model: FlowModel, config: TrainingConfig, steps: int,
-              base_model: str = "") -> Path:
+              base_model: str = "", run: Optional[RunInfo] = None) -> Path:
     tensors = LORA_FORMATS.get(model.lora_format).to_tensors(network, model)
     metadata = build_metadata(config, arch=model.arch, steps=steps, base_model=base_model,
-                              trigger_word=config.data.captions.trigger_word)
-    save_lora_file(path, tensors, metadata)
+                              trigger_word=config.data.captions.trigger_word, run=run)
+    save_lora_file(path, tensors, with_hashes(tensors, metadata))
     return path
 
 
@@ -129,14 +134,14 @@ class LoraSaveCallback(Callback):
             self._save(path, state)
 
     def _save(self, path: Path, state: RunState) -> None:
-        ema = state.extra.get("ema")
+        ema, run = state.extra.get("ema"), state.extra.get("run_info")
         if ema is None or not state.config.ema.use_for_output:
-            save_lora(path, state.network, state.model, state.config, state.step, self.base_model)
+            save_lora(path, state.network, state.model, state.config, state.step, self.base_model, run)
             return
         save_lora(path.with_name(path.stem + "_raw" + path.suffix), state.network, state.model, state.config,
-                  state.step, self.base_model)
+                  state.step, self.base_model, run)
         with ema.swapped_in():
-            save_lora(path, state.network, state.model, state.config, state.step, self.base_model)
+            save_lora(path, state.network, state.model, state.config, state.step, self.base_model, run)
 
     def on_train_end(self, state: RunState, reason: str) -> None:
         if state.step == 0:
@@ -176,8 +181,12 @@ def train_lora(
     base_model: str = "",
     prompts: Sequence[str] = (),
     phase_progress: Optional[PhaseFn] = None,
+    model_name: str = "",
 ) -> TrainResult:
     """Train a LoRA on ``model`` as ``config`` says; write it under the run folder.
+
+    ``base_model``: an identity of the base model (resuming refuses a different one);
+    ``model_name``: its file name, as the LoRA metadata reports it (``ss_sd_model_name``).
 
     The LoRA stays injected in ``model.module`` afterwards (``result.network.remove()``
     restores the base model)."""
@@ -198,6 +207,8 @@ def train_lora(
                               pixel_multiple=model.pixel_multiple, seed=config.train.seed,
                               extra_captions=assemble.extra_captions(config), prompts=prompts,
                               progress=phase.counter())
+    dataset, validation_data = split_validation(config, dataset, lambda data: prepare_dataset(
+        data, codec, text_encoder, cache_dir=cache_dir, pixel_multiple=model.pixel_multiple, seed=config.train.seed))
     run_dir.mkdir(parents=True, exist_ok=True)
     write_state(run_dir / "config.json", {"format_version": FORMAT_VERSION, "config": config.to_dict()})
     if release_encoders is not None and not dataset.needs_codec:  # live augmentation encodes every step
@@ -213,11 +224,15 @@ def train_lora(
                      scheduler=scheduler, data=dataset, total_steps=config.train.steps)
     state.extra["run_dir"] = run_dir
     state.extra["phase"] = phase
+    state.extra["validation_data"] = validation_data
+    variant = detect_variant_logged(model)
+    state.extra["run_info"] = RunInfo(variant=variant, model_name=model_name, dataset=dataset_facts(dataset, validation_data))
     if resume_from is not None:
         _resume(state, resume_from)
     saver = LoraSaveCallback(run_dir, 0, base_model)  # lora_final; checkpoints come from `durability`
+    state.extra["save_lora"] = saver.save  # e.g. validation's best/
     terms = [*assemble.build_terms(config, model), *extra_terms]
-    all_callbacks = [*assemble.build_callbacks(config, run_dir), *callbacks,
+    all_callbacks = [*assemble.build_callbacks(config, run_dir), *callbacks, *tracking_callbacks(config, run_dir),
                      ReportCallback(run_dir, progress, config.train.log_every), saver]
     all_callbacks = durability_callbacks(config, run_dir, saver, should_stop, model_info, data_before, all_callbacks)
     log.info("training %d LoRA modules (%d parameters) for %d steps in %s",
@@ -226,10 +241,14 @@ def train_lora(
     phase("training")
     try:
         reason = _run_guarded(state, terms, all_callbacks, should_stop, assemble.build_noise_fn(config), run_dir)
+        modelcard.write_after_training(run_dir, config, saver.final_path, variant=variant, model_name=model_name,
+                                       steps=state.step, reason=reason, history=state.history,
+                                       dataset_summary=dict(dataset.summary(), validation_images=state.extra[
+                                           "run_info"].dataset.num_validation_images))
     finally:
         phase("done")
     return TrainResult(run_dir=run_dir, lora_path=saver.final_path, steps=state.step, reason=reason,
-                       history=state.history, network=network, dataset_summary=dataset.summary())
+                       history=state.history, network=network, dataset_summary=dataset.summary(), variant=variant)
 
 
 # --------------------------------------------------------------------------- durability
@@ -244,6 +263,19 @@ def durability_callbacks(config: TrainingConfig, run_dir: Path, saver: LoraSaveC
     if config.data.path:
         tail.append(DatasetWatchCallback(config.data.path, data_before))
     return [StepSeedCallback(config.train.seed), *callbacks, *tail]
+
+
+def detect_variant_logged(model: FlowModel) -> Optional[Detection]:
+    """The base model's variant (``models.variants``), logged; None for a model whose
+    shape cannot be read (the metadata then names only its family)."""
+    try:
+        found = model_variant(model)
+    except (ValueError, AttributeError) as e:
+        log.warning("cannot tell which %s variant this model is (%s); the LoRA metadata names only the family",
+                    getattr(model, "arch", "?"), e)
+        return None
+    log.info("base model: %s", found.describe())
+    return found
 
 
 def seeded_inject(config: TrainingConfig, model: FlowModel) -> LoraNetwork:

@@ -3,11 +3,10 @@
 The training loss jumps with each step's random σ, noise and image; this one is measured
 on the same inputs every time, so its curve shows learning (and over-fitting) directly.
 
-* images: the first ``validation.images`` entries of the dataset (an entry is one image
-  at one bucket), with their first cached caption variant (the base caption: no
-  shuffle, no dropout; with shuffle/tag-dropout on it is the first variant drawn). These
-  are **training images**: the dataset has no held-out split yet, so this measures the fit
-  to the training set and is mostly useful for its shape (plateau, instability);
+* images: the validation split (``data/holdout.py``): ``validation.images`` images held
+  out of ``data.path``, or the images of ``validation.path``; never trained on. Every entry
+  (one image at one bucket) is used, with its first cached caption variant (the base
+  caption: no shuffle, no dropout; with shuffle/tag-dropout on it is the first variant drawn);
 * σ: ``validation.sigmas``; noise: drawn once from ``step_generator(seed, 0, VALIDATION_STREAM)``,
   never from the training generators or the global RNG;
 * loss per σ: ``mean((v̂(x_t, σ) - (ε - x0))²)`` over images and elements, plain MSE (no
@@ -17,6 +16,11 @@ Computed at step 0 (a baseline, before training) and every ``validation.every_n_
 steps under ``no_grad`` in eval mode (no LoRA dropout), with the EMA weights when the run
 outputs them. Results go to ``state.extra["curves"]["validation"]`` as ``[(step, value)]``
 (plotted in ``learning_curve.svg``) and ``<run>/validation.json`` with the per-σ values.
+
+Best checkpoint (``validation.keep_best``): after a step whose validation loss is the lowest
+so far, the LoRA the run outputs is saved to ``<run>/best/lora.safetensors`` (through
+``state.extra["save_lora"]``, the session's saver) with ``best/best.json`` (step, loss);
+a resumed run reads ``best.json`` back and only replaces it with a lower loss.
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ from .types import TextBatch
 
 log = logging.getLogger(__name__)
 
+BEST = "best"  # folder in the run dir holding the LoRA with the lowest validation loss
 VALIDATION_STREAM = 11  # flow.step_generator stream: separate from training draws
 
 
@@ -68,10 +73,7 @@ class ValidationSet:
             raise ValueError(f"validation needs a CachedDataset (entries + embeddings); got {type(dataset).__name__}. "
                              "Set validation.every_n_steps=0 to train without a validation loss")
         self.cfg = cfg
-        self.entries = entries[: cfg.images]
-        if len(self.entries) < cfg.images:
-            log.info("validation.images=%d but the dataset has %d entries; using all of them",
-                     cfg.images, len(self.entries))
+        self.entries = list(entries)
         self.sigmas = torch.tensor(cfg.sigmas, dtype=torch.float32)
         g = step_generator(cfg.seed, 0, VALIDATION_STREAM)
         self.noise = [torch.randn((len(cfg.sigmas), *e.latent.shape), generator=g) for e in self.entries]
@@ -93,15 +95,25 @@ class ValidationSet:
 class ValidationCallback(Callback):
     """Validation loss at step 0 and every ``cfg.every_n_steps`` steps (and the last)."""
 
-    def __init__(self, cfg: ValidationConfig):
+    def __init__(self, cfg: ValidationConfig, data: Any = None):
         if cfg.every_n_steps < 1:
             raise ValueError("ValidationCallback needs validation.every_n_steps >= 1 (0 means off: do not add it)")
         self.cfg = cfg
+        self.data = data
         self.vset: ValidationSet | None = None
         self.history: list[dict] = []
+        self.best: tuple[int, float] | None = None  # (step, loss) of best/
 
     def on_train_start(self, state: RunState) -> None:
-        self.vset = ValidationSet(state.data, self.cfg)
+        data = self.data if self.data is not None else state.extra.get("validation_data")
+        if data is None:
+            raise ValueError("the validation loss needs a validation split (data/holdout.py split_validation): "
+                             "state.extra['validation_data'] is not set")
+        self.vset = ValidationSet(data, self.cfg)
+        run_dir = state.extra.get("run_dir")
+        if run_dir is not None and (Path(run_dir) / BEST / "best.json").is_file():
+            doc = json.loads((Path(run_dir) / BEST / "best.json").read_text())
+            self.best = (int(doc["step"]), float(doc["validation_loss"]))
         if state.step == 0:
             self.evaluate(state)
 
@@ -119,12 +131,26 @@ class ValidationCallback(Callback):
                  ", ".join(f"{s:g}: {v:.4f}" for s, v in zip(self.cfg.sigmas, per_sigma.tolist())))
         run_dir = state.extra.get("run_dir")
         if run_dir is not None:
+            if self.cfg.keep_best and state.step > 0 and (self.best is None or value < self.best[1]):
+                self.keep_best(state, Path(run_dir) / BEST, value)
             self.write(Path(run_dir) / "validation.json")
         return value
 
+    def keep_best(self, state: RunState, folder: Path, value: float) -> None:
+        save = state.extra.get("save_lora")
+        if save is None:
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        save(folder / "lora.safetensors", state)
+        atomic_write_text(folder / "best.json", json.dumps(
+            {"format_version": FORMAT_VERSION, "step": state.step, "validation_loss": value}, indent=1))
+        self.best = (state.step, value)
+        log.info("step %d: lowest validation loss so far (%.4f); LoRA kept in %s", state.step, value, folder)
+
     def write(self, path: Path) -> None:
         doc = {"format_version": FORMAT_VERSION, "sigmas": list(self.cfg.sigmas), "seed": self.cfg.seed,
-               "images": self.vset.sources, "held_out": False,
-               "note": "training images (the dataset has no held-out split); plain MSE on the velocity",
+               "images": sorted(set(self.vset.sources)), "held_out": True,
+               "note": "images never trained on; plain MSE on the velocity",
+               "best": None if self.best is None else {"step": self.best[0], "loss": self.best[1]},
                "history": self.history}
         atomic_write_text(path, json.dumps(doc, indent=1))

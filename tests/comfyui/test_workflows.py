@@ -93,6 +93,12 @@ def test_example_workflow_trains_and_samples(env, name, caplog):
     # the run's files, the loss curve, progress on the node
     assert lora_path.endswith("lora_final.safetensors") and (env.output / "flowtrain" / output_name).is_dir()
     assert curve.shape[0] == 1 and curve.shape[-1] == 3 and 0 <= curve.min() and curve.max() <= 1
+    # the metadata names the UNETLoader's file (not our fingerprint) and the model family
+    from trainer_core.lora.io import load_lora_file
+
+    md = load_lora_file(lora_path)[1]
+    assert md["ss_sd_model_name"] == case["unet"] and md["flowtrain.base_model"].startswith("comfy:")
+    assert md["ss_base_model_version"].startswith(case["arch"][:4]) and md["sshs_model_hash"]
     texts = [t for node, t in stub.progress_text if node == trainer]
     assert any(t.startswith("step 3/3  loss") for t in texts), texts
     events = [d for e, d, _ in stub.messages if e == "flowtrain.progress"]

@@ -342,6 +342,20 @@ class CachedDataset:
         self.batches_per_epoch = sum(math.ceil(n / batch_size) for n in per_bucket.values())
         self._plan_cache: tuple[int, list[list[int]]] = (-1, [])
 
+    def subset(self, keep: Callable[[Entry], bool]) -> "CachedDataset":
+        """The same dataset over the entries ``keep`` accepts (e.g. without held-out images)."""
+        entries = [e for e in self.entries if keep(e)]
+        out = CachedDataset.__new__(CachedDataset)
+        out.__dict__.update(self.__dict__)
+        CachedDataset.__init__(out, entries, self.embeddings, batch_size=self.batch_size, seed=self.seed,
+                               caption_dropout=self.caption_dropout, extras=self.extras,
+                               dropped_base=self.dropped_base, caption_dropout_warmup=self.caption_dropout_warmup,
+                               flip=self.flip, augmenter=self.augmenter, codec=self.codec,
+                               summary=dict(self._summary, images=len({e.source for e in entries}),
+                                            buckets=dict(sorted(_count(f"{e.bucket[0]}x{e.bucket[1]}"
+                                                                       for e in entries).items()))))
+        return out
+
     @property
     def needs_codec(self) -> bool:
         """True when batches are encoded live (random crop / colour jitter): keep the codec."""

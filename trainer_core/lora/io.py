@@ -3,7 +3,8 @@
 Metadata is a flat str → str map (the safetensors header allows nothing else). Our own keys
 are ``flowtrain.*`` (``flowtrain.format_version`` and the full config as JSON, so a file can
 be re-read by later versions and its run reproduced); the ``ss_*`` and ``modelspec.*`` keys
-are the ones kohya's sd-scripts writes, which UIs and model sites display.
+are the ones kohya's sd-scripts (FLUX.1) and musubi-tuner (FLUX.2) write, which UIs and model
+sites display (see ``lora/metadata.py``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from safetensors.torch import save as st_save
 
 import trainer_core
 from trainer_core.config import TrainingConfig
+from trainer_core.lora.metadata import RunInfo, run_keys
 
 log = logging.getLogger(__name__)
 
@@ -83,17 +85,6 @@ def load_lora_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     return tensors, metadata
 
 
-def modelspec_architecture(arch: str, base_model: str) -> str:
-    """``modelspec.architecture`` as kohya writes it: ``flux-1-dev/lora`` (or
-    ``flux-1-schnell``); for FLUX.2 ``flux-2-dev/lora`` or ``flux-2-klein/lora``."""
-    low = base_model.lower()
-    if arch == "flux1":
-        return "flux-1-schnell/lora" if "schnell" in low else "flux-1-dev/lora"
-    if arch == "flux2":
-        return "flux-2-klein/lora" if "klein" in low else "flux-2-dev/lora"
-    raise ValueError(f"unknown arch {arch!r}; use 'flux1' or 'flux2'")
-
-
 def build_metadata(
     config: TrainingConfig,
     *,
@@ -102,12 +93,17 @@ def build_metadata(
     trigger_word: str,
     base_model: str,
     resolution: int | None = None,
+    run: RunInfo | None = None,
     extra: dict[str, str] | None = None,
 ) -> dict[str, str]:
     """The metadata of a LoRA file after ``steps`` optimizer steps.
 
-    ``resolution`` defaults to the largest configured bucket resolution; ``extra`` adds
-    further string keys (they may not overwrite the standard ones).
+    ``base_model``: our identity of the base model (a fingerprint or a path; kept as
+    ``flowtrain.base_model``); ``run``: the variant, model file name, start time and
+    dataset facts (``lora.metadata.RunInfo``; without it the family's generic variant and
+    empty dataset facts are written). ``resolution`` defaults to the largest configured
+    bucket resolution; ``extra`` adds further string keys (they may not overwrite the
+    standard ones). The ``sshs_*`` hashes are added by ``metadata.with_hashes`` when saving.
     """
     if arch not in NETWORK_MODULE:
         raise ValueError(f"unknown arch {arch!r}; use one of {sorted(NETWORK_MODULE)}")
@@ -131,14 +127,10 @@ def build_metadata(
         "ss_optimizer": config.optim.optimizer,
         "ss_lr_scheduler": config.optim.schedule,
         "ss_seed": str(config.train.seed),
-        "ss_base_model_version": arch,
-        "ss_sd_model_name": base_model,
         "ss_output_name": config.train.output_name,
-        "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": modelspec_architecture(arch, base_model),
-        "modelspec.implementation": "https://github.com/black-forest-labs/flux",
         "modelspec.title": config.train.output_name,
     }
+    md.update(run_keys(config, arch, steps, run, res))
     for k, v in (extra or {}).items():
         if k in md:
             raise ValueError(f"extra metadata key {k!r} would overwrite a standard key")
