@@ -86,7 +86,11 @@ class LossTerm(Protocol):
 
 
 class Callback:
-    """Override what you need. ``state`` is the live ``RunState``."""
+    """Override what you need. ``state`` is the live ``RunState``. In a data-parallel run
+    (``distributed.py``) only rank 0 runs a callback, unless it sets ``all_ranks = True``
+    (callbacks that change the training state and write nothing)."""
+
+    all_ranks = False
 
     def on_train_start(self, state: "RunState") -> None: ...
 
@@ -134,6 +138,8 @@ def make_context(state: RunState, step: int, micro: int, generator: torch.Genera
     sigma = sample_sigmas(x0.shape[0], scheme=cfg.flow.sigma_scheme, generator=generator, params=params).to(x0.device)
     noise = noise_fn(x0, generator)
     noise, input_noise = noise if isinstance(noise, tuple) else (noise, noise)
+    if (shard := state.extra.get("shard")) is not None:  # data parallel: this rank's rows (distributed.py)
+        batch, x0, sigma, noise, input_noise = shard(batch, x0, sigma, noise, input_noise)
     return StepContext(
         step=step, micro=micro, generator=generator, batch=batch, model=state.model,
         network=state.network, sigma=sigma, noise=noise, x_t=interpolate(x0, input_noise, sigma),

@@ -226,6 +226,8 @@ class ScheduleFreeModeCallback:
     optimizers: ``optimizer.train()`` before each step, ``optimizer.eval()`` after it and at
     the end, so every other callback (EMA, saving, previews) sees the averaged weights."""
 
+    all_ranks = True  # switches the weights every rank trains on
+
     def on_train_start(self, state) -> None:
         state.optimizer.eval()
 

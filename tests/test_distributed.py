@@ -1,0 +1,122 @@
+"""Data-parallel training (``trainer_core/distributed.py``) on CPU with the gloo backend:
+two ranks with batch 1 train the same LoRA as one process with batch 2, through a ``.stop``
+and a resume; rank 0 alone writes files. The ranks are started the way users start them,
+with ``python -m torch.distributed.run`` (torchrun)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import TinyTraining, write_images
+
+HERE = Path(__file__).parent
+ROOT = HERE.parent
+# grad_accum 2 over 3 images: every step has a micro-batch of 2 and one of 1 (a rank with
+# no sample of its own then joins with weight 0); caption dropout and flips are per-sample
+# random choices the ranks must draw exactly as one process does.
+SETTINGS = {"optim.grad_accum": 2, "data.captions.caption_dropout": 0.3, "data.augment.flip": True,
+            "train.steps": 4}
+
+
+def torchrun(tmp: Path, name: str, spec: dict, *args: str) -> subprocess.CompletedProcess:
+    """Start ``args`` (default: ``dist_entry.py`` with ``spec``) as 2 ranks; fails the test on a non-zero exit."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    if not args:
+        spec_path = tmp / f"{name}.json"
+        spec_path.write_text(json.dumps(spec), encoding="utf-8")
+        args = (str(HERE / "dist_entry.py"), str(spec_path))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           *args], env=env, cwd=tmp, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"{name}: exit {proc.returncode}\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def ranks(results: Path, run: str) -> list[tuple[dict, dict[str, torch.Tensor]]]:
+    return [(json.loads((results / f"{run}_rank{r}.json").read_text()), load_file(results / f"{run}_rank{r}.safetensors"))
+            for r in (0, 1)]
+
+
+def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def test_two_ranks_batch_1_equal_one_process_batch_2_through_stop_and_resume(tmp_path):
+    t = TinyTraining(tmp_path)
+    write_images(t.data, n=3)
+    single = t.train(t.config(**SETTINGS, **{"data.batch_size": 2, "train.output_name": "single"}))
+    assert (single.steps, single.reason) == (4, "finished")
+    reference = {k: v.detach().clone() for k, v in single.network.state_dict().items()}
+
+    config = t.config(**SETTINGS, **{"data.batch_size": 1, "train.output_name": "dist",
+                                     "data.cache_dir": str(tmp_path / "cache")})
+    other_out = tmp_path / "rank1_out"  # ranks > 0 get their own output_dir: it must stay untouched
+    spec = {"config": config.to_dict(), "other_ranks_output_dir": str(other_out)}
+
+    results = tmp_path / "results"
+    results.mkdir()
+    # one launch, two trainings: the second (a fresh model) resumes from the first's .stop checkpoint
+    torchrun(tmp_path, "dist", {**spec, "results": str(results),
+                                "runs": [{"name": "first", "stop_at": 2}, {"name": "second"}]})
+    for summary, _ in ranks(results, "first"):
+        assert (summary["steps"], summary["reason"]) == (2, "stopped (.stop file)")
+    run = tmp_path / "out" / "dist"
+    assert (run / "checkpoint_000002" / "COMPLETE").is_file() and not (run / ".stop").exists()
+    (s0, lora0), (s1, lora1) = ranks(results, "second")
+    for summary in (s0, s1):
+        assert (summary["steps"], summary["reason"]) == (4, "finished")
+        assert [h["step"] for h in summary["history"]] == [1, 2, 3, 4]
+        assert summary["cache"]["latent_misses"] == 0 and summary["cache"]["text_misses"] == 0  # resumed: all cached
+    assert all(torch.equal(lora0[k], lora1[k]) for k in lora0)  # the replicas never drift
+
+    diff = max_diff(reference, lora0)
+    file_diff = max_diff(load_file(single.lora_path), load_file(run / "lora_final.safetensors"))
+    print(f"max |LoRA diff| 2 ranks x batch 1 vs 1 x batch 2: {diff:.3g} (state), {file_diff:.3g} (file)")
+    assert diff <= 1e-6 and file_diff <= 1e-6
+    losses = [h["loss"] for h in s0["history"]]
+    assert losses == pytest.approx([h["loss"] for h in single.history], abs=1e-5)  # global loss, not rank 0's
+
+    # rank 0 alone wrote: the other rank's output_dir was never created; its caches were all hits
+    assert not other_out.exists()
+    (f0, _), (f1, _) = ranks(results, "first")
+    assert f0["cache"]["latent_misses"] > 0 and f1["cache"]["latent_misses"] == f1["cache"]["text_misses"] == 0
+    assert {"lora_final.safetensors", "training_state.json", "config.json", "checkpoint_000004"} <= \
+        {p.name for p in run.iterdir()}
+
+    # a checkpoint of 2 ranks is refused by 1 process (before any work)
+    with pytest.raises(ValueError, match="trained with 2 rank"):
+        t.train(config.replace(train=dataclasses.replace(config.train, output_name="other",
+                                                          resume_from=str(run / "checkpoint_000002"))))
+    assert not (tmp_path / "out" / "other").exists()
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 8])
+def test_shares_cover_the_global_batch_and_weights_average_like_one_process(n):
+    """Shares are contiguous, cover every sample once, and the loss weights make the mean of
+    the ranks' weighted means the global batch mean (uneven and empty shares included)."""
+    from trainer_core.distributed import DataParallel
+    from trainer_core.types import Batch, TextBatch
+
+    world = 3
+    x = torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1) + 1
+    batch = Batch(latents=x, text=TextBatch(torch.zeros(n, 2, 4), torch.zeros(n, 3)), captions=list("abcdefgh"[:n]),
+                  sources=[f"s{i}" for i in range(n)], extras={"class_text": TextBatch(torch.ones(n, 2, 4))})
+    covered, weighted = [], 0.0
+    for rank in range(world):
+        dp = DataParallel(rank, world)
+        part, x0, sigma, noise, _ = dp.shard(batch, x, torch.rand(n), x.clone(), x.clone())
+        assert x0.shape[0] == sigma.shape[0] == part.latents.shape[0] == len(part.captions) >= 1
+        assert part.text.context.shape[0] == part.text.pooled.shape[0] == part.extras["class_text"].context.shape[0]
+        if dp.weight > 0:
+            covered += part.captions
+        weighted += dp.weight * float(x0.mean())
+    assert covered == batch.captions
+    assert weighted / world == pytest.approx(float(x.mean()))
