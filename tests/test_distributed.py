@@ -7,8 +7,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -120,3 +122,40 @@ def test_shares_cover_the_global_batch_and_weights_average_like_one_process(n):
         weighted += dp.weight * float(x0.mean())
     assert covered == batch.captions
     assert weighted / world == pytest.approx(float(x.mean()))
+
+
+def test_torchrun_cli_demo_stops_all_ranks_on_sigterm(tmp_path):
+    """``torchrun --nproc-per-node 2 -m trainer_core demo``: the CLI joins the process group;
+    SIGTERM to torchrun (forwarded to every rank) ends the run after one common step, with
+    rank 0's checkpoint and LoRA of that step."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    out = tmp_path / "out"
+    with open(tmp_path / "log.txt", "wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "trainer_core",
+             "demo", "--steps", "500", "--output-dir", str(out), "--set", "preview.every_n_steps=0",
+             "--set", "train.save_every=1", "--set", "train.keep_checkpoints=0"],
+            env=env, cwd=tmp_path, stdout=log_file, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 240
+            while not list(out.glob("demo/checkpoint_*/COMPLETE")) and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.2)
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    log_text = (tmp_path / "log.txt").read_text(errors="replace")
+    run = out / "demo"
+    state = json.loads((run / "training_state.json").read_text())
+    assert state["status"] == "stopped", log_text[-3000:]
+    step = state["step"]
+    assert 1 <= step < 500 and log_text.count("stop requested (SIGTERM)") == 2  # both ranks got it
+    done = sorted(p.name for p in run.glob("checkpoint_*") if (p / "COMPLETE").is_file())
+    assert done[-1] == f"checkpoint_{step:06d}"
+    assert json.loads((run / done[-1] / "training_state.json").read_text())["distributed"] == {"world_size": 2}
+    from safetensors import safe_open
+
+    with safe_open(str(run / "lora_final.safetensors"), framework="pt") as f:
+        assert f.metadata()["flowtrain.steps"] == str(step)
+    assert (run / "samples.png").is_file() and "data parallel: 2 ranks (gloo)" in log_text

@@ -4,6 +4,8 @@
 a DCT image codec, a hashing text encoder and a generated dataset): no download.
 ``train`` points the same engine at a local diffusers-format FLUX.1 folder and an image
 folder. Ctrl+C (or SIGTERM) stops after the current step and saves the LoRA.
+Both train data-parallel on several processes or GPUs when launched by ``torchrun``
+(docs/distributed.md).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import distributed
 from .config import ConfigError, TrainingConfig
 from .loop import NonFiniteLoss
 
@@ -164,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     stop = StopFlag()
     stop.install()
     try:
+        device = distributed.init_from_env()  # under torchrun: join the other ranks (data parallel)
         if args.command == "demo":
             from .demo.run import run_demo
 
@@ -174,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
 
             config = make_config(args, {})
             model, codec, text = load_diffusers_flux_folder(args.model, dtype=DTYPES[config.train.precision])
+            if device is not None and device.type == "cuda":
+                model.module.to(device)  # each rank trains on its own GPU, cuda:LOCAL_RANK
             result = train_lora(config, model, codec, text, release_encoders=lambda: (codec.release(), text.release()),
                                 progress=TerminalProgress(), should_stop=stop, base_model=str(args.model))
             log.info("LoRA: %s (%s after %d steps)", result.lora_path, result.reason, result.steps)
@@ -181,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         # each of these carries a message that names the file or setting and the fix
         log.error("error: %s", e)
         return 2
+    finally:
+        distributed.shutdown()
     return 0
 
 
