@@ -75,16 +75,24 @@ class TerminalProgress:
 
 
 class StopFlag:
-    """SIGINT/SIGTERM ask for a clean stop (checked after each step); a second SIGINT aborts."""
+    """SIGINT/SIGTERM ask for a clean stop (checked after each step); a second SIGINT aborts.
+    A SIGINT within ``GRACE_S`` of the first is the same Ctrl+C delivered twice (under
+    torchrun a rank gets it from the terminal and again from torchrun), not a second press."""
+
+    GRACE_S = 2.0
 
     def __init__(self) -> None:
         self.event = threading.Event()
+        self.first = 0.0
 
     def install(self) -> None:
         def handler(signum, frame):
-            if self.event.is_set() and signum == signal.SIGINT:
-                raise KeyboardInterrupt
+            if self.event.is_set():
+                if signum == signal.SIGINT and time.monotonic() - self.first > self.GRACE_S:
+                    raise KeyboardInterrupt
+                return
             log.warning("\nstop requested (%s): finishing this step and saving", signal.Signals(signum).name)
+            self.first = time.monotonic()
             self.event.set()
 
         signal.signal(signal.SIGINT, handler)
