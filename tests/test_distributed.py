@@ -159,3 +159,25 @@ def test_torchrun_cli_demo_stops_all_ranks_on_sigterm(tmp_path):
     with safe_open(str(run / "lora_final.safetensors"), framework="pt") as f:
         assert f.metadata()["flowtrain.steps"] == str(step)
     assert (run / "samples.png").is_file() and "data parallel: 2 ranks (gloo)" in log_text
+
+
+def test_ctrl_c_delivered_twice_at_once_is_one_stop_request_and_a_later_one_aborts(monkeypatch):
+    """Under torchrun a Ctrl+C reaches each rank from the terminal and again from torchrun:
+    that must ask for a clean stop, not abort; a second press after the grace time aborts."""
+    from trainer_core.cli import StopFlag
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        stop = StopFlag()
+        stop.install()
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop()
+        monkeypatch.setattr(StopFlag, "GRACE_S", 0.0)
+        time.sleep(0.01)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)  # the handler runs between bytecodes of this thread
+    finally:
+        signal.signal(signal.SIGINT, before[0])
+        signal.signal(signal.SIGTERM, before[1])
