@@ -27,8 +27,9 @@ asks ``current()`` for the run's ``DataParallel`` (or ``SINGLE`` when not launch
 * **stopping**: after every step rank 0 decides whether the run ends (a signal, a ``.stop``
   file, any callback's ``StopTraining``, an error in its callbacks) and broadcasts the
   decision; all ranks stop after the same step.
-* **resume**: the checkpoint records the world size; resuming with another world size is
-  refused (the global batch, and with it the data order, would change).
+* **resume**: rank 0 plans the resume and sends the checkpoint to the others; the checkpoint
+  records the world size (``meta``) and resuming with another one is refused
+  (``resume.check_world_size``: the global batch, and with it the data order, would change).
 
 See docs/distributed.md for commands, multi-node launching and FSDP2 for models that do not
 fit one GPU.
