@@ -17,7 +17,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TinyTraining, write_images
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
@@ -51,9 +50,10 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
 
 
-def test_two_ranks_batch_1_equal_one_process_batch_2_through_stop_and_resume(tmp_path):
-    t = TinyTraining(tmp_path)
-    write_images(t.data, n=3)
+def test_two_ranks_batch_1_equal_one_process_batch_2_through_stop_and_resume(tiny_training, tmp_path):
+    t = tiny_training
+    for extra in t.data.glob("img3.*"):  # 3 images
+        extra.unlink()
     single = t.train(t.config(**SETTINGS, **{"data.batch_size": 2, "train.output_name": "single"}))
     assert (single.steps, single.reason) == (4, "finished")
     reference = {k: v.detach().clone() for k, v in single.network.state_dict().items()}
