@@ -308,6 +308,7 @@ class StepSeedCallback(Callback):
     (seed, step) before every step, so a resumed step k draws what an uninterrupted one does."""
 
     STREAM = 7
+    all_ranks = True
 
     def __init__(self, seed: int):
         self.seed = seed

@@ -4,6 +4,8 @@
 a DCT image codec, a hashing text encoder and a generated dataset): no download.
 ``train`` points the same engine at a local diffusers-format FLUX.1 folder and an image
 folder. Ctrl+C (or SIGTERM) stops after the current step and saves the LoRA.
+Both train data-parallel on several processes or GPUs when launched by ``torchrun``
+(docs/distributed.md).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import distributed
 from .config import ConfigError, TrainingConfig, field_names, suggest, with_user_names
 from .loop import NonFiniteLoss
 
@@ -100,16 +103,24 @@ class TerminalPhases:
 
 
 class StopFlag:
-    """SIGINT/SIGTERM ask for a clean stop (checked after each step); a second SIGINT aborts."""
+    """SIGINT/SIGTERM ask for a clean stop (checked after each step); a second SIGINT aborts.
+    A SIGINT within ``GRACE_S`` of the first is the same Ctrl+C delivered twice (under
+    torchrun a rank gets it from the terminal and again from torchrun), not a second press."""
+
+    GRACE_S = 2.0
 
     def __init__(self) -> None:
         self.event = threading.Event()
+        self.first = 0.0
 
     def install(self) -> None:
         def handler(signum, frame):
-            if self.event.is_set() and signum == signal.SIGINT:
-                raise KeyboardInterrupt
+            if self.event.is_set():
+                if signum == signal.SIGINT and time.monotonic() - self.first > self.GRACE_S:
+                    raise KeyboardInterrupt
+                return
             log.warning("\nstop requested (%s): finishing this step and saving", signal.Signals(signum).name)
+            self.first = time.monotonic()
             self.event.set()
 
         signal.signal(signal.SIGINT, handler)
@@ -198,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     stop = StopFlag()
     stop.install()
     try:
+        device = distributed.init_from_env()  # under torchrun: join the other ranks (data parallel)
         if args.command == "demo":
             from .demo.run import run_demo
 
@@ -210,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
             config = make_config(args, {})
             check_before_loading(config)  # the data folder, captions and run folder: before the slow load
             model, codec, text = load_diffusers_flux_folder(args.model, dtype=DTYPES[config.train.precision])
+            if device is not None and device.type == "cuda":
+                model.module.to(device)  # each rank trains on its own GPU, cuda:LOCAL_RANK
             result = train_lora(config, model, codec, text, release_encoders=lambda: (codec.release(), text.release()),
                                 progress=TerminalProgress(), should_stop=stop, base_model=str(args.model),
                                 phase_progress=TerminalPhases(), model_name=Path(args.model).name)
@@ -218,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         # each of these carries a message that names the file or setting and the fix
         log.error("error: %s", e)
         return 2
+    finally:
+        distributed.shutdown()
     return 0
 
 

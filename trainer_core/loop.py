@@ -96,9 +96,12 @@ writes the run's status, ``after`` is everything else (previews, summaries)."""
 
 class Callback:
     """Override what you need. ``state`` is the live ``RunState``. ``end_phase`` says when
-    ``on_train_end`` runs (``END_PHASES``); a duck-typed callback without it is ``after``."""
+    ``on_train_end`` runs (``END_PHASES``); a duck-typed callback without it is ``after``.
+    In a data-parallel run (``distributed.py``) only rank 0 runs a callback, unless it sets
+    ``all_ranks = True`` (callbacks that change the training state and write nothing)."""
 
     end_phase = "after"
+    all_ranks = False
 
     def on_train_start(self, state: "RunState") -> None: ...
 
@@ -158,6 +161,8 @@ def make_context(state: RunState, step: int, micro: int, generator: torch.Genera
     sigma = sample_sigmas(x0.shape[0], scheme=cfg.flow.sigma_scheme, generator=generator, params=params).to(x0.device)
     noise = noise_fn(x0, generator)
     noise, input_noise = noise if isinstance(noise, tuple) else (noise, noise)
+    if (shard := state.extra.get("shard")) is not None:  # data parallel: this rank's rows (distributed.py)
+        batch, x0, sigma, noise, input_noise = shard(batch, x0, sigma, noise, input_noise)
     return StepContext(
         step=step, micro=micro, generator=generator, batch=batch, model=state.model,
         network=state.network, sigma=sigma, noise=noise, x_t=interpolate(x0, input_noise, sigma),

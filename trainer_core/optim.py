@@ -227,6 +227,7 @@ class ScheduleFreeModeCallback:
     the end, so every other callback (EMA, saving, previews) sees the averaged weights."""
 
     end_phase = "prepare"  # before the LoRA is saved
+    all_ranks = True  # switches the weights every rank trains on
 
     def on_train_start(self, state) -> None:
         state.optimizer.eval()

@@ -125,3 +125,26 @@ def is_finished(run_dir: Path, ckpt: Checkpoint, steps: int, final_name: str = "
     except Exception as e:  # a damaged final file: retrain the last (zero) steps to rewrite it
         log.warning("%s cannot be read (%s); writing it again", final, e)
         return False
+
+
+def check_world_size(checkpoint_doc: dict, folder: Any, world_size: int) -> None:
+    """Refuse to resume a checkpoint written with another number of ranks."""
+    saved = int((checkpoint_doc.get("distributed") or {}).get("world_size", 1))
+    if saved != world_size:
+        raise ValueError(
+            f"cannot resume {folder}: it was trained with {saved} rank(s) and this run has {world_size}; the global "
+            f"batch (data.batch_size x ranks) and with it the data order would change. Run it again with "
+            f"{f'{saved} ranks in all (torchrun --nproc-per-node, over one or several nodes)' if saved > 1 else 'a single process (no torchrun)'}"
+            ", or choose another train.output_name to start a new run")
+
+
+def plan_resume(run_dir: Path, config: Any, model_info: dict, world_size: int = 1) -> tuple[Optional[Checkpoint], bool]:
+    """(the checkpoint to continue from or None, whether the run is already finished); a
+    checkpoint written with another number of ranks is refused (``check_world_size``)."""
+    ckpt = find_resume_point(run_dir, config, model_info)
+    if ckpt is None:
+        return None, False
+    if is_finished(run_dir, ckpt, config.train.steps):
+        return ckpt, True  # nothing left to train: loading it does not depend on the ranks
+    check_world_size(ckpt.doc, ckpt.folder, world_size)
+    return ckpt, False

@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from . import FORMAT_VERSION, assemble, modelcard
+from . import FORMAT_VERSION, assemble, distributed, modelcard
 from .checkpoint import Checkpoint, CheckpointCallback, StepSeedCallback, latest_checkpoint, restore
 from .config import TrainingConfig
 from .control import ControlCallback, DatasetWatchCallback, folder_snapshot
@@ -34,7 +34,7 @@ from .lora.network import LoraNetwork
 from .optim import build_optimizer, build_scheduler
 from .phases import PhaseFn, PhaseReporter, during
 from .report import write_learning_curve, write_state
-from .resume import find_resume_point, is_finished
+from .resume import find_resume_point, plan_resume
 from .models.variants import Detection, model_variant
 from .tracking import tracking_callbacks
 from .types import FlowModel, LatentCodec, TextEncoder
@@ -194,8 +194,10 @@ def train_lora(
     phase("loading")
     run_dir = Path(run_dir) if run_dir is not None else run_folder(config)
     model_info = {"arch": model.arch, "base_model": base_model, "lora_format": model.lora_format}
-    resume_from = find_resume_point(run_dir, config, model_info)  # refuses unsafe changes before any work
-    if resume_from is not None and is_finished(run_dir, resume_from, config.train.steps):
+    dp = distributed.current()  # data parallel under torchrun (rank 0 decides and writes), else a no-op
+    # refuses unsafe changes before any work
+    resume_from, finished = dp.on_main(lambda: plan_resume(run_dir, config, model_info, dp.world_size))
+    if finished:
         result = _finished_result(run_dir, config, model, resume_from)
         phase("done")
         return result
@@ -203,14 +205,16 @@ def train_lora(
     cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else run_dir / ".latent_cache"
 
     # the run folder is made once the data passed its checks: a bad dataset leaves none behind
-    dataset = prepare_dataset(config.data, codec, text_encoder, cache_dir=cache_dir,
-                              pixel_multiple=model.pixel_multiple, seed=config.train.seed,
-                              extra_captions=assemble.extra_captions(config), prompts=prompts,
-                              progress=phase.counter())
-    dataset, validation_data = split_validation(config, dataset, lambda data: prepare_dataset(
-        data, codec, text_encoder, cache_dir=cache_dir, pixel_multiple=model.pixel_multiple, seed=config.train.seed))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    write_state(run_dir / "config.json", {"format_version": FORMAT_VERSION, "config": config.to_dict()})
+    with dp.main_first():  # rank 0 fills the caches, the other ranks read them
+        dataset = prepare_dataset(dp.data_config(config.data), codec, text_encoder, cache_dir=cache_dir,
+                                  pixel_multiple=model.pixel_multiple, seed=config.train.seed,
+                                  extra_captions=assemble.extra_captions(config), prompts=prompts,
+                                  progress=phase.counter())
+        dataset, validation_data = split_validation(config, dataset, lambda data: prepare_dataset(
+            data, codec, text_encoder, cache_dir=cache_dir, pixel_multiple=model.pixel_multiple, seed=config.train.seed))
+    if dp.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_state(run_dir / "config.json", {"format_version": FORMAT_VERSION, "config": config.to_dict()})
     if release_encoders is not None and not dataset.needs_codec:  # live augmentation encodes every step
         release_encoders()
 
@@ -229,12 +233,14 @@ def train_lora(
     state.extra["run_info"] = RunInfo(variant=variant, model_name=model_name, dataset=dataset_facts(dataset, validation_data))
     if resume_from is not None:
         _resume(state, resume_from)
+    dp.attach(state)
     saver = LoraSaveCallback(run_dir, 0, base_model)  # lora_final; checkpoints come from `durability`
     state.extra["save_lora"] = saver.save  # e.g. validation's best/
     terms = [*assemble.build_terms(config, model), *extra_terms]
     all_callbacks = [*assemble.build_callbacks(config, run_dir), *callbacks, *tracking_callbacks(config, run_dir),
                      ReportCallback(run_dir, progress, config.train.log_every), saver]
     all_callbacks = durability_callbacks(config, run_dir, saver, should_stop, model_info, data_before, all_callbacks)
+    all_callbacks, should_stop = dp.wrap_callbacks(all_callbacks, should_stop)
     log.info("training %d LoRA modules (%d parameters) for %d steps in %s",
              len(network.modules_trained()), sum(p.numel() for p in network.parameters()),
              config.train.steps, run_dir)
@@ -258,7 +264,7 @@ def durability_callbacks(config: TrainingConfig, run_dir: Path, saver: LoraSaveC
     and the dataset watch (after the LoRA saver, so a checkpoint's files are complete)."""
     checkpointer = CheckpointCallback(run_dir, config.train.save_every, config.train.keep_checkpoints,
                                       write_loras=lambda st, folder: saver.save(folder / "lora.safetensors", st),
-                                      meta={"model": model_info})
+                                      meta={"model": model_info, **distributed.current().meta()})
     tail: list[Callback] = [checkpointer, ControlCallback(run_dir, checkpointer.save, should_stop)]
     if config.data.path:
         tail.append(DatasetWatchCallback(config.data.path, data_before))
@@ -309,7 +315,7 @@ def _run_guarded(state: RunState, terms, callbacks, should_stop, noise_fn, run_d
     what was kept and what to do (the callbacks have already saved what could be saved)."""
     try:
         return run_loop(state, terms, callbacks, should_stop=should_stop, noise_fn=noise_fn,
-                        backward=assemble.build_backward(state.config))
+                        backward=distributed.current().wrap_backward(assemble.build_backward(state.config)))
     except NonFiniteWeights as e:
         kept = latest_checkpoint(run_dir)
         final = run_dir / "lora_final.safetensors"

@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 
+from .. import distributed
 from ..models.diffusers_flux import DiffusersFlux1
 from ..previews import PreviewCallback, demo_renderer, prompt_texts
 from ..session import train_lora
@@ -104,18 +105,24 @@ def run_demo(args, *, stop: Callable[[], bool], progress, make_config, phase_pro
     single_thread_unless_asked()
     run_dir = Path(config.train.output_dir) / config.train.output_name
     data_dir = run_dir / "dataset"
-    # All square: 4:3 images would form their own small buckets, so batches shrink (on average
-    # 4.8 instead of 8) and the 600-step loss ends near 0.9 instead of 0.5, too noisy to draw.
-    write_demo_dataset(data_dir, size=DEMO_SIZE, mixed_sizes=False)
+    dp = distributed.current()  # under torchrun: rank 0 writes the dataset and the samples
+    with dp.main_first():
+        if dp.is_main:
+            # All square: 4:3 images would form their own small buckets, so batches shrink (on average
+            # 4.8 instead of 8) and the 600-step loss ends near 0.9 instead of 0.5, too noisy to draw.
+            write_demo_dataset(data_dir, size=DEMO_SIZE, mixed_sizes=False)
     config = config.replace(data=_with_path(config.data, data_dir))
     model, codec, text = demo_parts()
     with_trigger, without_trigger = sample_prompts()
 
-    log.info("sampling 'before' images")
-    before = sample_images(model, codec, text, with_trigger, seed=SAMPLE_SEED, size=(DEMO_SIZE, DEMO_SIZE))
+    if dp.is_main:
+        log.info("sampling 'before' images")
+        before = sample_images(model, codec, text, with_trigger, seed=SAMPLE_SEED, size=(DEMO_SIZE, DEMO_SIZE))
     result = train_lora(config, model, codec, text, run_dir=run_dir, progress=progress, should_stop=stop,
                         callbacks=preview_callbacks(config, codec, text), prompts=preview_prompts(config),
                         base_model="embedded tiny FLUX.1 (random weights)", phase_progress=phase_progress)
+    if not dp.is_main:
+        return run_dir
     log.info("sampling 'after' images")
     after = sample_images(model, codec, text, with_trigger, seed=SAMPLE_SEED, size=(DEMO_SIZE, DEMO_SIZE))
     reference = _reference_row(data_dir, codec, without_trigger)
