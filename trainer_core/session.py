@@ -28,10 +28,10 @@ from .lora.formats import LORA_FORMATS
 from .lora.io import build_metadata, save_lora_file
 from .lora.metadata import RunInfo, dataset_facts, with_hashes
 from .lora.network import LoraNetwork
+from .models.variants import Detection, model_variant
 from .optim import build_optimizer, build_scheduler
 from .report import write_learning_curve, write_state
 from .resume import find_resume_point, is_finished
-from .models.variants import Detection, model_variant
 from .tracking import tracking_callbacks
 from .types import FlowModel, LatentCodec, TextEncoder
 
@@ -187,7 +187,8 @@ def train_lora(
     state.extra["run_dir"] = run_dir
     state.extra["validation_data"] = validation_data
     variant = detect_variant_logged(model)
-    state.extra["run_info"] = RunInfo(variant=variant, model_name=model_name, dataset=dataset_facts(dataset, validation_data))
+    facts = dataset_facts(dataset, validation_data)
+    state.extra["run_info"] = RunInfo(variant=variant, model_name=model_name, dataset=facts)
     if resume_from is not None:
         _resume(state, resume_from)
     saver = LoraSaveCallback(run_dir, 0, base_model)  # lora_final; checkpoints come from `durability`
@@ -202,8 +203,8 @@ def train_lora(
     reason = _run_guarded(state, terms, all_callbacks, should_stop, assemble.build_noise_fn(config), run_dir)
     modelcard.write_after_training(run_dir, config, saver.final_path, variant=variant, model_name=model_name,
                                    steps=state.step, reason=reason, history=state.history,
-                                   dataset_summary=dict(dataset.summary(), validation_images=state.extra[
-                                       "run_info"].dataset.num_validation_images))
+                                   dataset_summary={**dataset.summary(),
+                                                    "validation_images": facts.num_validation_images})
     return TrainResult(run_dir=run_dir, lora_path=saver.final_path, steps=state.step, reason=reason,
                        history=state.history, network=network, dataset_summary=dataset.summary(), variant=variant)
 
