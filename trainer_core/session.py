@@ -31,11 +31,11 @@ from .lora.formats import LORA_FORMATS
 from .lora.io import build_metadata, save_lora_file
 from .lora.metadata import RunInfo, dataset_facts, with_hashes
 from .lora.network import LoraNetwork
+from .models.variants import Detection, model_variant
 from .optim import build_optimizer, build_scheduler
 from .phases import PhaseFn, PhaseReporter, during
 from .report import write_learning_curve, write_state
 from .resume import find_resume_point, plan_resume
-from .models.variants import Detection, model_variant
 from .tracking import tracking_callbacks
 from .types import FlowModel, LatentCodec, TextEncoder
 
@@ -230,7 +230,8 @@ def train_lora(
     state.extra["phase"] = phase
     state.extra["validation_data"] = validation_data
     variant = detect_variant_logged(model)
-    state.extra["run_info"] = RunInfo(variant=variant, model_name=model_name, dataset=dataset_facts(dataset, validation_data))
+    facts = dataset_facts(dataset, validation_data)
+    state.extra["run_info"] = RunInfo(variant=variant, model_name=model_name, dataset=facts)
     if resume_from is not None:
         _resume(state, resume_from)
     dp.attach(state)
@@ -247,10 +248,11 @@ def train_lora(
     phase("training")
     try:
         reason = _run_guarded(state, terms, all_callbacks, should_stop, assemble.build_noise_fn(config), run_dir)
-        modelcard.write_after_training(run_dir, config, saver.final_path, variant=variant, model_name=model_name,
-                                       steps=state.step, reason=reason, history=state.history,
-                                       dataset_summary=dict(dataset.summary(), validation_images=state.extra[
-                                           "run_info"].dataset.num_validation_images))
+        if dp.is_main:
+            modelcard.write_after_training(run_dir, config, saver.final_path, variant=variant, model_name=model_name,
+                                           steps=state.step, reason=reason, history=state.history,
+                                           dataset_summary={**dataset.summary(),
+                                                            "validation_images": facts.num_validation_images})
     finally:
         phase("done")
     return TrainResult(run_dir=run_dir, lora_path=saver.final_path, steps=state.step, reason=reason,

@@ -128,6 +128,11 @@ def test_example_workflow_trains_and_samples(env, name, caplog):
     assert ex.history_result["outputs"][nodes_of(graph, "FlowTrainSamplerPreview")[0]]["images"]
     run_dir = env.output / "flowtrain" / output_name
     assert sorted(p.name for p in (run_dir / "previews" / "final").glob("*.png")) == ["p0_plain.png", "p0_trigger.png"]
+    # the model card links the final previews and the curve; TensorBoard event files are there
+    card = (run_dir / "README.md").read_text()
+    assert "](previews/final/p0_trigger.png)" in card and "](previews/final/p0_plain.png)" in card
+    assert "learning_curve.svg" in card
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert list((run_dir / "previews" / "baseline").glob("*.png"))
     # the KSampler branch with the trained MODEL ran and saved an image
     assert ex.history_result["outputs"][nodes_of(graph, "SaveImage")[-1]]["images"]
