@@ -50,6 +50,7 @@ def max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
 
 
+@pytest.mark.slow  # two torchrun processes: ~30 s of CPU, mostly importing torch twice
 def test_two_ranks_batch_1_equal_one_process_batch_2_through_stop_and_resume(tiny_training, tmp_path):
     t = tiny_training
     for extra in t.data.glob("img3.*"):  # 3 images
@@ -124,6 +125,7 @@ def test_shares_cover_the_global_batch_and_weights_average_like_one_process(n):
     assert weighted / world == pytest.approx(float(x.mean()))
 
 
+@pytest.mark.slow  # two torchrun processes: ~30 s of CPU, mostly importing torch twice
 def test_torchrun_cli_demo_stops_all_ranks_on_sigterm(tmp_path):
     """``torchrun --nproc-per-node 2 -m trainer_core demo``: the CLI joins the process group;
     SIGTERM to torchrun (forwarded to every rank) ends the run after one common step, with

@@ -161,7 +161,7 @@ def make_context(state: RunState, step: int, micro: int, generator: torch.Genera
     sigma = sample_sigmas(x0.shape[0], scheme=cfg.flow.sigma_scheme, generator=generator, params=params).to(x0.device)
     noise = noise_fn(x0, generator)
     noise, input_noise = noise if isinstance(noise, tuple) else (noise, noise)
-    if (shard := state.extra.get("shard")) is not None:  # data parallel: this rank's rows (distributed.py)
+    if (shard := getattr(state, "extra", {}).get("shard")) is not None:  # data parallel: this rank's rows (distributed.py)
         batch, x0, sigma, noise, input_noise = shard(batch, x0, sigma, noise, input_noise)
     return StepContext(
         step=step, micro=micro, generator=generator, batch=batch, model=state.model,
