@@ -144,16 +144,23 @@ def train_lora(
     callbacks: Sequence[Callback] = (),
     extra_terms: Sequence[LossTerm] = (),
     base_model: str = "",
+    memory_plan=None,
 ) -> TrainResult:
     """Train a LoRA on ``model`` as ``config`` says; write it under the run folder.
 
     The LoRA stays injected in ``model.module`` afterwards (``result.network.remove()``
-    restores the base model)."""
+    restores the base model). Models with ``plan_memory`` (``BflFlux``) get a memory plan
+    for ``config.memory`` (or ``memory_plan`` when the caller already made one) before the
+    dataset is touched; a run that cannot fit raises ``budget.MemoryBudgetError`` there."""
     run_dir = Path(run_dir) if run_dir is not None else run_folder(config)
     model_info = {"arch": model.arch, "base_model": base_model, "lora_format": model.lora_format}
     resume_from = find_resume_point(run_dir, config, model_info)  # refuses unsafe changes before any work
     if resume_from is not None and is_finished(run_dir, resume_from, config.train.steps):
         return _finished_result(run_dir, config, model, resume_from)
+    prepare = getattr(model, "prepare_for_training", None)
+    if prepare is not None:
+        prepare(dtype=DTYPES[config.train.precision], gradient_checkpointing=config.train.gradient_checkpointing)
+    plan = memory_plan if memory_plan is not None else plan_for(config, model)  # refuses before any work
     run_dir.mkdir(parents=True, exist_ok=True)
     data_before = folder_snapshot(config.data.path) if config.data.path else {}
     write_state(run_dir / "config.json", {"format_version": FORMAT_VERSION, "config": config.to_dict()})
@@ -165,10 +172,9 @@ def train_lora(
     if release_encoders is not None and not dataset.needs_codec:  # live augmentation encodes every step
         release_encoders()
 
-    prepare = getattr(model, "prepare_for_training", None)
-    if prepare is not None:
-        prepare(dtype=DTYPES[config.train.precision], gradient_checkpointing=config.train.gradient_checkpointing)
     network = seeded_inject(config, model)
+    if plan is not None:
+        model.apply_memory_plan(plan)  # after the LoRA exists: only frozen weights stream
     optimizer = build_optimizer(network, config.optim, assemble.param_grouping(config))
     scheduler = build_scheduler(optimizer, config.optim, config.train.steps)
     state = RunState(config=config, model=model, network=network, optimizer=optimizer,
@@ -187,6 +193,16 @@ def train_lora(
     reason = _run_guarded(state, terms, all_callbacks, should_stop, assemble.build_noise_fn(config), run_dir)
     return TrainResult(run_dir=run_dir, lora_path=saver.final_path, steps=state.step, reason=reason,
                        history=state.history, network=network, dataset_summary=dataset.summary())
+
+
+def plan_for(config: TrainingConfig, model: FlowModel):
+    """The memory plan of ``model`` for ``config`` (None for models without planning)."""
+    planner = getattr(model, "plan_memory", None)
+    if planner is None:
+        return None
+    plan = planner(config)
+    log.info("memory: %s", plan.summary())
+    return plan
 
 
 # --------------------------------------------------------------------------- durability
