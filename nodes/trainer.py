@@ -129,7 +129,8 @@ def run_training(model, vae, clip, conditioning, dataset, lora_config, settings:
     callbacks = preview_callbacks(model, vae, clip, conditioning, config.preview, trigger, node_id, output_root)
     result = None
     with bridge.training_model(model, gradient_checkpointing=settings.gradient_checkpointing,
-                               precision=settings.precision) as flow_model:
+                               precision=settings.precision, config=config) as flow_model:
+        send_text(f"memory: {flow_model.memory_plan.summary()}", node_id)
         # once loaded: before, the weights may still carry a merged LoRA of another MODEL sharing
         # them (e.g. this node's own output, sampled by the previous prompt)
         identity = base_model_identity(model)
@@ -137,7 +138,7 @@ def run_training(model, vae, clip, conditioning, dataset, lora_config, settings:
             result = train_lora(config, flow_model, codec, encoder, release_encoders=lambda: release(vae, clip, encoder),
                                 progress=TrainingProgress(node_id, config.train.steps),
                                 should_stop=mm.processing_interrupted, callbacks=callbacks,
-                                base_model=identity)
+                                base_model=identity, memory_plan=flow_model.memory_plan)
         finally:
             if result is not None:
                 result.network.remove()
@@ -188,6 +189,8 @@ class FlowTrainTrainer(io.ComfyNode):
                 io.Combo.Input("precision", options=list(specs.PRECISIONS), default="auto", tooltip=specs.PRECISION_HELP),
                 io.Combo.Input("gradient_checkpointing", options=list(specs.CHECKPOINTING), default="auto",
                                tooltip=specs.CHECKPOINTING_HELP),
+                io.Combo.Input("memory_budget", options=list(specs.MEMORY_BUDGETS), default="auto",
+                               tooltip=specs.MEMORY_BUDGET_HELP),
                 io.Int.Input("seed", default=42, min=0, max=2**62, control_after_generate=False, tooltip=tip(TrainConfig, "seed")),
                 io.Int.Input("save_every", default=250, **bounds(TrainConfig, "save_every"), tooltip=tip(TrainConfig, "save_every")),
                 io.String.Input("output_name", default="flowtrain_lora", tooltip=tip(

@@ -118,6 +118,10 @@ class BlockStreamer:
                     t.data = data.pin_memory() if self.cuda else data
         streamed_ids = {id(t) for n in self.streamed for *_, t in _frozen_slots(self.blocks[n])}
         roots = [module] if module is not None else list(self.blocks.values())
+        for root in roots:  # everything else lives on the compute device
+            for t in list(root.parameters()) + list(root.buffers()):
+                if id(t) not in streamed_ids and t.device != self.device:
+                    t.data = t.data.to(self.device)
         seen = set()
         for root in roots:
             for *_, t in _frozen_slots(root):

@@ -161,6 +161,7 @@ class BflFlux:
         self.precision_fixed = precision_fixed
         self.default_targets: dict[str, str] = dict(bfl_target_presets())
         self.streamer: Optional[BlockStreamer] = None
+        self.device: Optional[torch.device] = None  # compute device when the weights are not there yet
         self.memory_plan: Optional[budget_mod.MemoryPlan] = None
 
     # ------------------------------------------------------------------ FlowModel
@@ -253,7 +254,7 @@ class BflFlux:
     def plan_memory(self, config, device: Optional[torch.device] = None) -> budget_mod.MemoryPlan:
         """The plan for ``config`` (a ``TrainingConfig``) within ``config.memory``'s budget on
         the model's device; raises ``budget.MemoryBudgetError`` when nothing fits."""
-        device = device or module_device(self.module)
+        device = device or self.device or module_device(self.module)
         limit = budget_mod.resolve_budget(config.memory.budget_gb, config.memory.margin_gb, device)
         run = budget_mod.run_shape(config, compute_bytes=self._elem(), casts_weights=self._casts_weights())
         mode = self.checkpoint_setting or self.checkpoint
@@ -267,7 +268,8 @@ class BflFlux:
         self.memory_plan = plan
         if plan.streamed:
             limit = None if plan.budget == budget_mod.UNLIMITED else plan.weight_limit
-            self.streamer = BlockStreamer(block_table(self.module), plan.streamed, device or module_device(self.module),
+            device = device or self.device or module_device(self.module)
+            self.streamer = BlockStreamer(block_table(self.module), plan.streamed, device,
                                           limit=limit)
             self.streamer.attach(self.module)
         log.info("memory plan: %s", plan.summary())
