@@ -235,3 +235,29 @@ def test_memory_config_validates_and_round_trips():
         TrainingConfig.from_dict({"memory": {"budget": 8}})
     assert budget.resolve_budget(8.0, 0.5, "cpu") == 7.5 * memory.GiB
     assert budget.resolve_budget(0.0, 0.5, "cpu") == budget.UNLIMITED
+
+
+# ---------------------------------------------------------------------------- CLI
+def test_estimate_command_for_a_named_shape_and_a_file(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from trainer_core.cli import main
+
+    assert main(["estimate", "--model", "flux1-dev", "--resolution", "512", "--budget", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "flux1-dev: 19+38 blocks, hidden 3072, 22.2 GB" in out
+    assert "of 57 blocks streamed, block checkpointing" in out and "LoRA + grads + optimizer" in out
+    sd = {"img_in.weight": torch.zeros(256, 64, dtype=torch.bfloat16), "txt_in.weight": torch.zeros(256, 64),
+          "guidance_in.in_layer.weight": torch.zeros(256, 256)}
+    for i in range(2):
+        sd[f"double_blocks.{i}.img_attn.qkv.weight"] = torch.zeros(768, 256, dtype=torch.float8_e4m3fn)
+    for i in range(3):
+        sd[f"single_blocks.{i}.linear1.weight"] = torch.zeros(1792, 256, dtype=torch.float8_e4m3fn)
+    path = tmp_path / "tiny_flux.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    assert main(["estimate", "--model", str(path), "--resolution", "256", "--budget", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "tiny_flux: 2+3 blocks, hidden 256" in out and "0 of 5 blocks streamed, no checkpointing" in out
+    assert "cast weights" in out
+    assert main(["estimate", "--model", "flux2-dev", "--resolution", "1024", "--batch", "8", "--budget", "4"]) == 0
+    assert "REFUSED" in capsys.readouterr().out
