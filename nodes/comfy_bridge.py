@@ -17,8 +17,10 @@ parts on the GPU, streamed blocks in pinned CPU memory (the same tensors, not a 
 not use ComfyUI's lowvram partial loading: its per-op cast buffer is shared between layers,
 so a weight autograd saved would be overwritten by the next layer's copy (see
 SCALE-FAMILIES-FACTS §1.3), and it streams per Linear rather than per block. On exit every
-weight goes back to the offload device and the patches are undone. The streaming load path
-has only run on a CPU so far (GPU figures pending).
+weight goes back to the offload device and the patches are undone. ComfyUI's dynamic-VRAM
+patcher (its CUDA default) cannot be patched outside its own loader, so streaming asks for
+``--disable-dynamic-vram`` there. The streaming load path has only run on a CPU so far (GPU
+figures pending).
 * ``VaeCodec`` (VAE → LatentCodec), ``ClipTextEncoder`` (CLIP → TextEncoder),
   ``FixedConditioningEncoder`` (CONDITIONING → TextEncoder).
 * ``model_with_lora``: a MODEL carrying a LoRA file's tensors, like core LoraModelLoader,
@@ -201,6 +203,11 @@ def training_model(model_patcher, *, gradient_checkpointing=True, precision: str
         model.memory_plan = plan
         own_placement = plan is not None and bool(plan.streamed) and model.device.type != "cpu"
         if own_placement:
+            if getattr(model_patcher, "is_dynamic", lambda: False)():
+                raise ValueError(
+                    f"{plan.summary()}: weight streaming needs ComfyUI's classic model loading, but this MODEL uses "
+                    "dynamic VRAM; start ComfyUI with --disable-dynamic-vram, or set memory_budget to 'unlimited' "
+                    "if the model fits your GPU")
             model_patcher.patch_model(device_to=model_patcher.offload_device)
         else:
             mm.load_models_gpu([model_patcher], force_full_load=True)
