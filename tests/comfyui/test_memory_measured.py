@@ -57,8 +57,10 @@ def sdpa_attention(comfyui):
     flux_math.optimized_attention = previous
 
 
-CASES = [  # arch, latent side, batch, checkpoint, compute dtype, LoRA dtype, targets
+CASES = [  # arch, latent side, batch, checkpoint, compute dtype, LoRA dtype, targets[, hidden]
     ("flux1", 16, 1, "off", torch.float32, "fp32", "all"),
+    ("flux1", 16, 1, "off", torch.bfloat16, "fp32", "all", 512),  # another hidden size
+    ("flux2", 8, 1, "selective", torch.bfloat16, "fp32", "attention", 512),
     ("flux1", 24, 2, "off", torch.bfloat16, "fp32", "attention"),
     ("flux1", 32, 1, "blocks", torch.bfloat16, "fp32", "all"),
     ("flux1", 16, 2, "selective", torch.float32, "fp32", "all"),
@@ -70,12 +72,13 @@ CASES = [  # arch, latent side, batch, checkpoint, compute dtype, LoRA dtype, ta
 ]
 
 
-@pytest.mark.parametrize("arch,side,batch,mode,dtype,lora_dtype,targets", CASES)
-def test_activation_estimate_within_15_percent_of_saved_bytes(comfyui, sdpa_attention, tmp_path, arch, side, batch,
-                                                                mode, dtype, lora_dtype, targets):
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(v).replace("torch.", "") for v in c))
+def test_activation_estimate_within_15_percent_of_saved_bytes(comfyui, sdpa_attention, tmp_path, case):
     import comfy.model_management as mm
 
-    path = comfyui.write_tiny_flux(tmp_path / "m.safetensors", arch, guidance=arch == "flux1", hidden=256,
+    arch, side, batch, mode, dtype, lora_dtype, targets, *rest = case
+    hidden = rest[0] if rest else 256
+    path = comfyui.write_tiny_flux(tmp_path / "m.safetensors", arch, guidance=arch == "flux1", hidden=hidden,
                                    depth=2, depth_single=3, context_dim=64)
     module = comfyui.load_flux(path, inference=False, dtype=dtype).model.diffusion_model
     channels, patch = (16, 2) if arch == "flux1" else (128, 1)
