@@ -6,6 +6,21 @@
   ``BflFlux``. The caller injects and REMOVES the LoRA inside the ``with`` block
   (``LoraNetwork.remove()``, e.g. ``result.network.remove()`` after ``train_lora``), so the
   input MODEL's module is as before afterwards.
+
+Memory (``training_model(..., config=TrainingConfig)``): the memory plan
+(``trainer_core.budget``) is made from the module's shapes BEFORE anything is loaded, so a
+run that cannot fit is refused without touching the model. Without streamed blocks the model
+loads as before (``load_models_gpu(force_full_load=True)``). With streamed blocks the weights
+are patched on ComfyUI's offload device (``ModelPatcher.patch_model(device_to=offload)``,
+merging e.g. another LoRA into them) and ``trainer_core.streaming`` places them: resident
+parts on the GPU, streamed blocks in pinned CPU memory (the same tensors, not a copy). We do
+not use ComfyUI's lowvram partial loading: its per-op cast buffer is shared between layers,
+so a weight autograd saved would be overwritten by the next layer's copy (see
+SCALE-FAMILIES-FACTS §1.3), and it streams per Linear rather than per block. On exit every
+weight goes back to the offload device and the patches are undone. ComfyUI's dynamic-VRAM
+patcher (its CUDA default) cannot be patched outside its own loader, so streaming asks for
+``--disable-dynamic-vram`` there. The streaming load path has only run on a CPU so far (GPU
+figures pending).
 * ``VaeCodec`` (VAE → LatentCodec), ``ClipTextEncoder`` (CLIP → TextEncoder),
   ``FixedConditioningEncoder`` (CONDITIONING → TextEncoder).
 * ``model_with_lora``: a MODEL carrying a LoRA file's tensors, like core LoraModelLoader,
@@ -150,7 +165,8 @@ def _resolve_mode(gradient_checkpointing) -> str:
 
 
 @contextlib.contextmanager
-def training_model(model_patcher, *, gradient_checkpointing=True, precision: str = "auto") -> Iterator[BflFlux]:
+def training_model(model_patcher, *, gradient_checkpointing=True, precision: str = "auto",
+                   config=None) -> Iterator[BflFlux]:
     """Load ``model_patcher`` fully (its patches, e.g. another LoRA, are merged into the
     weights by ComfyUI, so training happens on top of them) and yield a ``BflFlux`` over its
     live ``diffusion_model``.
@@ -163,6 +179,9 @@ def training_model(model_patcher, *, gradient_checkpointing=True, precision: str
     Inside the block: inference mode off, grad on, ``comfy.model_management.in_training``
     True (ComfyUI's fused rope has no backward otherwise). Everything is restored on exit,
     also on errors and interrupts. The caller must ``LoraNetwork.remove()`` before leaving.
+
+    ``config`` (a ``TrainingConfig``): plan memory for it first (see the module docstring);
+    the plan is ``model.memory_plan`` (pass it to ``train_lora(memory_plan=...)``).
     """
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}; expected one of {list(PRECISIONS)}")
@@ -171,26 +190,44 @@ def training_model(model_patcher, *, gradient_checkpointing=True, precision: str
     mm = comfy.model_management
     previous = mm.in_training
     with torch.inference_mode(False), torch.enable_grad():
-        mm.load_models_gpu([model_patcher], force_full_load=True)
         base = model_patcher.model
         module = base.diffusion_model
         compute, autocast = _compute_dtypes(base, PRECISIONS[precision])
+        model = BflFlux(
+            module, arch=info.arch, guidance_embed=info.guidance_embed, latent_channels=info.latent_channels,
+            patch_size=info.patch_size, context_tokens=512 if info.arch == "flux2" else None, checkpoint=mode,
+            compute_dtype=compute, autocast_dtype=autocast, precision_fixed=True,
+        )
+        model.device = mm.get_torch_device()
+        plan = model.plan_memory(config) if config is not None else None  # refuses before loading
+        model.memory_plan = plan
+        own_placement = plan is not None and bool(plan.streamed) and model.device.type != "cpu"
+        if own_placement:
+            if getattr(model_patcher, "is_dynamic", lambda: False)():
+                raise ValueError(
+                    f"{plan.summary()}: weight streaming needs ComfyUI's classic model loading, but this MODEL uses "
+                    "dynamic VRAM; start ComfyUI with --disable-dynamic-vram, or set memory_budget to 'unlimited' "
+                    "if the model fits your GPU")
+            model_patcher.patch_model(device_to=model_patcher.offload_device)
+        else:
+            mm.load_models_gpu([model_patcher], force_full_load=True)
         weights = AutogradSafeWeights(module)
         try:
             converted = weights.apply()
-            model = BflFlux(
-                module, arch=info.arch, guidance_embed=info.guidance_embed, latent_channels=info.latent_channels,
-                patch_size=info.patch_size, context_tokens=512 if info.arch == "flux2" else None, checkpoint=mode,
-                compute_dtype=compute, autocast_dtype=autocast, precision_fixed=True,
-            )
-            log.info("training %s (%s): %d inference tensors swapped, compute %s, autocast %s, checkpoint %s",
-                     info.arch, info.model_type_name, converted, compute, autocast, mode)
+            log.info("training %s (%s): %d inference tensors swapped, compute %s, autocast %s, checkpoint %s%s",
+                     info.arch, info.model_type_name, converted, compute, autocast, mode,
+                     f", {plan.summary()}" if plan is not None else "")
             mm.in_training = True
             yield model
         finally:
             mm.in_training = previous
+            model.release_streaming()
             _strip_leftover_lora(module)
+            if own_placement:
+                module.to(model_patcher.offload_device)
             weights.restore()
+            if own_placement:
+                model_patcher.unpatch_model(device_to=model_patcher.offload_device)
 
 
 LOW_PRECISION_WEIGHTS = {torch.bfloat16, getattr(torch, "float8_e4m3fn", None), getattr(torch, "float8_e5m2", None)}

@@ -26,6 +26,7 @@ from trainer_core.config import (
     DopConfig,
     FlowConfig,
     LoRAConfig,
+    MemoryConfig,
     OptimConfig,
     PreviewConfig,
     TrainConfig,
@@ -188,6 +189,26 @@ CHECKPOINTING_HELP = (
     "block in backward (least memory); selective: recompute only cheap elementwise ops; off: keep everything.")
 
 
+MEMORY_BUDGETS = ("auto", "8 GB", "12 GB", "16 GB", "24 GB", "48 GB", "unlimited")
+MEMORY_BUDGET_HELP = (
+    "Accelerator memory this run may use. auto: the free memory of the device minus a margin; a card size "
+    "(8-48 GB): plan for that much (minus a 0.5 GB margin), e.g. to leave room for other work; unlimited: no plan "
+    "(everything resident, checkpointing as the widget says). From the budget FlowTrain picks checkpointing and "
+    "how many transformer blocks stream from CPU memory, and says what it chose before the first step; a run "
+    "that cannot fit is refused before training, with the estimate and the change that makes it fit.")
+
+
+def memory_config(choice: str) -> MemoryConfig:
+    """The ``memory_budget`` widget → ``MemoryConfig`` ('unlimited' = a budget no run reaches, no streaming)."""
+    if choice not in MEMORY_BUDGETS:
+        raise ValueError(f"memory_budget={choice!r} is not one of {', '.join(MEMORY_BUDGETS)}")
+    if choice == "auto":
+        return MemoryConfig()
+    if choice == "unlimited":
+        return MemoryConfig(budget_gb=100_000.0, streaming="off")
+    return MemoryConfig(budget_gb=float(choice.split()[0]))
+
+
 def resolve_precision(choice: str, compute_dtype: str) -> str:
     """The config's precision for ``choice`` ('auto' or a config value) given the dtype
     ComfyUI computes this model in (e.g. 'float32', 'bfloat16'; fp8 weights compute in
@@ -249,6 +270,7 @@ class TrainerSettings:
     guidance: float = 1.0
     precision: str = "auto"
     gradient_checkpointing: str = "auto"
+    memory_budget: str = "auto"
     seed: int = 42
     save_every: int = 250
     output_name: str = "flowtrain_lora"
@@ -297,6 +319,7 @@ def _training_config(dataset: DatasetSpec, lora: LoRAConfig, settings: TrainerSe
         train=TrainConfig(steps=s.steps, seed=s.seed, precision=resolve_precision(s.precision, compute_dtype),
                           gradient_checkpointing=s.gradient_checkpointing != "off", save_every=s.save_every,
                           output_dir=output_dir, output_name=s.output_name, existing_run="resume"),
+        memory=memory_config(s.memory_budget),
     )
 
 

@@ -184,7 +184,8 @@ def run_training(model, vae, clip, conditioning, dataset, lora_config, settings:
     users = clip_users(prompt, node_id)
     result = None
     with bridge.training_model(model, gradient_checkpointing=settings.gradient_checkpointing,
-                               precision=settings.precision) as flow_model:
+                               precision=settings.precision, config=config) as flow_model:
+        send_text(f"memory: {flow_model.memory_plan.summary()}", node_id)
         # once loaded: before, the weights may still carry a merged LoRA of another MODEL sharing
         # them (e.g. this node's own output, sampled by the previous prompt)
         identity = base_model_identity(model)
@@ -193,7 +194,8 @@ def run_training(model, vae, clip, conditioning, dataset, lora_config, settings:
                                 release_encoders=lambda: release(vae, clip, encoder, clip_users=users),
                                 progress=progress, phase_progress=progress.phase, prompts=prompts,
                                 should_stop=mm.processing_interrupted, callbacks=callbacks,
-                                base_model=identity, model_name=model_file_name(model))
+                                base_model=identity, model_name=model_file_name(model),
+                                memory_plan=flow_model.memory_plan)
         finally:
             if result is not None:
                 result.network.remove()
@@ -244,6 +246,8 @@ class FlowTrainTrainer(io.ComfyNode):
                 io.Combo.Input("precision", options=list(specs.PRECISIONS), default="auto", tooltip=specs.PRECISION_HELP),
                 io.Combo.Input("gradient_checkpointing", options=list(specs.CHECKPOINTING), default="auto",
                                tooltip=specs.CHECKPOINTING_HELP),
+                io.Combo.Input("memory_budget", options=list(specs.MEMORY_BUDGETS), default="auto",
+                               tooltip=specs.MEMORY_BUDGET_HELP),
                 io.Int.Input("seed", default=42, min=0, max=2**62, control_after_generate=False, tooltip=tip(TrainConfig, "seed")),
                 io.Int.Input("save_every", default=250, **bounds(TrainConfig, "save_every"), tooltip=tip(TrainConfig, "save_every")),
                 io.String.Input("output_name", default="flowtrain_lora", tooltip=tip(

@@ -107,7 +107,7 @@ def common_training(first: int, *, clip: tuple, vae: int, model: int, trigger: s
                                   "warmup_steps": 0, "batch_size": 1, "gradient_accumulation": 1,
                                   "sigma_scheme": "sigmoid", "sigmoid_mean": 0.0, "sigmoid_std": 1.0, "shift": 3.0,
                                   "loss_weighting": "none", "guidance": guidance_train, "precision": "auto",
-                                  "gradient_checkpointing": "auto", "seed": 42, "save_every": 250, "output_name": name},
+                                  "gradient_checkpointing": "auto", "memory_budget": "auto", "seed": 42, "save_every": 250, "output_name": name},
           {"model": (model, 0, "MODEL"), "vae": (vae, 0, "VAE"), "dataset": (c, 0, "FLOWTRAIN_DATASET"),
            "lora_config": (l, 0, "FLOWTRAIN_LORA_CONFIG"), "clip": clip + ("CLIP",),
            "preview": (p, 0, "FLOWTRAIN_PREVIEW")}, pos=(x0 + 380, 0)),

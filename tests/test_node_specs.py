@@ -137,6 +137,21 @@ def test_build_training_config_maps_every_widget(tmp_path):
     assert cfg.lora.rank == 4 and cfg.preview.every_n_steps == 2 and not cfg.dop.enabled
 
 
+def test_memory_budget_widget_maps_to_the_memory_config(tmp_path):
+    from trainer_core.config import MemoryConfig
+
+    assert specs.memory_config("auto") == MemoryConfig()
+    assert specs.memory_config("12 GB") == MemoryConfig(budget_gb=12.0)
+    unlimited = specs.memory_config("unlimited")
+    assert unlimited.streaming == "off" and unlimited.budget_gb >= 1000
+    with pytest.raises(ValueError, match="memory_budget"):
+        specs.memory_config("7 GB")
+    cfg = specs.build_training_config(dataset(tmp_path), LoRAConfig(), specs.TrainerSettings(memory_budget="8 GB"),
+                                      output_dir=str(tmp_path))
+    assert cfg.memory.budget_gb == 8.0
+    assert all(choice == "auto" or choice == "unlimited" or choice.endswith(" GB") for choice in specs.MEMORY_BUDGETS)
+
+
 @pytest.mark.parametrize("change, field", [({"learning_rate": 0.0}, "optim.lr"), ({"output_name": "../x"}, "train.output_name"),
                                            ({"optimizer": "sgd"}, "optim.optimizer"), ({"steps": 0}, "train.steps"),
                                            ({"sigma_scheme": "nope"}, "flow.sigma_scheme"),

@@ -1,4 +1,4 @@
-"""Command line: ``python -m trainer_core demo`` and ``python -m trainer_core train``.
+"""Command line: ``python -m trainer_core demo``, ``train`` and ``estimate``.
 
 ``demo`` trains a LoRA end to end on the embedded default (a small FLUX.1-layout model,
 a DCT image codec, a hashing text encoder and a generated dataset): no download.
@@ -6,6 +6,8 @@ a DCT image codec, a hashing text encoder and a generated dataset): no download.
 folder. Ctrl+C (or SIGTERM) stops after the current step and saves the LoRA.
 Both train data-parallel on several processes or GPUs when launched by ``torchrun``
 (docs/distributed.md).
+``estimate`` prints the peak memory of a training step by component for a released model
+shape (flux1-dev, klein-9b, ...) or a model file/folder, and the plan chosen for a budget.
 """
 from __future__ import annotations
 
@@ -154,7 +156,49 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--rank", type=int, help="LoRA rank")
     train.add_argument("--lr", type=float, help="learning rate")
     train.add_argument("--resolution", type=int, nargs="+", help="bucket resolutions, e.g. 512 768")
+    est = sub.add_parser("estimate", help="memory a training run needs, by component, and the plan for a budget")
+    est.add_argument("--model", default="flux1-dev",
+                     help="a released shape (flux1-dev, flux1-schnell, klein-4b, klein-9b, flux2-dev), a FLUX "
+                          ".safetensors file or a diffusers folder")
+    est.add_argument("--resolution", type=int, nargs="+", default=[512, 1024], help="training resolutions")
+    est.add_argument("--batch", type=int, default=1)
+    est.add_argument("--rank", type=int, default=16)
+    est.add_argument("--targets", default="attention", help="attention, all, or a regex on block-relative names")
+    est.add_argument("--optimizer", default="adamw")
+    est.add_argument("--lora-dtype", default="fp32", choices=["fp32", "bf16"])
+    est.add_argument("--weights", default="bf16", choices=["bf16", "fp8"], help="stored base weights (named shapes)")
+    est.add_argument("--budget", type=float, default=8.0, help="memory budget in GB (0 = no limit)")
+    est.add_argument("--margin", type=float, default=0.5, help="GB kept free (see memory.margin_gb)")
+    est.add_argument("--streaming", default="auto", choices=["auto", "off", "all"])
     return parser
+
+
+def estimate_command(args: argparse.Namespace) -> str:
+    """The text ``estimate`` prints (also used by the tests)."""
+    from . import budget as budget_mod
+    from .memory import KNOWN_SHAPES, GiB, RunShape, estimate, known_shape
+    from .shape_files import shape_from_path
+
+    fp8 = args.weights == "fp8"
+    shape = known_shape(args.model, 1.0 if fp8 else 2.0) if args.model in KNOWN_SHAPES else shape_from_path(args.model)
+    limit = budget_mod.UNLIMITED if not args.budget else (args.budget - args.margin) * GiB
+    lines = [f"{shape.name}: {shape.double_blocks}+{shape.single_blocks} blocks, hidden {shape.hidden}, "
+             f"{shape.total_bytes / GiB:.1f} GB of weights"]
+    for res in args.resolution:
+        run = RunShape(resolution=res, batch=args.batch, rank=args.rank, targets=args.targets,
+                       lora_bytes=4 if args.lora_dtype == "fp32" else 2, optimizer=args.optimizer,
+                       casts_weights=fp8 or shape.weight_bytes != 2)
+        lines.append(f"\n{res}x{res}, batch {args.batch}, rank {args.rank} ({args.targets}), {args.optimizer}")
+        lines.append("  without checkpointing, all resident:")
+        lines.append(estimate(shape, run, checkpoint="off").table())
+        try:
+            plan = budget_mod.plan_memory(shape, run, limit, streaming=args.streaming)
+        except budget_mod.MemoryBudgetError as e:
+            lines.append(f"  budget {args.budget:g} GB: REFUSED: {e}")
+            continue
+        lines.append(f"  budget {args.budget:g} GB -> {plan.summary()}:")
+        lines.append(plan.estimate.table())
+    return "\n".join(lines)
 
 
 def make_config(args: argparse.Namespace, defaults: dict) -> TrainingConfig:
@@ -209,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     stop = StopFlag()
     stop.install()
     try:
+        if args.command == "estimate":
+            print(estimate_command(args))
+            return 0
         device = distributed.init_from_env()  # under torchrun: join the other ranks (data parallel)
         if args.command == "demo":
             from .demo.run import run_demo

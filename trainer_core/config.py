@@ -221,6 +221,19 @@ class TrainConfig(_Validated):
 
 
 @dataclass(frozen=True)
+class MemoryConfig(_Validated):
+    _prefix = "memory"
+    budget_gb: float = opt(0.0, "Accelerator memory the run may use, in GB (2^30 bytes). 0 = auto: the free memory of the device minus margin_gb (on a CPU: the available RAM). From it FlowTrain picks gradient checkpointing and how many transformer blocks stream from CPU memory; a run that cannot fit is refused before training, with the change that makes it fit.", lo=0.0, hi=100_000)
+    margin_gb: float = opt(0.5, "Memory left unused for the allocator's fragmentation, other programs and the display (subtracted from the free memory with budget_gb=0 and from budget_gb otherwise).", lo=0.0, hi=1000)
+    streaming: str = opt("auto", "Weight streaming (block offload): auto = stream the fewest transformer blocks that make the run fit the budget; off = never (a run that does not fit is refused); all = stream every block (slowest, least memory; also for tests).", choices=lambda: ["auto", "off", "all"])
+
+    def check(self) -> None:
+        if self.budget_gb and self.margin_gb >= self.budget_gb:
+            raise ConfigError(f"memory.margin_gb={self.margin_gb} leaves nothing of memory.budget_gb={self.budget_gb}; "
+                              "lower the margin or raise the budget")
+
+
+@dataclass(frozen=True)
 class TrainingConfig(_Validated):
     """Everything one training run needs to know, and nothing about where models live."""
 
@@ -234,6 +247,7 @@ class TrainingConfig(_Validated):
     preview: PreviewConfig = field(default_factory=PreviewConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
 
     def check(self) -> None:
         """Rules that span sections."""

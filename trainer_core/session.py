@@ -182,6 +182,7 @@ def train_lora(
     prompts: Sequence[str] = (),
     phase_progress: Optional[PhaseFn] = None,
     model_name: str = "",
+    memory_plan=None,
 ) -> TrainResult:
     """Train a LoRA on ``model`` as ``config`` says; write it under the run folder.
 
@@ -189,7 +190,9 @@ def train_lora(
     ``model_name``: its file name, as the LoRA metadata reports it (``ss_sd_model_name``).
 
     The LoRA stays injected in ``model.module`` afterwards (``result.network.remove()``
-    restores the base model)."""
+    restores the base model). Models with ``plan_memory`` (``BflFlux``) get a memory plan
+    for ``config.memory`` (or ``memory_plan`` when the caller already made one) before the
+    dataset is touched; a run that cannot fit raises ``budget.MemoryBudgetError`` there."""
     phase = PhaseReporter(phase_progress)
     phase("loading")
     run_dir = Path(run_dir) if run_dir is not None else run_folder(config)
@@ -201,6 +204,10 @@ def train_lora(
         result = _finished_result(run_dir, config, model, resume_from)
         phase("done")
         return result
+    prepare = getattr(model, "prepare_for_training", None)
+    if prepare is not None:
+        prepare(dtype=DTYPES[config.train.precision], gradient_checkpointing=config.train.gradient_checkpointing)
+    plan = memory_plan if memory_plan is not None else plan_for(config, model)  # refuses before any work
     data_before = folder_snapshot(config.data.path) if config.data.path else {}
     cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else run_dir / ".latent_cache"
 
@@ -218,10 +225,9 @@ def train_lora(
     if release_encoders is not None and not dataset.needs_codec:  # live augmentation encodes every step
         release_encoders()
 
-    prepare = getattr(model, "prepare_for_training", None)
-    if prepare is not None:
-        prepare(dtype=DTYPES[config.train.precision], gradient_checkpointing=config.train.gradient_checkpointing)
     network = seeded_inject(config, model)
+    if plan is not None:
+        model.apply_memory_plan(plan)  # after the LoRA exists: only frozen weights stream
     optimizer = build_optimizer(network, config.optim, assemble.param_grouping(config))
     scheduler = build_scheduler(optimizer, config.optim, config.train.steps)
     state = RunState(config=config, model=model, network=network, optimizer=optimizer,
@@ -257,6 +263,16 @@ def train_lora(
         phase("done")
     return TrainResult(run_dir=run_dir, lora_path=saver.final_path, steps=state.step, reason=reason,
                        history=state.history, network=network, dataset_summary=dataset.summary(), variant=variant)
+
+
+def plan_for(config: TrainingConfig, model: FlowModel):
+    """The memory plan of ``model`` for ``config`` (None for models without planning)."""
+    planner = getattr(model, "plan_memory", None)
+    if planner is None:
+        return None
+    plan = planner(config)
+    log.info("memory: %s", plan.summary())
+    return plan
 
 
 # --------------------------------------------------------------------------- durability

@@ -292,3 +292,57 @@ def test_auto_precision_trains_low_precision_weights_in_bf16(comfyui, bridge, ti
         assert model.module.double_blocks[0].img_attn.qkv.weight.dtype == torch.bfloat16  # never cast
     monkeypatch.setattr(bridge, "_bf16_native", lambda device: False)  # e.g. a CPU without native bf16
     assert bridge.auto_compute_dtype(bf16.model) == bf16.model.get_dtype_inference()
+
+
+# ---------------------------------------------------------------------- memory plan and streaming
+@pytest.mark.parametrize("name", ["flux1_dev", "flux2"])
+def test_streamed_training_through_the_bridge_is_bitwise_the_same(comfyui, bridge, tiny_files, name):
+    """memory.streaming='all' through ``training_model(config=...)``: every block streams
+    (storage and compute both the CPU here), the LoRA trains to exactly the same losses,
+    and the MODEL's weights are the same objects and values afterwards."""
+    from trainer_core.config import MemoryConfig, TrainingConfig
+
+    results = {}
+    for streaming in ("off", "all"):
+        mp = comfyui.load_flux(tiny_files[name])
+        dm = mp.model.diffusion_model
+        before = {n: (p, p.detach().clone()) for n, p in dm.named_parameters()}
+        config = TrainingConfig(memory=MemoryConfig(streaming=streaming))
+        with bridge.training_model(mp, gradient_checkpointing="blocks", config=config) as model:
+            plan = model.memory_plan
+            torch.manual_seed(0)
+            net = LoraNetwork.inject(model.module, LoRAConfig(rank=4, alpha=4.0), model.default_targets["all"])
+            model.apply_memory_plan(plan)
+            opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+            batch, losses = _batch(model.arch), []
+            for _ in range(3):
+                loss = _loss(model, batch)
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+                losses.append(loss.item())
+            fetches = model.streamer.fetches if model.streamer is not None else 0
+            net.remove()
+        results[streaming] = (losses, fetches, plan)
+        after = dict(dm.named_parameters())
+        assert all(after[n] is p and torch.equal(p.detach(), v) for n, (p, v) in before.items())
+    blocks = results["all"][2].blocks
+    assert len(results["all"][2].streamed) == blocks and results["off"][2].streamed == ()
+    assert results["all"][1] >= 3 * blocks * 2  # forward + recompute, every step
+    assert results["all"][0] == results["off"][0] and results["off"][0][-1] < results["off"][0][0]
+
+
+def test_bridge_refuses_a_run_that_cannot_fit_before_loading(comfyui, bridge, tiny_files):
+    import comfy.model_management as mm
+
+    from trainer_core.budget import MemoryBudgetError
+    from trainer_core.config import MemoryConfig, TrainingConfig
+
+    mp = comfyui.load_flux(tiny_files["flux1_dev"])
+    loaded = list(mm.current_loaded_models)
+    config = TrainingConfig(memory=MemoryConfig(budget_gb=0.001, margin_gb=0.0))
+    with pytest.raises(MemoryBudgetError, match="To make it fit"):
+        with bridge.training_model(mp, config=config):
+            pass
+    assert not any(m.model is mp for m in mm.current_loaded_models if m not in loaded)
+    assert not mm.in_training

@@ -30,11 +30,18 @@ Checkpoint modes (``CHECKPOINT_MODES``): ``off`` keeps every activation; ``block
 each block in backward (``torch.utils.checkpoint``, non-reentrant); ``selective`` recomputes
 each block but keeps matmul and attention outputs (``create_selective_checkpoint_contexts``),
 so only cheap elementwise ops run twice; ``auto`` estimates the activations a step keeps
-(``activation_bytes``) and runs ``off`` when they fit in half of the free memory of the
-model's device, else ``blocks``: no recompute when there is room, no OOM when there is not.
+(``activation_bytes``, from ``trainer_core.memory``) and runs ``off`` when they fit in half of
+the free memory of the model's device, else ``blocks``: no recompute when there is room, no OOM
+when there is not.
+
+Memory plans (``plan_memory`` / ``apply_memory_plan``, called by ``session.train_lora``): the
+budget planner (``trainer_core.budget``) fixes the checkpoint mode and which blocks stream
+(``trainer_core.streaming.BlockStreamer``). The streamer's fetch/evict runs inside the
+checkpointed block function, so the recompute in backward fetches the block again.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from typing import Callable, Optional
@@ -44,7 +51,10 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from .. import budget as budget_mod
+from .. import memory
 from ..lora.bfl_names import bfl_identity, bfl_target_presets
+from ..streaming import BlockStreamer, block_table
 from ..types import BflSlot, TextBatch
 from .common import module_device, module_dtype
 
@@ -59,10 +69,6 @@ ARCHS = {
     "flux1": (8, "flux1_kohya"),
     "flux2": (16, "flux2_diffusion_model"),
 }
-# Activations autograd keeps per block and token, in units of hidden-size elements: measured with
-# saved_tensors_hooks on ComfyUI's FLUX.1/FLUX.2 blocks (1 double + 1 single block keep 42-44·T·H
-# plus the attention matrices), rounded up.
-SAVED_PER_BLOCK = 24
 AUTO_MEMORY_FRACTION = 0.5  # of the device's free memory that "auto" lets activations take
 
 FLUX2_CONTEXT_TOKENS = 512  # comfy.model_base.Flux2.extra_conds pads the text to this length
@@ -154,6 +160,9 @@ class BflFlux:
         self.autocast_dtype = autocast_dtype
         self.precision_fixed = precision_fixed
         self.default_targets: dict[str, str] = dict(bfl_target_presets())
+        self.streamer: Optional[BlockStreamer] = None
+        self.device: Optional[torch.device] = None  # compute device when the weights are not there yet
+        self.memory_plan: Optional[budget_mod.MemoryPlan] = None
 
     # ------------------------------------------------------------------ FlowModel
     def bfl_name(self, module_name: str) -> Optional[BflSlot]:
@@ -206,7 +215,8 @@ class BflFlux:
         self._mode = self.checkpoint
         if self.checkpoint == "auto":
             self._mode = self._fitting_mode(b, self.image_tokens((h, w)) + context.shape[1], device)
-        options = {"patches_replace": {"dit": self._block_patches()}} if torch.is_grad_enabled() else {}
+        hooked = torch.is_grad_enabled() or self.streamer is not None  # streamed blocks fetch in the hook
+        options = {"patches_replace": {"dit": self._block_patches()}} if hooked else {}
         call = functools.partial(
             self.module,
             x_t.to(device=device, dtype=dtype),
@@ -223,14 +233,51 @@ class BflFlux:
             out = call()
         return out.float()
 
+    def memory_shape(self) -> memory.ModelShape:
+        """The module's shape and weight bytes for the memory estimator."""
+        return memory.shape_from_module(self.module, self.arch, text_tokens=self.context_tokens)
+
+    def _elem(self) -> int:
+        return torch.finfo(self.autocast_dtype or self.compute_dtype).bits // 8
+
     def activation_bytes(self, batch: int, tokens: int) -> int:
-        """Estimated bytes autograd keeps for one forward without checkpointing:
-        per block ``SAVED_PER_BLOCK·T·H`` elements plus one ``heads·T²`` attention matrix."""
-        hidden = self.module.img_in.weight.shape[0]
-        heads = max(1, hidden // 128)
-        blocks = len(self.module.double_blocks) + len(self.module.single_blocks)
-        elem = torch.finfo(self.autocast_dtype or self.compute_dtype).bits // 8
-        return batch * blocks * (SAVED_PER_BLOCK * tokens * hidden + heads * tokens * tokens) * elem
+        """Estimated bytes autograd keeps for one forward without checkpointing
+        (``trainer_core.memory.activation_terms``, LoRA on the attention layers)."""
+        run = memory.RunShape(batch=batch, compute_bytes=self._elem(), tokens=tokens)
+        return memory.activation_terms(self.memory_shape(), run, "off")[1]
+
+    def _casts_weights(self) -> bool:
+        weights = [p for p in self.module.double_blocks.parameters() if p.dim() == 2]
+        return bool(weights) and (weights[0].dtype != (self.autocast_dtype or self.compute_dtype)
+                                  or any(getattr(m, "comfy_cast_weights", False) for m in self.module.modules()))
+
+    def plan_memory(self, config, device: Optional[torch.device] = None) -> budget_mod.MemoryPlan:
+        """The plan for ``config`` (a ``TrainingConfig``) within ``config.memory``'s budget on
+        the model's device; raises ``budget.MemoryBudgetError`` when nothing fits."""
+        device = device or self.device or module_device(self.module)
+        limit = budget_mod.resolve_budget(config.memory.budget_gb, config.memory.margin_gb, device)
+        run = budget_mod.run_shape(config, compute_bytes=self._elem(), casts_weights=self._casts_weights())
+        mode = self.checkpoint_setting or self.checkpoint
+        return budget_mod.plan_memory(self.memory_shape(), run, limit, streaming=config.memory.streaming,
+                                      checkpoint=mode)
+
+    def apply_memory_plan(self, plan: budget_mod.MemoryPlan, device: Optional[torch.device] = None) -> None:
+        """Use ``plan``'s checkpoint mode and stream its blocks (weights move to storage now)."""
+        self.release_streaming()
+        self.checkpoint = plan.checkpoint
+        self.memory_plan = plan
+        if plan.streamed:
+            limit = None if plan.budget == budget_mod.UNLIMITED else plan.weight_limit
+            device = device or self.device or module_device(self.module)
+            self.streamer = BlockStreamer(block_table(self.module), plan.streamed, device,
+                                          limit=limit)
+            self.streamer.attach(self.module)
+        log.info("memory plan: %s", plan.summary())
+
+    def release_streaming(self) -> None:
+        if self.streamer is not None:
+            self.streamer.detach()
+        self.streamer = None
 
     def _fitting_mode(self, batch: int, tokens: int, device: torch.device) -> str:
         key = (batch, tokens)
@@ -266,6 +313,11 @@ class BflFlux:
         kwargs = {"context_fn": context_fn} if context_fn is not None else {}
         return checkpoint(guarded, *residuals, use_reentrant=False, **kwargs)
 
+    def _fetched(self, name: str):
+        """The block's weights on the device for the call (inside the checkpointed function,
+        so a recompute fetches again); nothing to do without streaming."""
+        return self.streamer.use(name) if self.streamer is not None else contextlib.nullcontext()
+
     def _double(self, index: int, args: dict, extra: dict) -> dict:
         # Call the block directly: ComfyUI's ``original_block`` closure binds the loop
         # variable ``block`` late, so a recompute in backward would run the wrong block.
@@ -274,7 +326,8 @@ class BflFlux:
         vec, pe, mask = args["vec"], args["pe"], args.get("attn_mask")
 
         def fn(img, txt):
-            return block(img=img, txt=txt, vec=vec, pe=pe, attn_mask=mask, transformer_options=opts)
+            with self._fetched(f"double_blocks.{index}"):
+                return block(img=img, txt=txt, vec=vec, pe=pe, attn_mask=mask, transformer_options=opts)
 
         img, txt = self._run(fn, args["img"], args["txt"])
         return {"img": img, "txt": txt}
@@ -285,7 +338,8 @@ class BflFlux:
         vec, pe, mask = args["vec"], args["pe"], args.get("attn_mask")
 
         def fn(img):
-            return block(img, vec=vec, pe=pe, attn_mask=mask, transformer_options=opts)
+            with self._fetched(f"single_blocks.{index}"):
+                return block(img, vec=vec, pe=pe, attn_mask=mask, transformer_options=opts)
 
         return {"img": self._run(fn, args["img"])}
 
