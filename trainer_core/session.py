@@ -154,6 +154,7 @@ def train_lora(
     resume_from = find_resume_point(run_dir, config, model_info)  # refuses unsafe changes before any work
     if resume_from is not None and is_finished(run_dir, resume_from, config.train.steps):
         return _finished_result(run_dir, config, model, resume_from)
+    init = check_adapter(config, model)  # refuses an unsaveable algorithm or a mismatched init_from before any work
     run_dir.mkdir(parents=True, exist_ok=True)
     data_before = folder_snapshot(config.data.path) if config.data.path else {}
     write_state(run_dir / "config.json", {"format_version": FORMAT_VERSION, "config": config.to_dict()})
@@ -168,7 +169,7 @@ def train_lora(
     prepare = getattr(model, "prepare_for_training", None)
     if prepare is not None:
         prepare(dtype=DTYPES[config.train.precision], gradient_checkpointing=config.train.gradient_checkpointing)
-    network = seeded_inject(config, model)
+    network = seeded_inject(config, model, init)
     optimizer = build_optimizer(network, config.optim, assemble.param_grouping(config))
     scheduler = build_scheduler(optimizer, config.optim, config.train.steps)
     state = RunState(config=config, model=model, network=network, optimizer=optimizer,
@@ -203,12 +204,31 @@ def durability_callbacks(config: TrainingConfig, run_dir: Path, saver: LoraSaveC
     return [StepSeedCallback(config.train.seed), *callbacks, *tail]
 
 
-def seeded_inject(config: TrainingConfig, model: FlowModel) -> LoraNetwork:
+def check_adapter(config: TrainingConfig, model: FlowModel):
+    """Refuse an algorithm whose file ComfyUI could not load exactly for these layers, and
+    read ``lora.init_from`` (returns its ``continuation.InitPlan``, or None)."""
+    from .lora import continuation
+    from .lora.network import matching_linears
+    from .lora.records import fused_split_refusal
+
+    regex = target_regex(config, model)
+    why = fused_split_refusal(config.lora.algorithm, matching_linears(model.module, regex), model.bfl_name)
+    if why:
+        raise ValueError(why)
+    return continuation.plan(config, model, regex) if config.lora.init_from else None
+
+
+def seeded_inject(config: TrainingConfig, model: FlowModel, init=None) -> LoraNetwork:
     """Inject the LoRA with its random A init drawn from ``train.seed`` (not from whatever
-    the global RNG holds), so two runs of one config start from the same weights."""
+    the global RNG holds), so two runs of one config start from the same weights; with
+    ``init`` (``continuation.InitPlan``) it starts from that file's weights instead."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(step_generator(config.train.seed, 0, stream=StepSeedCallback.STREAM + 1).initial_seed())
-        return LoraNetwork.inject(model.module, config.lora, target_regex(config, model))
+        network = LoraNetwork.inject(model.module, config.lora, target_regex(config, model),
+                                     ranks=init.ranks if init is not None else None)
+    if init is not None:
+        network.load_records(init.records)
+    return network
 
 
 def _resume(state: RunState, ckpt: Checkpoint) -> None:
@@ -223,7 +243,7 @@ def _finished_result(run_dir: Path, config: TrainingConfig, model: FlowModel, ck
     """The run already trained ``train.steps`` with this config: load it, do not retrain."""
     log.info("%s already finished %d steps with this configuration; loading it instead of training again",
              run_dir, ckpt.step)
-    network = seeded_inject(config, model)
+    network = seeded_inject(config, model, check_adapter(config, model))
     network.load_state_dict(ckpt.lora_state())
     return TrainResult(run_dir=run_dir, lora_path=run_dir / "lora_final.safetensors", steps=ckpt.step,
                        reason="already finished", history=list(ckpt.doc.get("history", [])), network=network)
