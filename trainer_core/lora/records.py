@@ -201,8 +201,11 @@ def module_records(module: nn.Module, namer: BflNamer, records: dict[str, Record
     the split layers' rows). Every record must land somewhere, else ValueError."""
     used, out = set(), {}
     for n, m in module.named_modules():
-        if not isinstance(m, nn.Linear):
+        wrapped = hasattr(m, "get_base_layer") and m.get_base_layer() is not m  # a peft layer: use its base
+        if not (isinstance(m, nn.Linear) or wrapped) or n.endswith(".base_layer"):
             continue
+        if wrapped:
+            m = m.get_base_layer()
         slot = namer(n)
         if slot is None or slot.name not in records:
             continue
