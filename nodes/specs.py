@@ -225,17 +225,20 @@ class TrainerSettings:
     seed: int = 42
     save_every: int = 250
     output_name: str = "flowtrain_lora"
+    existing_lora: str = ""
 
 
 def build_training_config(dataset: DatasetSpec, lora: LoRAConfig, settings: TrainerSettings, *, output_dir: str,
                           compute_dtype: str = "float32", dop: Optional[DopSettings] = None,
-                          preview: Optional[PreviewSettings] = None) -> TrainingConfig:
+                          preview: Optional[PreviewSettings] = None, init_from: str = "") -> TrainingConfig:
     """One validated ``TrainingConfig`` from the nodes' values. Config errors name the
     config field (e.g. ``optim.lr``), which the Trainer's widget of the same meaning sets."""
     if not isinstance(dataset, DatasetSpec):
         raise ValueError("the Trainer's dataset input must come from a FlowTrain Dataset node")
     s = settings
     preview = preview if preview is not None else PreviewSettings()
+    if init_from:
+        lora = dataclasses.replace(lora, init_from=init_from)
     return TrainingConfig(
         data=dataset.data_config(s.batch_size),
         lora=lora,
@@ -273,7 +276,8 @@ NODE_WIDGETS: dict[str, tuple[str, ...]] = {
     "FlowTrainDataset": ("folder", "caption_extension"),
     "FlowTrainBucketer": ("resolutions", "step", "min_side", "max_side", "allow_upscale"),
     "FlowTrainCaptions": ("trigger_word", "class_word", "keep_tokens", "separator", "shuffle", "caption_dropout"),
-    "FlowTrainLoraConfig": ("rank", "alpha", "dropout", "targets", "target_regex", "dtype"),
+    "FlowTrainLoraConfig": ("rank", "alpha", "dropout", "targets", "target_regex", "dtype", "algorithm", "lokr_factor",
+                            "lokr_decompose_both", "lokr_full_matrix"),
     "FlowTrainDopSettings": ("enabled", "class_word", "multiplier", "every_n_steps", "gradient_surgery"),
     "FlowTrainPreviewSettings": ("every_n_steps", "prompts", "seed", "steps", "width", "height", "guidance",
                                  "validation_every"),

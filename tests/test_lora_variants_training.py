@@ -108,3 +108,12 @@ def test_continuation_mismatch_names_both(tiny_training, tmp_path):
                                                        "train.output_name": "cont"}))
     _, md = lora_io.load_lora_file(str(cont.lora_path))
     assert md["ss_continued_from"] == "lora_final.safetensors"
+
+
+def test_cli_flags_set_the_algorithm_and_init_from(tmp_path):
+    from trainer_core.cli import build_parser, make_config
+
+    args = build_parser().parse_args(["train", "--model", str(tmp_path), "--data", str(tmp_path),
+                                      "--algorithm", "lokr", "--init-from", str(tmp_path / "old.safetensors")])
+    cfg = make_config(args, {})
+    assert cfg.lora.algorithm == "lokr" and cfg.lora.init_from == str(tmp_path / "old.safetensors")

@@ -134,3 +134,26 @@ def test_continuing_from_a_file_starts_at_its_predictions(comfyui, bridge, tiny_
     from_file, _ = _velocity_through_comfy(bridge, mp, model, tensors, batch)
     assert (from_file - base).abs().max() > 1e-3  # the file changes the model
     assert (continued - from_file).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("algorithm", ["dora", "loha", "lokr"])
+def test_fp8_base_weights_train_with_every_algorithm(comfyui, bridge, tiny_files, algorithm):
+    mp = comfyui.load_flux(tiny_files["flux1_dev"], dtype=torch.float8_e4m3fn)
+    with bridge.training_model(mp, gradient_checkpointing=True) as model:
+        qkv = model.module.double_blocks[0].img_attn.qkv.weight
+        net = LoraNetwork.inject(model.module, LoRAConfig(rank=4, alpha=4.0, algorithm=algorithm),
+                                 model.default_targets["all"])
+        assert {p.dtype for p in net.parameters()} == {torch.float32}
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+        batch, losses = _batch(model.arch), []
+        try:
+            for _ in range(6):
+                loss = _loss(model, batch)
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+                losses.append(loss.item())
+        finally:
+            net.remove()
+        assert qkv.dtype == torch.float8_e4m3fn
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], losses

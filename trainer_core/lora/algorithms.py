@@ -102,8 +102,10 @@ class LoraAlgorithm(Algorithm):
     def peft_config(self, cfg, target_modules):
         import peft
 
+        # DoRA is attached in ``prepare``: peft's own DoRA init takes the weight norm in the base
+        # weight's dtype, which fails for fp8 (no CPU kernel) and loses precision in bf16
         return peft.LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                               target_modules=target_modules, init_lora_weights=True, use_dora=self.dora)
+                               target_modules=target_modules, init_lora_weights=True)
 
     def prepare(self, layer, cfg, dtype):
         # peft casts A and B to the base weight's dtype (bf16, even fp8); move them to
@@ -111,9 +113,17 @@ class LoraAlgorithm(Algorithm):
         layer.lora_A[ADAPTER].to(dtype=dtype)
         layer.lora_B[ADAPTER].to(dtype=dtype)
         layer.reset_lora_parameters(ADAPTER, True)
-        if self.dora:  # B = 0: magnitude = ‖W‖ per output row, computed in fp32
-            mag = layer.lora_magnitude_vector[ADAPTER]
-            mag.weight = torch.nn.Parameter(_row_norm(base_weight(layer)).squeeze(1).to(dtype))
+        if self.dora:  # peft's DoRA layer and forward; B = 0, so magnitude = ‖W‖ per row (fp32)
+            from peft.tuners.lora.variants import DoraLinearVariant
+
+            if "lora_magnitude_vector" not in layer.adapter_layer_names:
+                layer.adapter_layer_names = layer.adapter_layer_names[:] + ("lora_magnitude_vector",)
+            mag = _casting_dora_layer()
+            w = base_weight(layer)
+            mag.weight = torch.nn.Parameter(_row_norm(w).squeeze(1).to(device=w.device, dtype=dtype))
+            layer.lora_magnitude_vector[ADAPTER] = mag
+            layer.lora_variant[ADAPTER] = DoraLinearVariant()
+            layer.use_dora[ADAPTER] = True
 
     def params(self, layer):
         out = [("lora_A", layer.lora_A[ADAPTER].weight), ("lora_B", layer.lora_B[ADAPTER].weight)]
@@ -190,6 +200,31 @@ class LoraAlgorithm(Algorithm):
     def shape_info(self, record):
         rank = int(record[DOWN].shape[0])
         return {"rank": rank, "alpha": float(record["alpha"]) if "alpha" in record else None}
+
+
+class _CastWeights:
+    """A stand-in base layer for peft's DoRA maths: weight and bias in the input's dtype
+    (ComfyUI's layers store fp8/bf16 and cast per forward; peft would mix dtypes)."""
+
+    def __init__(self, weight, bias):
+        self.weight, self.bias = weight, bias
+
+
+_DORA_LAYER: list[type] = []  # the class, built on first use (peft is imported lazily)
+
+
+def _casting_dora_layer():
+    if not _DORA_LAYER:
+        from peft.tuners.lora.dora import DoraLinearLayer
+
+        class CastingDoraLayer(DoraLinearLayer):
+            def forward(self, x, *, base_layer, **kwargs):
+                b = base_layer.bias
+                cast = _CastWeights(base_layer.weight.to(x.dtype), None if b is None else b.to(x.dtype))
+                return super().forward(x, base_layer=cast, **kwargs)
+
+        _DORA_LAYER.append(CastingDoraLayer)
+    return _DORA_LAYER[0](fan_in_fan_out=False)
 
 
 class DoraAlgorithm(LoraAlgorithm):
