@@ -10,7 +10,8 @@ from test_lora_formats import TinyFlux
 from trainer_core.config import ConfigError, LoRAConfig, TrainingConfig
 from trainer_core.lora import io as lora_io
 from trainer_core.lora import records as lora_records
-from trainer_core.lora.algorithms import ALGORITHMS, patched_weight
+from trainer_core.lora.algorithms import ALGORITHMS
+from trainer_core.lora.patch_rules import patched_weight
 from trainer_core.lora.bfl_names import flux_target_presets
 from trainer_core.lora.formats import LORA_FORMATS, apply_to_module
 from trainer_core.lora.network import LoraNetwork
@@ -145,3 +146,9 @@ def test_unknown_algorithm_lists_the_valid_ones():
     with pytest.raises(ConfigError, match="lora.algorithm.*lora.*dora.*loha.*lokr"):
         LoRAConfig(algorithm="oft")
     assert ALGORITHMS.names() == ["lora", "dora", "loha", "lokr"]
+
+
+def test_lycoris_algorithms_refuse_lora_dropout():
+    with pytest.raises(ConfigError, match=r"lora.dropout=0.1 .*lora.algorithm='lokr'"):
+        LoRAConfig(algorithm="lokr", dropout=0.1)
+    LoRAConfig(algorithm="dora", dropout=0.1)

@@ -100,6 +100,9 @@ class LoRAConfig(_Validated):
                 re.compile(self.target_regex)
             except re.error as e:
                 raise ConfigError(f"lora.target_regex={self.target_regex!r} is not a valid regex: {e}") from None
+        if self.dropout and self.algorithm in ("loha", "lokr"):
+            raise ConfigError(f"lora.dropout={self.dropout} applies to the LoRA input of algorithms 'lora'/'dora'; "
+                              f"set lora.dropout=0 for lora.algorithm={self.algorithm!r}")
         if self.lokr_factor == 0:
             raise ConfigError("lora.lokr_factor=0 is not a factor; use -1 (balanced split) or a positive size such as 8 or 16")
 

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from trainer_core.lora import records as lora_records
-from trainer_core.lora.algorithms import ALGORITHMS, Record, record_algorithm
+from trainer_core.lora.algorithms import ALGORITHMS
+from trainer_core.lora.patch_rules import Record, record_algorithm
 from trainer_core.lora.io import load_lora_file
 from trainer_core.lora.network import matching_linears
 

@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from trainer_core.config import LoRAConfig
-from trainer_core.lora.algorithms import ALGORITHMS, Algorithm, Record
+from trainer_core.lora.algorithms import ALGORITHMS, Algorithm
+from trainer_core.lora.patch_rules import Record
 
 log = logging.getLogger(__name__)
 
