@@ -117,3 +117,9 @@ def test_cli_flags_set_the_algorithm_and_init_from(tmp_path):
                                       "--algorithm", "lokr", "--init-from", str(tmp_path / "old.safetensors")])
     cfg = make_config(args, {})
     assert cfg.lora.algorithm == "lokr" and cfg.lora.init_from == str(tmp_path / "old.safetensors")
+
+
+def test_resuming_with_another_algorithm_is_refused(tiny_training):
+    tiny_training.train(tiny_training.config(**{"lora.algorithm": "loha"}))
+    with pytest.raises(ValueError, match="lora.algorithm: 'loha' -> 'dora'"):
+        tiny_training.train(tiny_training.config(**{"lora.algorithm": "dora", "train.steps": 6}))
