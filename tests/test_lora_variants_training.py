@@ -74,7 +74,9 @@ def test_continuing_reproduces_the_file_at_step_0(tiny_training, algorithm, form
     cfg = tiny_training.config(**settings, **{"lora.init_from": str(path), "train.output_name": "next"})
     model, *_ = tiny_parts()
     fresh = copy.deepcopy(model.module)
-    net = seeded_inject(cfg, model, check_adapter(cfg, model))
+    plan = check_adapter(cfg, model)
+    assert plan.ranks == {}  # fused q/k/v blocks split back to their own rank
+    net = seeded_inject(cfg, model, plan)
     g = torch.Generator().manual_seed(0)
     x = {"hidden_states": torch.randn(1, 16, 64, generator=g), "encoder_hidden_states": torch.randn(1, 5, 64, generator=g),
          "pooled_projections": torch.randn(1, 16, generator=g), "timestep": torch.tensor([0.5]),

@@ -22,9 +22,8 @@ from typing import Any
 
 import torch
 
+from trainer_core.lora.patch_rules import DOWN, LOKR, UP, Record, fill_untrained, record_scale
 from trainer_core.registry import Registry
-
-from trainer_core.lora.patch_rules import DOWN, LOKR, UP, Record, fill_untrained, record_scale  # noqa: F401
 
 ADAPTER = "default"
 
@@ -47,8 +46,7 @@ class Algorithm:
     name = ""
     help = ""
     loraplus_refusal = ""
-    network_module: str | None = None  # ss_network_module; None = the plain-LoRA module of the arch
-    record_keys: tuple[str, ...] = ()
+    network_module: str | None = None  # ss_network_module; None = kohya's plain-LoRA module of the arch
 
     # ----------------------------------------------------------- layer
     def peft_config(self, cfg, target_modules: str) -> Any:
@@ -182,9 +180,15 @@ class LoraAlgorithm(Algorithm):
         return out
 
     def slice_rows(self, record, start, rows):
-        out = {DOWN: record[DOWN], UP: record[UP][start:start + rows]}
+        """The rows of one part; rank columns that are zero in them (other parts' block of a
+        block-diagonal fused up) are dropped, with alpha kept in step (same scale)."""
+        up = record[UP][start:start + rows]
+        keep = up.any(dim=0)
+        if not keep.any():
+            keep = torch.ones_like(keep)
+        out = {DOWN: record[DOWN][keep], UP: up[:, keep]}
         if "alpha" in record:
-            out["alpha"] = record["alpha"]
+            out["alpha"] = torch.tensor(record_scale(record) * int(keep.sum()))
         if "dora_scale" in record:
             out["dora_scale"] = record["dora_scale"].reshape(-1, 1)[start:start + rows]
         return out
@@ -223,6 +227,7 @@ class DoraAlgorithm(LoraAlgorithm):
     name = "dora"
     help = "LoRA with a learned magnitude per output row (Liu et al. 2024, DoRA)"
     dora = True
+    network_module = "lycoris.kohya"
 
 
 # ===================================================================== LoHa
@@ -282,9 +287,15 @@ class LohaAlgorithm(Algorithm):
         return out
 
     def slice_rows(self, record, start, rows):
-        out = dict(record)
-        out["hada_w1_a"] = record["hada_w1_a"][start:start + rows]
-        out["hada_w2_a"] = record["hada_w2_a"][start:start + rows]
+        """The rows of one part, without the rank columns that are zero in them."""
+        w1a, w2a = record["hada_w1_a"][start:start + rows], record["hada_w2_a"][start:start + rows]
+        keep = w1a.any(dim=0) & w2a.any(dim=0)
+        if not keep.any():
+            keep = torch.ones_like(keep)
+        out = {"hada_w1_a": w1a[:, keep], "hada_w2_a": w2a[:, keep], "hada_w1_b": record["hada_w1_b"][keep],
+               "hada_w2_b": record["hada_w2_b"][keep]}
+        if "alpha" in record:
+            out["alpha"] = torch.tensor(record_scale(record) * int(keep.sum()))
         return out
 
     def shape_info(self, record):

@@ -153,8 +153,11 @@ def network_metadata(lora, arch: str) -> dict[str, str]:
     ``ss_network_module = lycoris.kohya`` with ``ss_network_args`` a JSON object of string
     values (``algo``, LoKr's ``factor``/``decompose_both``/``full_matrix``, DoRA's
     ``dora_wd``/``wd_on_output``). ``lora.init_from`` adds ``ss_continued_from`` (file name)."""
+    from trainer_core.lora.algorithms import ALGORITHMS
+
     md = {"flowtrain.algorithm": lora.algorithm}
-    if lora.algorithm != "lora":
+    module = ALGORITHMS.get(lora.algorithm).network_module
+    if module is not None:
         args = {"algo": "lora" if lora.algorithm == "dora" else lora.algorithm, "preset": "full",
                 "dropout": str(lora.dropout)}
         if lora.algorithm == "lokr":
@@ -162,7 +165,7 @@ def network_metadata(lora, arch: str) -> dict[str, str]:
                         full_matrix=str(lora.lokr_full_matrix))
         if lora.algorithm == "dora":
             args.update(dora_wd="True", wd_on_output="True")
-        md["ss_network_module"] = "lycoris.kohya"
+        md["ss_network_module"] = module
         md["ss_network_args"] = json.dumps(args)
     if lora.init_from:
         md["ss_continued_from"] = os.path.basename(lora.init_from)

@@ -23,7 +23,8 @@ import torch
 from torch import nn
 
 from trainer_core.lora.algorithms import ALGORITHMS
-from trainer_core.lora.patch_rules import DOWN, UP, Record, fill_untrained, patched_weight, record_algorithm
+from trainer_core.lora.patch_rules import (DOWN, UP, Record, fill_untrained, patched_weight, record_algorithm,
+                                           record_scale)
 from trainer_core.lora.bfl_names import diffusers_flux1_to_bfl
 from trainer_core.types import BflSlot
 
@@ -103,8 +104,6 @@ def encode(records: dict[str, Record], layout: str, dtype: torch.dtype = torch.f
         elif layout == "flux2_diffusion_model":
             prefix = f"diffusion_model.{name}"
             if DOWN in rec:  # lora_A/lora_B, scale folded into B, no alpha (as ai-toolkit writes)
-                from trainer_core.lora.patch_rules import record_scale
-
                 scale = record_scale(rec)
                 rec = {"lora_A.weight": rec.pop(DOWN), "lora_B.weight": rec.pop(UP) * scale,
                        **{k: v for k, v in rec.items() if k != "alpha"}}
