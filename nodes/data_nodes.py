@@ -10,6 +10,8 @@ from comfy_api.latest import io, ui
 from trainer_core.config import (BucketConfig, CaptionConfig, DataConfig, DopConfig, LoRAConfig, PreviewConfig,
                                  ValidationConfig)
 
+from trainer_core.lora.algorithms import ALGORITHMS
+
 from . import specs
 from .common import CATEGORY, Dataset, DopType, LoraConfigType, PreviewType, bounds, send_text, tip
 
@@ -117,7 +119,8 @@ class FlowTrainLoraConfig(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="FlowTrainLoraConfig", display_name="FlowTrain LoRA Config", category=CATEGORY,
-            description="Shape of the LoRA to train: rank, alpha, dropout and which layers get one.",
+            description="Shape of the LoRA to train: algorithm (LoRA, DoRA, LoHa, LoKr), rank, alpha, dropout and "
+                        "which layers get one.",
             inputs=[
                 io.Int.Input("rank", default=16, **bounds(LoRAConfig, "rank"), tooltip=tip(LoRAConfig, "rank")),
                 io.Float.Input("alpha", default=16.0, min=0.0, max=4096.0, step=0.5, tooltip=tip(LoRAConfig, "alpha")),
@@ -127,14 +130,22 @@ class FlowTrainLoraConfig(io.ComfyNode):
                                tooltip=tip(LoRAConfig, "targets")),
                 io.String.Input("target_regex", default="", tooltip=tip(LoRAConfig, "target_regex")),
                 io.Combo.Input("dtype", options=["fp32", "bf16", "fp16"], default="fp32", tooltip=tip(LoRAConfig, "dtype")),
+                io.Combo.Input("algorithm", options=ALGORITHMS.names(), default="lora", tooltip=tip(LoRAConfig, "algorithm")),
+                io.Int.Input("lokr_factor", default=-1, **bounds(LoRAConfig, "lokr_factor"),
+                             tooltip=tip(LoRAConfig, "lokr_factor")),
+                io.Boolean.Input("lokr_decompose_both", default=False, tooltip=tip(LoRAConfig, "lokr_decompose_both")),
+                io.Boolean.Input("lokr_full_matrix", default=False, tooltip=tip(LoRAConfig, "lokr_full_matrix")),
             ],
             outputs=[LoraConfigType.Output(display_name="lora_config")],
         )
 
     @classmethod
-    def execute(cls, rank, alpha, dropout, targets, target_regex, dtype) -> io.NodeOutput:
+    def execute(cls, rank, alpha, dropout, targets, target_regex, dtype, algorithm="lora", lokr_factor=-1,
+                lokr_decompose_both=False, lokr_full_matrix=False) -> io.NodeOutput:
         return io.NodeOutput(LoRAConfig(rank=rank, alpha=alpha, dropout=dropout, targets=targets,
-                                        target_regex=target_regex, dtype=dtype))
+                                        target_regex=target_regex, dtype=dtype, algorithm=algorithm,
+                                        lokr_factor=lokr_factor, lokr_decompose_both=lokr_decompose_both,
+                                        lokr_full_matrix=lokr_full_matrix))
 
 
 class FlowTrainDopSettings(io.ComfyNode):

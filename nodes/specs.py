@@ -274,6 +274,7 @@ class TrainerSettings:
     seed: int = 42
     save_every: int = 250
     output_name: str = "flowtrain_lora"
+    existing_lora: str = ""
 
 
 # the config field each Trainer widget sets (a config error about the field names the widget too)
@@ -283,29 +284,33 @@ TRAINER_WIDGET_FIELDS = {
     "sigma_scheme": "flow.sigma_scheme", "sigmoid_mean": "flow.sigmoid_mean", "sigmoid_std": "flow.sigmoid_std",
     "shift": "flow.shift", "loss_weighting": "flow.weighting", "guidance": "flow.guidance",
     "precision": "train.precision", "seed": "train.seed", "save_every": "train.save_every",
-    "output_name": "train.output_name",
+    "output_name": "train.output_name", "existing_lora": "lora.init_from",
 }
 
 
 def build_training_config(dataset: DatasetSpec, lora: LoRAConfig, settings: TrainerSettings, *, output_dir: str,
                           compute_dtype: str = "float32", dop: Optional[DopSettings] = None,
-                          preview: Optional[PreviewSettings] = None) -> TrainingConfig:
+                          preview: Optional[PreviewSettings] = None, init_from: str = "") -> TrainingConfig:
     """One validated ``TrainingConfig`` from the nodes' values. A config error names the
-    config field (e.g. ``optim.lr``) led by the Trainer widget that sets it (``learning_rate``)."""
+    config field (e.g. ``optim.lr``) led by the Trainer widget that sets it (``learning_rate``).
+    ``init_from``: the LoRA file to continue from (the Trainer's ``existing_lora``, resolved)."""
     try:
         return _training_config(dataset, lora, settings, output_dir=output_dir, compute_dtype=compute_dtype,
-                                dop=dop, preview=preview)
+                                dop=dop, preview=preview, init_from=init_from)
     except ConfigError as e:
         names = {f: f"the Trainer's {w} widget" for w, f in TRAINER_WIDGET_FIELDS.items()}
         raise with_user_names(e, names) from None
 
 
 def _training_config(dataset: DatasetSpec, lora: LoRAConfig, settings: TrainerSettings, *, output_dir: str,
-                     compute_dtype: str, dop: Optional[DopSettings], preview: Optional[PreviewSettings]) -> TrainingConfig:
+                     compute_dtype: str, dop: Optional[DopSettings], preview: Optional[PreviewSettings],
+                     init_from: str) -> TrainingConfig:
     if not isinstance(dataset, DatasetSpec):
         raise ValueError("the Trainer's dataset input must come from a FlowTrain Dataset node")
     s = settings
     preview = preview if preview is not None else PreviewSettings()
+    if init_from:
+        lora = dataclasses.replace(lora, init_from=init_from)
     return TrainingConfig(
         data=dataset.data_config(s.batch_size),
         lora=lora,
@@ -344,7 +349,8 @@ NODE_WIDGETS: dict[str, tuple[str, ...]] = {
     "FlowTrainDataset": ("folder", "caption_extension", "strict"),
     "FlowTrainBucketer": ("resolutions", "step", "min_side", "max_side", "allow_upscale"),
     "FlowTrainCaptions": ("trigger_word", "class_word", "keep_tokens", "separator", "shuffle", "caption_dropout"),
-    "FlowTrainLoraConfig": ("rank", "alpha", "dropout", "targets", "target_regex", "dtype"),
+    "FlowTrainLoraConfig": ("rank", "alpha", "dropout", "targets", "target_regex", "dtype", "algorithm", "lokr_factor",
+                            "lokr_decompose_both", "lokr_full_matrix"),
     "FlowTrainDopSettings": ("enabled", "class_word", "multiplier", "every_n_steps", "gradient_surgery"),
     "FlowTrainPreviewSettings": ("every_n_steps", "prompts", "seed", "steps", "width", "height", "guidance",
                                  "validation_every", "validation_images"),

@@ -16,7 +16,7 @@ from typing import Any, Optional, Sequence
 import torch
 from comfy_api.latest import io, ui
 
-from trainer_core.config import FlowConfig, OptimConfig, TrainConfig
+from trainer_core.config import FlowConfig, LoRAConfig, OptimConfig, TrainConfig
 from trainer_core.fingerprint import tensor_fingerprint
 
 from . import specs
@@ -149,6 +149,22 @@ def preview_prompts(preview, trigger: str) -> list[str]:
     return previews.prompt_texts(preview, trigger) if preview is not None and preview.every_n_steps > 0 else []
 
 
+def existing_lora_path(name: str) -> str:
+    """The Trainer's ``existing_lora``: "" (none), a file name in ComfyUI's ``loras`` folders
+    (as LoraLoader lists it) or a path."""
+    import folder_paths
+
+    name = name.strip()
+    if not name:
+        return ""
+    found = folder_paths.get_full_path("loras", name)
+    if found:
+        return found
+    if os.path.isfile(os.path.expanduser(name)):
+        return os.path.expanduser(name)
+    raise ValueError(f"existing_lora={name!r} is neither a file in models/loras nor a path to a file")
+
+
 def loss_curve_tensor(history: list[dict]) -> torch.Tensor:
     from trainer_core.plot import image_to_array, loss_curve_image
 
@@ -175,7 +191,8 @@ def run_training(model, vae, clip, conditioning, dataset, lora_config, settings:
     arch = bridge.detect_arch(model)
     output_root = folder_paths.get_output_directory()
     config = specs.build_training_config(dataset, lora_config, settings, output_dir=os.path.join(output_root, "flowtrain"),
-                                         compute_dtype=str(bridge.auto_compute_dtype(model.model)), dop=dop, preview=preview)
+                                         compute_dtype=str(bridge.auto_compute_dtype(model.model)), dop=dop, preview=preview,
+                                         init_from=existing_lora_path(settings.existing_lora))
     trigger = config.data.captions.trigger_word
     encoder = text_encoder(bridge, arch, clip, conditioning, dop, trigger)
     codec = bridge.VaeCodec(vae, model)
@@ -252,6 +269,9 @@ class FlowTrainTrainer(io.ComfyNode):
                 io.Int.Input("save_every", default=250, **bounds(TrainConfig, "save_every"), tooltip=tip(TrainConfig, "save_every")),
                 io.String.Input("output_name", default="flowtrain_lora", tooltip=tip(
                     TrainConfig, "output_name", "The run folder is <ComfyUI output>/flowtrain/<output_name>.")),
+                io.String.Input("existing_lora", default="", tooltip=(
+                    "Optional: continue from this LoRA, a file name in models/loras or a path (empty = start fresh). "
+                    + tip(LoRAConfig, "init_from"))),
                 io.Clip.Input("clip", optional=True, tooltip=(
                     "Text encoder for the captions and the preview prompts. They are encoded once and cached in the "
                     "run folder (a re-queue or resume encodes only new text); then its weights leave the GPU and the "

@@ -29,6 +29,10 @@ class TinyLora:
     def parameters(self):
         return list(self.params.values())
 
+    def loraplus_split(self):
+        return ([p for n, p in self.params.items() if not n.endswith("lora_B")],
+                [p for n, p in self.params.items() if n.endswith("lora_B")])
+
 
 def _lr(name, step, total=100, **kw):
     cfg = OptimConfig(schedule=name, **kw)

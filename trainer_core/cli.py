@@ -156,6 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--rank", type=int, help="LoRA rank")
     train.add_argument("--lr", type=float, help="learning rate")
     train.add_argument("--resolution", type=int, nargs="+", help="bucket resolutions, e.g. 512 768")
+    train.add_argument("--algorithm", help="adapter algorithm: lora, dora, loha or lokr (lora.algorithm)")
+    train.add_argument("--init-from", type=Path, help="continue from this LoRA file (lora.init_from)")
     est = sub.add_parser("estimate", help="memory a training run needs, by component, and the plan for a budget")
     est.add_argument("--model", default="flux1-dev",
                      help="a released shape (flux1-dev, flux1-schnell, klein-4b, klein-9b, flux2-dev), a FLUX "
@@ -216,10 +218,13 @@ def make_config(args: argparse.Namespace, defaults: dict) -> TrainingConfig:
                 raise ConfigError(f"--config {args.config}: unknown section {section!r}; known: {sorted(tree)}")
             _deep_update(tree[section], values)
     flags = {"train.output_dir": args.output_dir, "train.output_name": args.name, "train.steps": args.steps}
-    for key in ("trigger", "class_word", "rank", "lr", "resolution"):
+    for key in ("trigger", "class_word", "rank", "lr", "resolution", "algorithm", "init_from"):
         if getattr(args, key, None) not in (None, ""):
             flags[{"trigger": "data.captions.trigger_word", "class_word": "data.captions.class_word",
-                   "rank": "lora.rank", "lr": "optim.lr", "resolution": "data.buckets.resolutions"}[key]] = getattr(args, key)
+                   "rank": "lora.rank", "lr": "optim.lr", "resolution": "data.buckets.resolutions",
+                   "algorithm": "lora.algorithm", "init_from": "lora.init_from"}[key]] = getattr(args, key)
+    if flags.get("lora.init_from") is not None:
+        flags["lora.init_from"] = str(flags["lora.init_from"])
     if getattr(args, "data", None):
         flags["data.path"] = str(args.data)
     for key, value in flags.items():

@@ -85,6 +85,11 @@ class LoRAConfig(_Validated):
     targets: str = opt("attention", "Which layers get a LoRA: 'attention' (q/k/v/out projections), 'all' (attention + MLP) or 'custom' (target_regex).", choices=lambda: ["attention", "all", "custom"])
     target_regex: str = opt("", "With targets='custom': a regular expression matched (re.fullmatch) against module names.")
     dtype: str = opt("fp32", "dtype of the trainable LoRA weights (fp32 keeps small updates exact under bf16 base weights).", choices=lambda: ["fp32", "bf16", "fp16"])
+    algorithm: str = opt("lora", "Adapter algorithm: lora (low-rank B·A), dora (LoRA plus a learned per-output magnitude, Liu et al. 2024), loha (Hadamard product of two low-rank pairs, rank/alpha as for LoRA) or lokr (Kronecker product of a small and a low-rank factor, see lokr_factor). ComfyUI's LoraLoader loads all four.", choices=_names("lora.algorithms", "ALGORITHMS"))
+    lokr_factor: int = opt(-1, "LoKr: split each dimension as factor × rest (the small Kronecker factor is factor × factor); -1 = the most balanced split. Larger factors train more parameters.", lo=-1, hi=4096)
+    lokr_decompose_both: bool = opt(False, "LoKr: also write the small Kronecker factor as a rank-`rank` product (only when the rank is below half its size).")
+    lokr_full_matrix: bool = opt(False, "LoKr: keep the large Kronecker factor as a full matrix instead of a rank-`rank` product (more parameters, no rank limit; alpha is then unused).")
+    init_from: str = opt("", "Continue from this LoRA file (FlowTrain, kohya lora_unet_*, diffusers/peft transformer.* or ComfyUI diffusion_model.* keys): training starts from its weights. Its algorithm, rank, alpha and trained layers must match this config (a mismatch is refused naming both).")
 
     def check(self) -> None:
         if self.targets == "custom":
@@ -96,6 +101,11 @@ class LoRAConfig(_Validated):
                 re.compile(self.target_regex)
             except re.error as e:
                 raise ConfigError(f"lora.target_regex={self.target_regex!r} is not a valid regex: {e}") from None
+        if self.dropout and self.algorithm in ("loha", "lokr"):
+            raise ConfigError(f"lora.dropout={self.dropout} applies to the LoRA input of algorithms 'lora'/'dora'; "
+                              f"set lora.dropout=0 for lora.algorithm={self.algorithm!r}")
+        if self.lokr_factor == 0:
+            raise ConfigError("lora.lokr_factor=0 is not a factor; use -1 (balanced split) or a positive size such as 8 or 16")
 
 
 @dataclass(frozen=True)
@@ -256,6 +266,13 @@ class TrainingConfig(_Validated):
                               "captions with class-word captions, so without a trigger there is nothing to preserve")
         if self.dop.enabled and not (self.dop.class_word or self.data.captions.class_word):
             raise ConfigError("dop.enabled needs a class word (dop.class_word or data.captions.class_word), e.g. 'man'")
+        if self.optim.loraplus_lr_ratio:
+            from .lora.algorithms import ALGORITHMS
+
+            why = ALGORITHMS.get(self.lora.algorithm).loraplus_refusal
+            if why:
+                raise ConfigError(f"optim.loraplus_lr_ratio does not apply to lora.algorithm={self.lora.algorithm!r}: {why}; "
+                                  "set optim.loraplus_lr_ratio=0 or use algorithm 'lora'/'dora'")
         if self.optim.loraplus_lr_ratio and self.optim.optimizer == "prodigy":
             raise ConfigError("optim.loraplus_lr_ratio does not combine with optimizer 'prodigy': Prodigy estimates one "
                               "learning rate itself, so a fixed B/A ratio is overridden; use adamw, or set loraplus_lr_ratio=0")

@@ -188,14 +188,13 @@ def _single_group(network, cfg):
 def _loraplus_groups(network, cfg):
     """LoRA+ (Hayou et al. 2024): B matrices train at ``lr·loraplus_lr_ratio``, A at ``lr``.
 
-    Parameters are split by name (``…lora_B`` vs the rest); both groups use the configured
-    weight decay. The schedule scales both groups alike, so the ratio holds throughout.
+    The network's algorithm says which parameters are the B side (``loraplus_split``; DoRA's
+    magnitude trains at ``lr``); both groups use the configured weight decay. The schedule
+    scales both groups alike, so the ratio holds throughout.
     """
-    named = list(network.named_parameters())
-    b = [p for n, p in named if n.endswith("lora_B")]
-    a = [p for n, p in named if not n.endswith("lora_B")]
+    a, b = network.loraplus_split()
     if not b:
-        raise ValueError("optim.loraplus_lr_ratio is set but the network has no parameter named '*lora_B'")
+        raise ValueError("optim.loraplus_lr_ratio is set but this network's algorithm has no B side for LoRA+")
     ratio = cfg.loraplus_lr_ratio or 1.0
     return [{"params": a, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "name": "lora_A"},
             {"params": b, "lr": cfg.lr * ratio, "weight_decay": cfg.weight_decay, "name": "lora_B"}]

@@ -15,7 +15,8 @@ HELD_OUT = "validation.held_out"  # derived: which images data/holdout.py keeps 
 # Changing one of these makes the saved state meaningless for the new config: refused.
 UNSAFE_FIELDS = ("lora.rank", "lora.alpha", "lora.targets", "lora.target_regex", "lora.dtype", "data.path",
                  "data.batch_size", "train.seed", "optim.grad_accum", "optim.optimizer",
-                 "optim.loraplus_lr_ratio", "ema.enabled", HELD_OUT)
+                 "optim.loraplus_lr_ratio", "ema.enabled", HELD_OUT, "lora.algorithm", "lora.lokr_factor",
+                 "lora.lokr_decompose_both", "lora.lokr_full_matrix", "lora.init_from")
 # Changing one of these does not change what is trained: accepted and logged.
 SAFE_FIELDS = ("train.steps", "train.save_every", "train.log_every", "train.keep_checkpoints",
                "train.existing_run", "train.resume_from", "train.output_dir", "train.output_name",

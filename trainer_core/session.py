@@ -204,6 +204,7 @@ def train_lora(
         result = _finished_result(run_dir, config, model, resume_from)
         phase("done")
         return result
+    init = check_adapter(config, model)  # refuses an unsaveable algorithm or a mismatched init_from before any work
     prepare = getattr(model, "prepare_for_training", None)
     if prepare is not None:
         prepare(dtype=DTYPES[config.train.precision], gradient_checkpointing=config.train.gradient_checkpointing)
@@ -225,7 +226,7 @@ def train_lora(
     if release_encoders is not None and not dataset.needs_codec:  # live augmentation encodes every step
         release_encoders()
 
-    network = seeded_inject(config, model)
+    network = seeded_inject(config, model, init)
     if plan is not None:
         model.apply_memory_plan(plan)  # after the LoRA exists: only frozen weights stream
     optimizer = build_optimizer(network, config.optim, assemble.param_grouping(config))
@@ -302,12 +303,31 @@ def detect_variant_logged(model: FlowModel) -> Optional[Detection]:
     return found
 
 
-def seeded_inject(config: TrainingConfig, model: FlowModel) -> LoraNetwork:
+def check_adapter(config: TrainingConfig, model: FlowModel):
+    """Refuse an algorithm whose file ComfyUI could not load exactly for these layers, and
+    read ``lora.init_from`` (returns its ``continuation.InitPlan``, or None)."""
+    from .lora import continuation
+    from .lora.network import matching_linears
+    from .lora.records import fused_split_refusal
+
+    regex = target_regex(config, model)
+    why = fused_split_refusal(config.lora.algorithm, matching_linears(model.module, regex), model.bfl_name)
+    if why:
+        raise ValueError(why)
+    return continuation.plan(config, model, regex) if config.lora.init_from else None
+
+
+def seeded_inject(config: TrainingConfig, model: FlowModel, init=None) -> LoraNetwork:
     """Inject the LoRA with its random A init drawn from ``train.seed`` (not from whatever
-    the global RNG holds), so two runs of one config start from the same weights."""
+    the global RNG holds), so two runs of one config start from the same weights; with
+    ``init`` (``continuation.InitPlan``) it starts from that file's weights instead."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(step_generator(config.train.seed, 0, stream=StepSeedCallback.STREAM + 1).initial_seed())
-        return LoraNetwork.inject(model.module, config.lora, target_regex(config, model))
+        network = LoraNetwork.inject(model.module, config.lora, target_regex(config, model),
+                                     ranks=init.ranks if init is not None else None)
+    if init is not None:
+        network.load_records(init.records)
+    return network
 
 
 def _resume(state: RunState, ckpt: Checkpoint) -> None:
@@ -322,7 +342,7 @@ def _finished_result(run_dir: Path, config: TrainingConfig, model: FlowModel, ck
     """The run already trained ``train.steps`` with this config: load it, do not retrain."""
     log.info("%s already finished %d steps with this configuration; loading it instead of training again",
              run_dir, ckpt.step)
-    network = seeded_inject(config, model)
+    network = seeded_inject(config, model, check_adapter(config, model))
     network.load_state_dict(ckpt.lora_state())
     return TrainResult(run_dir=run_dir, lora_path=run_dir / "lora_final.safetensors", steps=ckpt.step,
                        reason="already finished", history=list(ckpt.doc.get("history", [])), network=network)

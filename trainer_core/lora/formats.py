@@ -241,7 +241,12 @@ class LoraFormat:
     def to_tensors(
         self, network: LoraNetwork, model: Any, dtype: torch.dtype = torch.float32
     ) -> dict[str, torch.Tensor]:
-        """The network's LoRA in this layout; ``model.bfl_name`` places each module."""
+        """The network's adapter in this layout; ``model.bfl_name`` places each module.
+        Plain LoRA goes through ``BflDeltas``; the other algorithms through ``records``."""
+        if getattr(network, "algorithm", None) is not None and network.algorithm.name != "lora":
+            from trainer_core.lora import records
+
+            return records.encode(records.bfl_records(network, model), self.name, dtype)
         return self.encode(to_bfl(network.weights(), model.bfl_name), dtype)
 
     def from_tensors(self, tensors: dict[str, torch.Tensor]) -> BflDeltas:
@@ -277,6 +282,9 @@ def apply_to_module(
     multiplier: float = 1.0,
 ) -> list[str]:
     """Merge a saved LoRA (``tensors`` in ``format_name``) into a fresh, LoRA-free
-    ``module`` whose names ``model.bfl_name`` understands. Returns the changed modules."""
-    deltas = LORA_FORMATS.get(format_name).from_tensors(tensors)
-    return merge_into(module, model.bfl_name, deltas, multiplier)
+    ``module`` whose names ``model.bfl_name`` understands, with ComfyUI's rules for every
+    algorithm (``records``; any key form it reads). Returns the changed modules."""
+    from trainer_core.lora import records
+
+    LORA_FORMATS.get(format_name)  # an unknown format name still fails here
+    return records.merge_records(module, model.bfl_name, records.decode(tensors), multiplier)

@@ -131,10 +131,36 @@ def build_metadata(
         "modelspec.title": config.train.output_name,
     }
     md.update(run_keys(config, arch, steps, run, res))
+    md.update(network_metadata(config.lora, arch))
     for k, v in (extra or {}).items():
         if k in md:
             raise ValueError(f"extra metadata key {k!r} would overwrite a standard key")
         md[k] = v
+    return md
+
+
+def network_metadata(lora, arch: str) -> dict[str, str]:
+    """The keys that say which adapter algorithm a file holds, as LyCORIS under kohya writes
+    them: plain LoRA keeps kohya's ``networks.lora_flux``; LoKr/LoHa/DoRA are
+    ``ss_network_module = lycoris.kohya`` with ``ss_network_args`` a JSON object of string
+    values (``algo``, LoKr's ``factor``/``decompose_both``/``full_matrix``, DoRA's
+    ``dora_wd``/``wd_on_output``). ``lora.init_from`` adds ``ss_continued_from`` (file name)."""
+    from trainer_core.lora.algorithms import ALGORITHMS
+
+    md = {"flowtrain.algorithm": lora.algorithm}
+    module = ALGORITHMS.get(lora.algorithm).network_module
+    if module is not None:
+        args = {"algo": "lora" if lora.algorithm == "dora" else lora.algorithm, "preset": "full",
+                "dropout": str(lora.dropout)}
+        if lora.algorithm == "lokr":
+            args.update(factor=str(lora.lokr_factor), decompose_both=str(lora.lokr_decompose_both),
+                        full_matrix=str(lora.lokr_full_matrix))
+        if lora.algorithm == "dora":
+            args.update(dora_wd="True", wd_on_output="True")
+        md["ss_network_module"] = module
+        md["ss_network_args"] = json.dumps(args)
+    if lora.init_from:
+        md["ss_continued_from"] = os.path.basename(lora.init_from)
     return md
 
 

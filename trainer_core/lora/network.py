@@ -1,5 +1,8 @@
 """LoRA layers on any ``nn.Module``, injected with peft and removable without a trace.
 
+The layer type is ``cfg.algorithm`` (``lora.algorithms``: lora, dora, loha, lokr); the plain
+LoRA case is described here, the others in ``algorithms``.
+
 Each targeted ``nn.Linear`` (or subclass, e.g. ComfyUI's cast-on-forward layers holding
 bf16/fp8 weights; peft keeps calling the subclass' ``forward``) becomes
 
@@ -21,6 +24,8 @@ import torch
 from torch import nn
 
 from trainer_core.config import LoRAConfig
+from trainer_core.lora.algorithms import ALGORITHMS, Algorithm
+from trainer_core.lora.patch_rules import Record
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +71,15 @@ class LoraNetwork:
         self._restore = restore
         self._multiplier = 1.0
         self._removed = False
+        self.algorithm: Algorithm = ALGORITHMS.get(cfg.algorithm)
 
     # ------------------------------------------------------------------ building
     @classmethod
-    def inject(cls, module: nn.Module, cfg: LoRAConfig, target_regex: str) -> LoraNetwork:
-        """Wrap every Linear whose name fullmatches ``target_regex`` with a LoRA layer."""
+    def inject(cls, module: nn.Module, cfg: LoRAConfig, target_regex: str,
+               ranks: dict[str, int] | None = None) -> LoraNetwork:
+        """Wrap every Linear whose name fullmatches ``target_regex`` with a LoRA layer.
+        ``ranks`` gives some modules another rank (alpha scaled along, so alpha/rank is
+        the same everywhere), e.g. to continue from a file whose fused layers have more."""
         import peft
         from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -89,31 +98,25 @@ class LoraNetwork:
             "had_peft_config": "peft_config" in vars(module),
             "peft_config": vars(module).get("peft_config"),
         }
+        algorithm = ALGORITHMS.get(cfg.algorithm)
         exact = "(?:" + "|".join(re.escape(n) for n in names) + ")"
-        peft_cfg = peft.LoraConfig(
-            r=cfg.rank,
-            lora_alpha=cfg.alpha,
-            lora_dropout=cfg.dropout,
-            target_modules=exact,
-            init_lora_weights=True,
-        )
+        peft_cfg = algorithm.peft_config(cfg, exact)
+        if ranks:
+            peft_cfg.rank_pattern = {re.escape(n): r for n, r in ranks.items()}
+            peft_cfg.alpha_pattern = {re.escape(n): cfg.alpha * r / cfg.rank for n, r in ranks.items()}
         peft.inject_adapter_in_model(peft_cfg, module, adapter_name=ADAPTER)
         dtype = DTYPES[cfg.dtype]
         layers = {}
         for n in names:
             layer = module.get_submodule(n)
-            # peft casts A and B to the base weight's dtype (bf16, even fp8); move them to
-            # cfg.dtype and re-initialise there so the init is not quantised.
-            layer.lora_A[ADAPTER].to(dtype=dtype)
-            layer.lora_B[ADAPTER].to(dtype=dtype)
-            layer.reset_lora_parameters(ADAPTER, True)
+            algorithm.prepare(layer, cfg, dtype)
             layers[n] = layer
         for p in module.parameters():
             p.requires_grad_(False)
         net = cls(module, cfg, layers, restore)
         for _, p in net.named_parameters():
             p.requires_grad_(True)
-        log.info("LoRA rank %d on %d layers (%s)", cfg.rank, len(names), cfg.dtype)
+        log.info("%s rank %d on %d layers (%s)", cfg.algorithm, cfg.rank, len(names), cfg.dtype)
         return net
 
     # ------------------------------------------------------------------ parameters
@@ -122,11 +125,41 @@ class LoraNetwork:
             raise RuntimeError("this LoRA network was removed; inject a new one")
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        """("<module>.lora_A", A) and ("<module>.lora_B", B) for each layer, in module order."""
+        """("<module>.<suffix>", tensor) for each layer in module order, the suffixes the
+        algorithm's (LoRA: ``lora_A``, ``lora_B``; DoRA adds ``dora_magnitude``)."""
         self._check()
         for n, layer in self._layers.items():
-            yield f"{n}.lora_A", layer.lora_A[ADAPTER].weight
-            yield f"{n}.lora_B", layer.lora_B[ADAPTER].weight
+            for suffix, p in self.algorithm.params(layer):
+                yield f"{n}.{suffix}", p
+
+    def loraplus_split(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(base-lr parameters, LoRA+ fast parameters), as the algorithm assigns them."""
+        slow, fast = [], []
+        for n, layer in self._layers.items():
+            for suffix, p in self.algorithm.params(layer):
+                (fast if self.algorithm.loraplus_fast(suffix) else slow).append(p)
+        return slow, fast
+
+    def records(self) -> dict[str, Record]:
+        """module → its adapter as ComfyUI key suffixes (``algorithms.Record``), fp32, at
+        multiplier 1; what the file formats write."""
+        self._check()
+        return {n: self.algorithm.export(layer) for n, layer in self._layers.items()}
+
+    def load_records(self, records: dict[str, Record]) -> None:
+        """Set every layer from ``records`` (``records()`` form, e.g. read from a file)."""
+        self._check()
+        missing, extra = sorted(set(self._layers) - set(records)), sorted(set(records) - set(self._layers))
+        if missing or extra:
+            raise ValueError(f"LoRA weights do not match this network: missing {missing[:5]}, unexpected {extra[:5]}")
+        for n, rec in records.items():
+            try:
+                self.algorithm.load(self._layers[n], rec)
+            except ValueError as e:
+                raise ValueError(f"{n}: {e}") from None
+
+    def layer(self, name: str) -> nn.Module:
+        return self._layers[name]
 
     def parameters(self) -> list[nn.Parameter]:
         return [p for _, p in self.named_parameters()]
@@ -158,8 +191,11 @@ class LoraNetwork:
                 p.copy_(state[k])
 
     def weights(self) -> LoraWeights:
-        """module → (A [r, in] fp32, B [out, r] fp32, scale alpha/r); the multiplier is not in it."""
+        """module → (A [r, in] fp32, B [out, r] fp32, scale alpha/r); the multiplier is not in it.
+        Plain LoRA only (other algorithms: ``records``)."""
         self._check()
+        if self.algorithm.name != "lora":
+            raise ValueError(f"weights() is the plain-LoRA form; a {self.algorithm.name} network has records()")
         out = {}
         for n, layer in self._layers.items():
             a = layer.lora_A[ADAPTER].weight.detach().float().clone()
