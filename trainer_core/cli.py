@@ -169,11 +169,15 @@ def main(argv: list[str] | None = None) -> int:
 
             run_demo(args, stop=stop, progress=TerminalProgress(), make_config=make_config)
         else:
+            import torch
+
             from .models.local import load_diffusers_flux_folder
             from .session import DTYPES, train_lora
 
             config = make_config(args, {})
-            model, codec, text = load_diffusers_flux_folder(args.model, dtype=DTYPES[config.train.precision])
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+            model, codec, text = load_diffusers_flux_folder(args.model, dtype=DTYPES[config.train.precision], device=device,
+                                                            base_quantization=config.train.base_quantization)
             result = train_lora(config, model, codec, text, release_encoders=lambda: (codec.release(), text.release()),
                                 progress=TerminalProgress(), should_stop=stop, base_model=str(args.model))
             log.info("LoRA: %s (%s after %d steps)", result.lora_path, result.reason, result.steps)

@@ -130,6 +130,15 @@ def _lora_linear_class():
 _LORA_LINEAR = None
 
 
+def _peft_native_kinds() -> set[type]:
+    """Linear classes peft has dedicated LoRA layers for (bitsandbytes 8-bit / 4-bit)."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return set()
+    return {getattr(bnb.nn, n) for n in ("Linear8bitLt", "Linear4bit") if hasattr(bnb.nn, n)}
+
+
 def matching_linears(module: nn.Module, target_regex: str) -> list[str]:
     """Names of the linear submodules (``is_linear``) whose full name ``re.fullmatch``-es
     the regex, in module order. Matches that are not linear layers are ignored."""
@@ -187,7 +196,8 @@ class LoraNetwork:
             target_modules=exact,
             init_lora_weights=True,
         )
-        kinds = {type(module.get_submodule(n)) for n in names}
+        # peft's own layers stay in charge of bitsandbytes-quantized linears
+        kinds = {type(module.get_submodule(n)) for n in names} - _peft_native_kinds()
         peft_cfg._register_custom_module({kind: _lora_linear_class() for kind in kinds})
         peft.inject_adapter_in_model(peft_cfg, module, adapter_name=ADAPTER)
         dtype = DTYPES[cfg.dtype]
