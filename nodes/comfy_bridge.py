@@ -174,6 +174,16 @@ def _copy_back(original: torch.Tensor, new: torch.Tensor) -> None:
         target.data = data
 
 
+def sdpa_attention(default, *args, **kwargs):
+    """ComfyUI's attention override while training: always ``attention_pytorch`` (torch SDPA).
+    ComfyUI picks its attention for inference: on a CPU a split/sub-quadratic kernel that
+    materialises the T×T scores, on some GPUs sage attention, which has no backward. SDPA has
+    fused forward and backward kernels on CPU and CUDA (flash / memory-efficient)."""
+    from comfy.ldm.modules.attention import attention_pytorch
+
+    return attention_pytorch(*args, **kwargs)
+
+
 def _resolve_mode(gradient_checkpointing) -> str:
     """A bool (True = ``GRADIENT_CHECKPOINTING_MODE``) or a mode name, e.g. "auto"."""
     if isinstance(gradient_checkpointing, str):
@@ -216,6 +226,7 @@ def training_model(model_patcher, *, gradient_checkpointing=True, precision: str
                 module, arch=info.arch, guidance_embed=info.guidance_embed, latent_channels=info.latent_channels,
                 patch_size=info.patch_size, context_tokens=512 if info.arch == "flux2" else None, checkpoint=mode,
                 compute_dtype=compute, autocast_dtype=autocast, precision_fixed=True,
+                training_attention=sdpa_attention,
             )
             log.info("training %s (%s): %d inference tensors swapped, compute %s, autocast %s, checkpoint %s",
                      info.arch, info.model_type_name, converted, compute, autocast, mode)

@@ -292,3 +292,21 @@ def test_auto_precision_trains_low_precision_weights_in_bf16(comfyui, bridge, ti
         assert model.module.double_blocks[0].img_attn.qkv.weight.dtype == torch.bfloat16  # never cast
     monkeypatch.setattr(bridge, "_bf16_native", lambda device: False)  # e.g. a CPU without native bf16
     assert bridge.auto_compute_dtype(bf16.model) == bf16.model.get_dtype_inference()
+
+
+def test_training_attends_with_sdpa(comfyui, bridge, tiny_files):
+    """While training, every block's attention is torch SDPA (fused backward), whatever
+    ComfyUI picked for inference on this device (a split attention on a CPU)."""
+    seen = []
+
+    class Record(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is F.scaled_dot_product_attention:
+                seen.append(tuple(args[0].shape))
+            return func(*args, **(kwargs or {}))
+
+    mp = comfyui.load_flux(tiny_files["flux2"])
+    with bridge.training_model(mp, gradient_checkpointing="off") as model:
+        with Record():
+            _loss(model, _batch("flux2")).backward()
+    assert len(seen) == 2  # 1 double + 1 single block

@@ -113,6 +113,9 @@ class BflFlux:
     ``get_dtype_inference()``; default the first floating parameter's dtype).
     ``autocast_dtype``: run the module under ``torch.autocast`` in this dtype (weights are
     never cast). ``precision_fixed``: ignore ``prepare_for_training``'s dtype.
+    ``training_attention``: while gradients are on, passed to the module as
+    ``transformer_options["optimized_attention_override"]`` (ComfyUI calls it as
+    ``fn(default_attention, q, k, v, heads, ...)``); the bridge uses it to train with SDPA.
     """
 
     def __init__(
@@ -128,6 +131,7 @@ class BflFlux:
         compute_dtype: Optional[torch.dtype] = None,
         autocast_dtype: Optional[torch.dtype] = None,
         precision_fixed: bool = False,
+        training_attention: Optional[Callable] = None,
     ):
         if arch not in ARCHS:
             raise ValueError(f"BflFlux arch={arch!r}; expected one of {sorted(ARCHS)}")
@@ -153,6 +157,7 @@ class BflFlux:
         self.compute_dtype = compute_dtype or module_dtype(module)
         self.autocast_dtype = autocast_dtype
         self.precision_fixed = precision_fixed
+        self.training_attention = training_attention
         self.default_targets: dict[str, str] = dict(bfl_target_presets())
 
     # ------------------------------------------------------------------ FlowModel
@@ -206,7 +211,11 @@ class BflFlux:
         self._mode = self.checkpoint
         if self.checkpoint == "auto":
             self._mode = self._fitting_mode(b, self.image_tokens((h, w)) + context.shape[1], device)
-        options = {"patches_replace": {"dit": self._block_patches()}} if torch.is_grad_enabled() else {}
+        options = {}
+        if torch.is_grad_enabled():
+            options["patches_replace"] = {"dit": self._block_patches()}
+            if self.training_attention is not None:
+                options["optimized_attention_override"] = self.training_attention
         call = functools.partial(
             self.module,
             x_t.to(device=device, dtype=dtype),
