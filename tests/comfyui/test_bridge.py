@@ -308,5 +308,5 @@ def test_training_attends_with_sdpa(comfyui, bridge, tiny_files):
     mp = comfyui.load_flux(tiny_files["flux2"])
     with bridge.training_model(mp, gradient_checkpointing="off") as model:
         with Record():
-            _loss(model, _batch("flux2")).backward()
+            _train(model, steps=1)
     assert len(seen) == 2  # 1 double + 1 single block
