@@ -26,6 +26,7 @@ from .loop import Callback, LossTerm, NonFiniteLoss, RunState, run_loop
 from .lora.formats import LORA_FORMATS
 from .lora.io import build_metadata, save_lora_file
 from .lora.network import LoraNetwork
+from .models.common import module_device, resolve_compile
 from .optim import build_optimizer, build_scheduler
 from .report import write_learning_curve, write_state
 from .resume import find_resume_point, is_finished
@@ -168,6 +169,13 @@ def train_lora(
     prepare = getattr(model, "prepare_for_training", None)
     if prepare is not None:
         prepare(dtype=DTYPES[config.train.precision], gradient_checkpointing=config.train.gradient_checkpointing)
+    set_compile = getattr(model, "set_compile", None)
+    compiled = resolve_compile(config.train.compile, module_device(model.module))
+    if set_compile is not None:
+        set_compile(compiled)
+    elif config.train.compile == "on":
+        log.warning("train.compile=%s: this model (%s) has no compiled block path; training uncompiled",
+                    config.train.compile, type(model).__name__)
     network = seeded_inject(config, model)
     optimizer = build_optimizer(network, config.optim, assemble.param_grouping(config))
     scheduler = build_scheduler(optimizer, config.optim, config.train.steps)

@@ -158,6 +158,8 @@ class BflFlux:
         self.autocast_dtype = autocast_dtype
         self.precision_fixed = precision_fixed
         self.training_attention = training_attention
+        self.compile_blocks = False
+        self._compiled: dict[int, Callable] = {}
         self.default_targets: dict[str, str] = dict(bfl_target_presets())
 
     # ------------------------------------------------------------------ FlowModel
@@ -178,6 +180,21 @@ class BflFlux:
             self.autocast_dtype = None if dtype == self.compute_dtype else dtype
         log.info("BflFlux %s: checkpoint=%s compute=%s autocast=%s", self.arch, self.checkpoint,
                  self.compute_dtype, self.autocast_dtype)
+
+    def set_compile(self, enabled: bool) -> None:
+        """Run each transformer block through ``torch.compile`` (one compiled callable per
+        block, made on first use; the module itself is not replaced, so LoRA injection,
+        removal and checkpointing work as without)."""
+        self.compile_blocks = bool(enabled)
+        self._compiled.clear()
+
+    def _block(self, blocks: nn.ModuleList, index: int) -> Callable:
+        block = blocks[index]
+        if not self.compile_blocks:
+            return block
+        if id(block) not in self._compiled:
+            self._compiled[id(block)] = torch.compile(block)
+        return self._compiled[id(block)]
 
     def velocity(
         self,
@@ -278,7 +295,7 @@ class BflFlux:
     def _double(self, index: int, args: dict, extra: dict) -> dict:
         # Call the block directly: ComfyUI's ``original_block`` closure binds the loop
         # variable ``block`` late, so a recompute in backward would run the wrong block.
-        block = self.module.double_blocks[index]
+        block = self._block(self.module.double_blocks, index)
         opts = dict(args.get("transformer_options") or {})
         vec, pe, mask = args["vec"], args["pe"], args.get("attn_mask")
 
@@ -289,7 +306,7 @@ class BflFlux:
         return {"img": img, "txt": txt}
 
     def _single(self, index: int, args: dict, extra: dict) -> dict:
-        block = self.module.single_blocks[index]
+        block = self._block(self.module.single_blocks, index)
         opts = dict(args.get("transformer_options") or {})
         vec, pe, mask = args["vec"], args["pe"], args.get("attn_mask")
 
