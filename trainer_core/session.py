@@ -172,7 +172,7 @@ def train_lora(
     set_compile = getattr(model, "set_compile", None)
     compiled = resolve_compile(config.train.compile, module_device(model.module))
     if set_compile is not None:
-        set_compile(compiled)
+        set_compile(compiled, fallback=config.train.compile == "auto")
     elif config.train.compile == "on":
         log.warning("train.compile=%s: this model (%s) has no compiled block path; training uncompiled",
                     config.train.compile, type(model).__name__)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import sys
 from collections.abc import Iterator
 
 import torch
@@ -131,10 +132,10 @@ _LORA_LINEAR = None
 
 
 def _peft_native_kinds() -> set[type]:
-    """Linear classes peft has dedicated LoRA layers for (bitsandbytes 8-bit / 4-bit)."""
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
+    """Linear classes peft has dedicated LoRA layers for (bitsandbytes 8-bit / 4-bit). Only
+    looked up if bitsandbytes is already imported: otherwise no such layer can exist."""
+    bnb = sys.modules.get("bitsandbytes")
+    if bnb is None:
         return set()
     return {getattr(bnb.nn, n) for n in ("Linear8bitLt", "Linear4bit") if hasattr(bnb.nn, n)}
 

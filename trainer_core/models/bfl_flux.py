@@ -181,11 +181,13 @@ class BflFlux:
         log.info("BflFlux %s: checkpoint=%s compute=%s autocast=%s", self.arch, self.checkpoint,
                  self.compute_dtype, self.autocast_dtype)
 
-    def set_compile(self, enabled: bool) -> None:
+    def set_compile(self, enabled: bool, *, fallback: bool = False) -> None:
         """Run each transformer block through ``torch.compile`` (one compiled callable per
         block, made on first use; the module itself is not replaced, so LoRA injection,
-        removal and checkpointing work as without)."""
+        removal and checkpointing work as without). ``fallback``: if compiling fails (a
+        forward raises), log it and train eagerly from then on instead of failing."""
         self.compile_blocks = bool(enabled)
+        self.compile_fallback = fallback
         self._compiled.clear()
 
     def _block(self, blocks: nn.ModuleList, index: int) -> Callable:
@@ -194,7 +196,22 @@ class BflFlux:
             return block
         if id(block) not in self._compiled:
             self._compiled[id(block)] = torch.compile(block)
-        return self._compiled[id(block)]
+        compiled = self._compiled[id(block)]
+        if not getattr(self, "compile_fallback", False):
+            return compiled
+
+        def run(*args, **kwargs):
+            if not self.compile_blocks:
+                return block(*args, **kwargs)
+            try:
+                return compiled(*args, **kwargs)
+            except Exception as e:  # torch.compile's failures are of many kinds; eager always works
+                log.warning("torch.compile of the transformer blocks failed (%s: %s); training without it",
+                            type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                self.compile_blocks = False
+                return block(*args, **kwargs)
+
+        return run
 
     def velocity(
         self,
