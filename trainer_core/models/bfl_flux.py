@@ -113,7 +113,7 @@ class BflFlux:
     ``get_dtype_inference()``; default the first floating parameter's dtype).
     ``autocast_dtype``: run the module under ``torch.autocast`` in this dtype (weights are
     never cast). ``precision_fixed``: ignore ``prepare_for_training``'s dtype.
-    ``training_attention``: while gradients are on, passed to the module as
+    ``training_attention``: passed to the module as
     ``transformer_options["optimized_attention_override"]`` (ComfyUI calls it as
     ``fn(default_attention, q, k, v, heads, ...)``); the bridge uses it to train with SDPA.
     """
@@ -248,8 +248,8 @@ class BflFlux:
         options = {}
         if torch.is_grad_enabled():
             options["patches_replace"] = {"dit": self._block_patches()}
-            if self.training_attention is not None:
-                options["optimized_attention_override"] = self.training_attention
+        if self.training_attention is not None:  # also without grad: a prior/validation pass matches
+            options["optimized_attention_override"] = self.training_attention
         call = functools.partial(
             self.module,
             x_t.to(device=device, dtype=dtype),
