@@ -107,7 +107,8 @@ class AutogradSafeWeights:
     one tensor, never the model. ``restore`` copies the values back into the ORIGINAL
     objects as inference tensors (again one tensor at a time) and puts them back, so the
     MODEL keeps the same Parameter objects, values, dtypes and kind. Non-inference parameters are left in place with ``requires_grad`` False while
-    applied."""
+    applied. A tensor subclass (ComfyUI's ``QuantizedTensor``) is handled through its inner
+    tensors: the copy is a new wrapper of the same kind, still quantized."""
 
     def __init__(self, module: torch.nn.Module):
         self.module = module
@@ -129,9 +130,8 @@ class AutogradSafeWeights:
                             continue
                         new = done.get(id(t))
                         if new is None:
-                            copy = t.data.clone()
+                            copy = _normal_copy(t)
                             new = torch.nn.Parameter(copy, requires_grad=False) if is_param else copy
-                            t.data = torch.empty(0, dtype=t.dtype, device=t.device)  # free it now
                             done[id(t)] = new
                         slots[name] = new
                         self.swaps.append((owner, name, is_param, t, new))
@@ -142,17 +142,61 @@ class AutogradSafeWeights:
         with torch.no_grad():
             for owner, name, is_param, original, new in reversed(self.swaps):
                 if id(original) not in moved:
-                    # back into an inference tensor, so the object is exactly the kind it was
-                    # (a normal tensor set into an inference object lacks a version counter)
-                    with torch.inference_mode():
-                        data = new.data.clone()
-                    new.data = torch.empty(0, dtype=data.dtype, device=data.device)
-                    original.data = data
+                    _copy_back(original, new)
                     moved.add(id(original))
                 (owner._parameters if is_param else owner._buffers)[name] = original
         for p, flag in self.flags:
             p.requires_grad_(flag)
         self.swaps, self.flags = [], []
+
+
+def _inner_tensors(t: torch.Tensor) -> Optional[list[tuple[str, torch.Tensor]]]:
+    """The plain tensors inside a wrapper tensor subclass (e.g. ComfyUI's ``QuantizedTensor``:
+    its fp8 data and scales), by ``__tensor_flatten__``; None for a plain tensor."""
+    if type(t) in (torch.Tensor, torch.nn.Parameter) or not hasattr(t, "__tensor_flatten__"):
+        return None
+    names, _ctx = t.__tensor_flatten__()
+    return [(n, getattr(t, n)) for n in names]
+
+
+def _normal_copy(t: torch.Tensor) -> torch.Tensor:
+    """A normal (autograd-safe) copy of ``t``; the original's storage is emptied at once.
+    A wrapper subclass is rebuilt around copies of its inner tensors, so a quantized weight
+    stays quantized (never dequantized, one layer's packed data copied at a time)."""
+    inner = _inner_tensors(t)
+    if inner is None:
+        copy = t.data.clone()
+        t.data = torch.empty(0, dtype=t.dtype, device=t.device)
+        return copy
+    _names, ctx = t.__tensor_flatten__()
+    copies = {n: v.detach().clone() for n, v in inner}
+    for _n, v in inner:
+        v.data = torch.empty(0, dtype=v.dtype, device=v.device)
+    return type(t).__tensor_unflatten__(copies, ctx, t.shape, t.stride())
+
+
+def _copy_back(original: torch.Tensor, new: torch.Tensor) -> None:
+    """Put ``new``'s values back into ``original`` (or its inner tensors) as inference tensors,
+    so each object is exactly the kind it was (a normal tensor set into an inference object
+    lacks a version counter); ``new`` is emptied."""
+    inner = _inner_tensors(original)
+    pairs = [(original, new)] if inner is None else [(v, w) for (_n, v), (_m, w) in zip(inner, _inner_tensors(new))]
+    for target, source in pairs:
+        with torch.inference_mode():
+            data = source.data.clone()
+        if inner is None:
+            source.data = torch.empty(0, dtype=data.dtype, device=data.device)
+        target.data = data
+
+
+def sdpa_attention(default, *args, **kwargs):
+    """ComfyUI's attention override while training: always ``attention_pytorch`` (torch SDPA).
+    ComfyUI picks its attention for inference: on a CPU a split/sub-quadratic kernel that
+    materialises the T×T scores, on some GPUs sage attention, which has no backward. SDPA has
+    fused forward and backward kernels on CPU and CUDA (flash / memory-efficient)."""
+    from comfy.ldm.modules.attention import attention_pytorch
+
+    return attention_pytorch(*args, **kwargs)
 
 
 def _resolve_mode(gradient_checkpointing) -> str:
@@ -197,6 +241,7 @@ def training_model(model_patcher, *, gradient_checkpointing=True, precision: str
             module, arch=info.arch, guidance_embed=info.guidance_embed, latent_channels=info.latent_channels,
             patch_size=info.patch_size, context_tokens=512 if info.arch == "flux2" else None, checkpoint=mode,
             compute_dtype=compute, autocast_dtype=autocast, precision_fixed=True,
+            training_attention=sdpa_attention,
         )
         model.device = mm.get_torch_device()
         plan = model.plan_memory(config) if config is not None else None  # refuses before loading
@@ -233,13 +278,21 @@ def training_model(model_patcher, *, gradient_checkpointing=True, precision: str
 LOW_PRECISION_WEIGHTS = {torch.bfloat16, getattr(torch, "float8_e4m3fn", None), getattr(torch, "float8_e5m2", None)}
 
 
+def quantized_layers(module: torch.nn.Module) -> int:
+    """How many layers hold a ComfyUI quantized weight (``comfy_quant`` files: a tensor
+    subclass such as ``QuantizedTensor`` with fp8/int8/fp4 storage)."""
+    return sum(1 for m in module.modules() if _inner_tensors(m._parameters.get("weight")) is not None)
+
+
 def auto_compute_dtype(base) -> torch.dtype:
     """What precision "auto" trains in: ComfyUI's inference dtype, except that weights
-    stored in bf16 or fp8 train in bf16 where the device computes bf16 natively. Such weights
-    hold no more than bf16 precision, and ComfyUI's CPU default (fp32 compute) would cast
-    every weight on every forward for no accuracy gain; the LoRA itself stays in fp32."""
+    stored in bf16, fp8 or a quantized format train in bf16 where the device computes bf16
+    natively. Such weights hold no more than bf16 precision, and ComfyUI's CPU default (fp32
+    compute) would cast every weight on every forward for no accuracy gain; the LoRA itself
+    stays in fp32."""
     inference = base.get_dtype_inference()
-    if inference == torch.float32 and base.get_dtype() in LOW_PRECISION_WEIGHTS and _bf16_native(next(base.diffusion_model.parameters()).device):
+    low = base.get_dtype() in LOW_PRECISION_WEIGHTS or quantized_layers(base.diffusion_model) > 0
+    if inference == torch.float32 and low and _bf16_native(next(base.diffusion_model.parameters()).device):
         return torch.bfloat16
     return inference
 

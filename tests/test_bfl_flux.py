@@ -241,3 +241,52 @@ def test_auto_checkpointing_recomputes_only_when_activations_do_not_fit(monkeypa
         assert model._mode == expected
         chosen[expected] = torch.cat([p.grad.flatten() for p in net.parameters()])
     assert torch.allclose(chosen["off"], chosen["blocks"], atol=1e-6)
+
+
+def test_compile_wraps_each_block_and_keeps_gradients(monkeypatch):
+    """train.compile plumbing: one torch.compile per block (never the whole module), the same
+    gradients, LoRA and checkpointing untouched. (A real compile takes minutes on a CPU; the
+    stand-in compiler records what it was given and runs it eagerly.)"""
+    from trainer_core.models.common import resolve_compile
+
+    given = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: given.append(fn) or fn)
+    grads = {}
+    for enabled in (False, True):
+        model = _model("flux1", checkpoint="blocks")
+        model.set_compile(enabled)
+        net = LoraNetwork.inject(model.module, LoRAConfig(rank=2), model.default_targets["all"])
+        with torch.no_grad():
+            for p in net.parameters():
+                p.fill_(0.1)
+        x, sigma, text, target = _inputs("flux1")
+        F.mse_loss(model.velocity(x, sigma, text, 1.0), target).backward()
+        F.mse_loss(model.velocity(x, sigma, text, 1.0), target).backward()  # compiled once per block
+        grads[enabled] = torch.cat([p.grad.flatten() for p in net.parameters()])
+        net.remove()
+    blocks = list(model.module.double_blocks) + list(model.module.single_blocks)
+    given = [g for g in given if isinstance(g, nn.Module)]  # (peft's bitsandbytes import compiles helpers)
+    assert len(given) == len(blocks) and {id(g) for g in given} == {id(b) for b in blocks}
+    assert torch.equal(grads[True], grads[False])
+    assert resolve_compile("auto", torch.device("cpu")) is False and resolve_compile("on", torch.device("cpu")) is True
+    assert resolve_compile("off", torch.device("cuda")) is False
+    with pytest.raises(ValueError, match="train.compile"):
+        resolve_compile("yes", torch.device("cpu"))
+
+
+def test_compile_failure_under_auto_falls_back_to_eager(monkeypatch):
+    def broken(fn, **kw):
+        def call(*a, **k):
+            raise RuntimeError("no compiler here")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    model = _model("flux1", checkpoint="off")
+    model.set_compile(True, fallback=True)
+    x, sigma, text, _ = _inputs("flux1")
+    with torch.enable_grad():
+        v = model.velocity(x, sigma, text, 1.0)
+    assert torch.isfinite(v).all() and not model.compile_blocks
+    model.set_compile(True)  # "on": the failure is the user's to see
+    with pytest.raises(RuntimeError, match="no compiler"), torch.enable_grad():
+        model.velocity(x, sigma, text, 1.0)

@@ -279,3 +279,38 @@ def test_folder_errors(tmp_path):
         load_diffusers_flux_folder(_skeleton(tmp_path / "a", skip=("tokenizer_2",)), dtype=torch.float32)
     with pytest.raises(ValueError, match="Flux2Transformer2DModel"):
         load_diffusers_flux_folder(_skeleton(tmp_path / "b", "Flux2Transformer2DModel"), dtype=torch.float32)
+
+
+def test_base_quantization_is_refused_where_bitsandbytes_cannot_run(flux_folder, monkeypatch):
+    from trainer_core.config import ConfigError, TrainConfig
+    from trainer_core.models import local
+
+    assert TrainConfig().base_quantization == "none"
+    with pytest.raises(ConfigError, match="base_quantization"):
+        TrainConfig(base_quantization="int4")
+    for kind in ("int8", "nf4"):
+        with pytest.raises(ValueError, match=rf"train.base_quantization='{kind}' needs a CUDA GPU.*cpu.*=none"):
+            load_diffusers_flux_folder(flux_folder, dtype=torch.bfloat16, device="cpu", base_quantization=kind)
+    assert local.bnb_quantization_config("none", dtype=torch.bfloat16, device="cpu") is None
+    config = local.bnb_quantization_config("nf4", dtype=torch.bfloat16, device="cuda")
+    assert config.load_in_4bit and config.bnb_4bit_quant_type == "nf4" and config.bnb_4bit_compute_dtype == torch.bfloat16
+    assert local.bnb_quantization_config("int8", dtype=torch.bfloat16, device="cuda").load_in_8bit
+    monkeypatch.setitem(__import__("sys").modules, "bitsandbytes", None)  # not installed
+    with pytest.raises(ValueError, match="pip install bitsandbytes"):
+        local.bnb_quantization_config("int8", dtype=torch.bfloat16, device="cuda")
+
+
+def test_diffusers_adapter_attends_with_sdpa():
+    seen = []
+
+    class Record(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.nn.functional.scaled_dot_product_attention:
+                seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    model = DiffusersFlux1(tiny_flux1())
+    x, sigma = _inputs()
+    with Record():
+        model.velocity(x, sigma, _text(2), guidance=1.0)
+    assert seen  # diffusers dispatches to SDPA (its "native" backend), not a math loop

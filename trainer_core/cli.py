@@ -268,14 +268,17 @@ def main(argv: list[str] | None = None) -> int:
             run_demo(args, stop=stop, progress=TerminalProgress(), make_config=make_config,
                      phase_progress=TerminalPhases())
         else:
+            import torch
+
             from .models.local import load_diffusers_flux_folder
             from .session import DTYPES, check_before_loading, train_lora
 
             config = make_config(args, {})
             check_before_loading(config)  # the data folder, captions and run folder: before the slow load
-            model, codec, text = load_diffusers_flux_folder(args.model, dtype=DTYPES[config.train.precision])
-            if device is not None and device.type == "cuda":
-                model.module.to(device)  # each rank trains on its own GPU, cuda:LOCAL_RANK
+            if device is None:  # not under torchrun: the GPU when there is one
+                device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            model, codec, text = load_diffusers_flux_folder(args.model, dtype=DTYPES[config.train.precision], device=device,
+                                                            base_quantization=config.train.base_quantization)
             result = train_lora(config, model, codec, text, release_encoders=lambda: (codec.release(), text.release()),
                                 progress=TerminalProgress(), should_stop=stop, base_model=str(args.model),
                                 phase_progress=TerminalPhases(), model_name=Path(args.model).name)

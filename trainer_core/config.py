@@ -213,6 +213,8 @@ class TrainConfig(_Validated):
     seed: int = opt(42, "Seed for every random choice (σ, noise, captions, data order).", lo=0, hi=2**62)
     precision: str = opt("bf16", "Compute dtype of the base model: bf16, fp16 or fp32. LoRA weights stay in lora.dtype.", choices=lambda: ["bf16", "fp16", "fp32"])
     gradient_checkpointing: bool = opt(True, "Recompute activations in backward: far less memory for some speed.")
+    compile: str = opt("auto", "torch.compile each transformer block (not the whole model; LoRA and checkpointing work as without): 'auto' = on a CUDA GPU with Triton, off elsewhere; 'on' forces it (the first steps are slow while it compiles); 'off'.", choices=lambda: ["auto", "on", "off"])
+    base_quantization: str = opt("none", "Command line (diffusers folders) only: load the frozen base transformer quantized by bitsandbytes, 'int8' (LLM.int8, ~half the memory of bf16) or 'nf4' (4-bit NormalFloat, ~a quarter); needs bitsandbytes and a CUDA GPU. The LoRA stays in lora.dtype and computes in train.precision. ComfyUI MODELs bring their own quantization (fp8, comfy_quant files).", choices=lambda: ["none", "int8", "nf4"])
     save_every: int = opt(250, "Save a LoRA checkpoint every N steps (0 = only at the end).", lo=0, hi=10_000_000)
     log_every: int = opt(10, "Log the loss every N steps.", lo=1, hi=1_000_000)
     output_dir: str = opt("output", "Folder that holds run folders.")

@@ -14,6 +14,7 @@ pure function of (seed, micro-step index). Resuming at step k therefore replays 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Protocol
@@ -172,39 +173,54 @@ def make_context(state: RunState, step: int, micro: int, generator: torch.Genera
 
 def train_step(state: RunState, terms: list[LossTerm], noise_fn: NoiseFn = gaussian_noise,
                backward: Backward = sum_backward) -> dict[str, Any]:
-    """One optimizer step over ``grad_accum`` micro-batches. Returns the step's logs."""
+    """One optimizer step over ``grad_accum`` micro-batches. Returns the step's logs.
+
+    The host waits for the device once per step: the term values and the gradient norm stay
+    on the device until one transfer after the last backward, which also decides, for every
+    micro-step, whether the loss was finite; a non-finite loss raises ``NonFiniteLoss`` before
+    the optimizer steps, so the weights keep their last good values."""
     cfg = state.config
     accum = cfg.optim.grad_accum
     generator = step_generator(cfg.train.seed, state.step)
-    totals: dict[str, float] = {}
-    per_sample, sigmas = [], []
+    totals: dict[str, torch.Tensor] = {}
+    losses, per_sample, sigmas = [], [], []
     for micro in range(accum):
         ctx = make_context(state, state.step, micro, generator, noise_fn)
         values = {t.name: v for t in terms if (v := t(ctx)) is not None}
-        loss = sum(values.values())
-        if not torch.isfinite(loss):
+        backward(values, state.network.parameters(), 1.0 / accum)
+        detached = {k: v.detach().float() for k, v in values.items()}
+        losses.append(sum(detached.values()))
+        for k, v in detached.items():
+            totals[k] = totals[k] + v / accum if k in totals else v / accum
+        if "per_sample" in ctx.logs:
+            per_sample.append(ctx.logs["per_sample"])
+            sigmas.append(ctx.sigma.detach())
+    norm = grad_norm_clip(state.network.parameters(), cfg.optim.max_grad_norm)
+    names = list(totals)
+    scalars = [*losses, *(totals[k] for k in names), norm]
+    device = next((x.device for x in scalars if isinstance(x, torch.Tensor)), torch.device("cpu"))
+    flat = [torch.stack([torch.as_tensor(x, device=device).float().reshape(()) for x in scalars])]
+    flat += [t.float().reshape(-1).to(device) for t in (*sigmas, *per_sample)]
+    fetched = torch.cat(flat).tolist()  # the step's one host-device sync
+    n, n_sigma = len(scalars), sum(t.numel() for t in sigmas)
+    micro_losses, term_values, norm = fetched[:accum], fetched[accum:n - 1], fetched[n - 1]
+    for loss in micro_losses:
+        if not math.isfinite(loss):
             raise NonFiniteLoss(
-                f"loss is {loss.item()} at step {state.step + 1} (terms: "
-                f"{ {k: float(v.detach()) for k, v in values.items()} }); likely causes: learning rate too "
+                f"loss is {loss} at step {state.step + 1} (terms: "
+                f"{ dict(zip(names, term_values)) }); likely causes: learning rate too "
                 f"high ({cfg.optim.lr}) or {cfg.train.precision} overflow; try a lower lr or fp32/bf16"
             )
-        backward(values, state.network.parameters(), 1.0 / accum)
-        for k, v in values.items():
-            totals[k] = totals.get(k, 0.0) + float(v.detach()) / accum
-        if "per_sample" in ctx.logs:
-            per_sample.append(ctx.logs["per_sample"].cpu())
-            sigmas.append(ctx.sigma.detach().cpu())
-    norm = grad_norm_clip(state.network.parameters(), cfg.optim.max_grad_norm)
     state.optimizer.step()
     check_weights(state, totals)
     state.scheduler.step()
     state.optimizer.zero_grad(set_to_none=True)
     state.step += 1
-    logs = {"step": state.step, "loss": sum(totals.values()), "terms": totals,
+    terms_logged = dict(zip(names, term_values))
+    logs = {"step": state.step, "loss": sum(terms_logged.values()), "terms": terms_logged,
             "lr": state.optimizer.param_groups[0]["lr"], "grad_norm": norm}
     if per_sample:
-        logs["sigma"] = torch.cat(sigmas).tolist()
-        logs["per_sample"] = torch.cat(per_sample).tolist()
+        logs["sigma"], logs["per_sample"] = fetched[n:n + n_sigma], fetched[n + n_sigma:]
     return logs
 
 

@@ -17,7 +17,8 @@ the compute device, by component:
 
 Activations kept per block are ``(c·e_c + f·4)·T·H`` bytes for T tokens, hidden size H,
 compute dtype of e_c bytes, plus the LoRA layers' own ``(in + r)·t`` elements per targeted
-Linear (t = the tokens it sees) in the LoRA dtype. The coefficients c, f (``_KEPT``) were
+Linear (t = the tokens it sees) in the compute dtype (the LoRA branch runs in the compute
+dtype: ``lora.network``). The coefficients c, f (``_KEPT``) were
 measured with ``torch.autograd.graph.saved_tensors_hooks`` (deduplicated by storage) on
 ComfyUI's own FLUX.1 / FLUX.2 blocks with PyTorch SDPA attention; FLUX.1-dev/schnell share
 FLUX.1's block layout and Klein 4B/9B share FLUX.2-dev's, so they hold for every size.
@@ -202,7 +203,7 @@ def block_activation_bytes(shape: ModelShape, run: RunShape, kind: str, mode: st
     # the joint sequence that is half the img+txt pairs; sum over both streams = per token.
     if kind == "double":
         lora_elems /= 2
-    return int(base + lora_elems * tokens * run.lora_bytes)
+    return int(base + lora_elems * tokens * run.compute_bytes)
 
 
 def activation_terms(shape: ModelShape, run: RunShape, mode: str) -> tuple[int, int]:

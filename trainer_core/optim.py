@@ -210,14 +210,15 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_st
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: schedule(step, total_steps, cfg))
 
 
-def grad_norm_clip(params: Iterable[torch.Tensor], max_norm: float) -> float:
-    """Clip in place when ``max_norm > 0``; return the pre-clip total norm."""
+def grad_norm_clip(params: Iterable[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Clip in place when ``max_norm > 0``; return the pre-clip total norm as a 0-d tensor on
+    the gradients' device (no host-device sync; the caller fetches it with its other logs)."""
     params = [p for p in params if p.grad is not None]
     if not params:
-        return 0.0
+        return torch.zeros(())
     if max_norm > 0:
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
-    return float(torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params])))
+        return torch.nn.utils.clip_grad_norm_(params, max_norm).detach()
+    return torch.linalg.vector_norm(torch.stack([p.grad.detach().norm() for p in params]))
 
 
 class ScheduleFreeModeCallback:

@@ -31,6 +31,7 @@ from .lora.formats import LORA_FORMATS
 from .lora.io import build_metadata, save_lora_file
 from .lora.metadata import RunInfo, dataset_facts, with_hashes
 from .lora.network import LoraNetwork
+from .models.common import module_device, resolve_compile
 from .models.variants import Detection, model_variant
 from .optim import build_optimizer, build_scheduler
 from .phases import PhaseFn, PhaseReporter, during
@@ -208,6 +209,13 @@ def train_lora(
     prepare = getattr(model, "prepare_for_training", None)
     if prepare is not None:
         prepare(dtype=DTYPES[config.train.precision], gradient_checkpointing=config.train.gradient_checkpointing)
+    set_compile = getattr(model, "set_compile", None)
+    compiled = resolve_compile(config.train.compile, module_device(model.module))
+    if set_compile is not None:
+        set_compile(compiled, fallback=config.train.compile == "auto")
+    elif config.train.compile == "on":
+        log.warning("train.compile=%s: this model (%s) has no compiled block path; training uncompiled",
+                    config.train.compile, type(model).__name__)
     plan = memory_plan if memory_plan is not None else plan_for(config, model)  # refuses before any work
     data_before = folder_snapshot(config.data.path) if config.data.path else {}
     cache_dir = Path(config.data.cache_dir) if config.data.cache_dir else run_dir / ".latent_cache"

@@ -9,6 +9,11 @@
   (``comfy/model_detection.py``: hidden size from ``img_in``, FLUX.2 from
   ``double_stream_modulation_img``, dev from ``guidance_in``). Hidden size must be a
   multiple of 128 (ComfyUI fixes the head dim at 128).
+* ``quantize_state_dict`` / ``write_tiny_flux_quantized``: the same files in ComfyUI's
+  ``comfy_quant`` fp8-scaled format, made with ComfyUI's own quantization code
+  (``QuantizedTensor.from_float(W, "TensorCoreFP8E4M3Layout", scale="recalculate")``): the
+  block linears hold fp8 weights plus a ``weight_scale``, marked per layer (``.comfy_quant``
+  tensors) or in the ``_quantization_metadata`` header.
 * ``vae_state_dict`` / ``write_tiny_vae``: a random FLUX.1/FLUX.2 VAE that ``VAELoader``
   accepts (ComfyUI fixes the encoder at width 128, so only the decoder is small).
 * ``load_flux(path, ...)``: ``comfy.sd.load_diffusion_model`` under ``torch.inference_mode``,
@@ -197,6 +202,51 @@ def write_tiny_flux(path: str | os.PathLike, arch: str = "flux1", **kw) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(flux_state_dict(arch, **kw), str(path), metadata={"format": "pt", "note": "random FLUX for tests"})
+    return path
+
+
+QUANT_LAYER = r"(double|single)_blocks\.\d+\..*"
+"""Which linears ``quantize_state_dict`` quantizes: the transformer blocks' (as ComfyUI's
+fp8-scaled FLUX releases do; embedders and the final layer stay in full precision)."""
+
+
+def quantize_state_dict(sd: dict[str, torch.Tensor], *, marker: str = "layer") -> tuple[dict, dict]:
+    """(tensors, safetensors metadata) of ``sd`` with every 2-D block weight in ComfyUI's
+    float8_e4m3fn ``comfy_quant`` format. ``marker``: "layer" writes ``<layer>.comfy_quant``
+    (UTF-8 JSON bytes), "header" the ``_quantization_metadata`` header entry instead."""
+    import json
+    import re
+
+    from comfy.quant_ops import QuantizedTensor
+
+    if marker not in ("layer", "header"):
+        raise ValueError(f"marker={marker!r}; expected 'layer' or 'header'")
+    out, layers = {}, {}
+    for key, value in sd.items():
+        layer = key[: -len(".weight")]
+        if key.endswith(".weight") and value.ndim == 2 and re.fullmatch(QUANT_LAYER, layer):
+            q = QuantizedTensor.from_float(value.to(torch.bfloat16), "TensorCoreFP8E4M3Layout", scale="recalculate")
+            out.update({k: v.contiguous() for k, v in q.state_dict(key).items()})
+            layers[layer] = {"format": "float8_e4m3fn"}
+            if marker == "layer":
+                conf = json.dumps(layers[layer]).encode("utf-8")
+                out[f"{layer}.comfy_quant"] = torch.tensor(list(conf), dtype=torch.uint8)
+        else:
+            out[key] = value
+    metadata = {"format": "pt"}
+    if marker == "header":
+        metadata["_quantization_metadata"] = json.dumps({"format_version": "1.0", "layers": layers})
+    return out, metadata
+
+
+def write_tiny_flux_quantized(path: str | os.PathLike, arch: str = "flux1", *, marker: str = "layer", **kw) -> Path:
+    """``flux_state_dict(arch, dtype=bf16, **kw)`` through ``quantize_state_dict`` to ``path``.
+    Needs ComfyUI imported (``init_comfyui``) with comfy_kitchen available."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kw.setdefault("dtype", torch.bfloat16)
+    tensors, metadata = quantize_state_dict(flux_state_dict(arch, **kw), marker=marker)
+    save_file(tensors, str(path), metadata=metadata)
     return path
 
 

@@ -346,3 +346,21 @@ def test_bridge_refuses_a_run_that_cannot_fit_before_loading(comfyui, bridge, ti
             pass
     assert not any(m.model is mp for m in mm.current_loaded_models if m not in loaded)
     assert not mm.in_training
+
+
+def test_training_attends_with_sdpa(comfyui, bridge, tiny_files):
+    """While training, every block's attention is torch SDPA (fused backward), whatever
+    ComfyUI picked for inference on this device (a split attention on a CPU)."""
+    seen = []
+
+    class Record(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is F.scaled_dot_product_attention:
+                seen.append(tuple(args[0].shape))
+            return func(*args, **(kwargs or {}))
+
+    mp = comfyui.load_flux(tiny_files["flux2"])
+    with bridge.training_model(mp, gradient_checkpointing="off") as model:
+        with Record():
+            _train(model, steps=1)
+    assert len(seen) == 2  # 1 double + 1 single block

@@ -179,3 +179,35 @@ def test_node_schemas_match_the_widget_lists(env):
                 if node_id.startswith("FlowTrain"):
                     assert opts.get("tooltip"), f"{node_id}.{name} has no tooltip"
         assert tuple(names) == tuple(expected), node_id
+
+
+@pytest.mark.xfail(reason="open: training succeeds, then the workflow's FlowTrainSamplerPreview fails in ComfyUI's "
+                          "_quantized_apply during unpatch_model ('Cannot set version_counter for inference tensor'); "
+                          "not yet traced to FlowTrain or ComfyUI", strict=False)
+@pytest.mark.parametrize("name", ["flux2_klein_style_lora"])
+def test_example_workflow_trains_a_comfy_quant_fp8_model(env, name, caplog):
+    """The Trainer on a ``comfy_quant`` fp8-scaled file (made with ComfyUI's own quantization
+    code): training runs, the loss is finite, the saved LoRA loads in core LoraLoaderModelOnly
+    with every key and reproduces the Trainer's MODEL (up to the fp8 requantization ComfyUI
+    does when it merges a LoRA into fp8 weights)."""
+    import harness
+    import nodes
+
+    case = dict(CASES[name], unet="tiny_flux2_klein_fp8.safetensors")
+    harness.write_tiny_flux_quantized(env.models / case["unet"], case["arch"], guidance=case["guidance"],
+                                      context_dim=64, vec_dim=32)
+    graph = use_test_conditioning(load_api_workflow(name), width=64, pooled=case["pooled"])
+    graph = shrink(graph, unet=case["unet"], vae=case["vae"], dataset=env.input / "flowtrain_dataset",
+                   output_name="wf_fp8")
+    ex, stub = harness.run_prompt(graph)
+    assert ex.success, [m for m in stub.messages if m[0] in ("execution_error", "execution_interrupted")]
+    out = lambda nid: ex.caches.outputs.get_local(nid).outputs  # noqa: E731
+    trained_model = out(nodes_of(graph, "FlowTrainTrainer")[0])[0][0]
+    base = out(nodes_of(graph, "UNETLoader")[0])[0][0]
+    events = [d for e, d, _ in stub.messages if e == "flowtrain.progress"]
+    assert [d["step"] for d in events] == [1, 2, 3] and all(math.isfinite(d["loss"]) for d in events)
+    with caplog.at_level(logging.WARNING):
+        from_file = nodes.LoraLoaderModelOnly().load_lora_model_only(base, "wf_fp8.safetensors", 1.0)[0]
+    bad = [r.getMessage() for r in caplog.records if r.getMessage().startswith(("lora key not loaded", "NOT LOADED"))]
+    assert not bad and len(from_file.patches) > 0
+    assert rel_diff(denoise(from_file, case), denoise(trained_model, case)) <= 2e-2

@@ -3,14 +3,21 @@
 The layer type is ``cfg.algorithm`` (``lora.algorithms``: lora, dora, loha, lokr); the plain
 LoRA case is described here, the others in ``algorithms``.
 
-Each targeted ``nn.Linear`` (or subclass, e.g. ComfyUI's cast-on-forward layers holding
-bf16/fp8 weights; peft keeps calling the subclass' ``forward``) becomes
+Each targeted linear layer (``is_linear``: an ``nn.Linear`` or subclass, e.g. ComfyUI's
+cast-on-forward layers holding bf16/fp8 weights, or a duck-typed linear such as ComfyUI's
+``MixedPrecisionOps.Linear`` whose weight is a quantized tensor; the base layer's own
+``forward`` always runs, so a quantized weight stays quantized) becomes
 
     y = base(x) + m · (alpha / r) · B (A dropout(x)),  A [r, in], B [out, r]
 
 (Hu et al. 2021, "LoRA", eq. 3; ``m`` is the strength multiplier). A is Kaiming-uniform,
 B zero, so an injected network leaves outputs unchanged. A and B live in ``cfg.dtype``
-whatever the base dtype; every other parameter is frozen.
+whatever the base dtype (fp32 master weights by default); every other parameter is frozen.
+
+The LoRA branch runs in the dtype of the base layer's output (the compute dtype, e.g. bf16):
+A and B are cast per forward (r·(in+out) elements, a differentiable cast, so their gradients
+land in the fp32 masters). peft's own layer instead casts the activation to the LoRA dtype
+and computes the branch in fp32, which costs an fp32 copy of every input and fp32 matmuls.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
+import sys
 from collections.abc import Iterator
 
 import torch
@@ -45,14 +53,106 @@ def resolve_target_regex(cfg: LoRAConfig, presets: dict[str, str]) -> str:
     return presets[cfg.targets]
 
 
+def is_linear(m: nn.Module) -> bool:
+    """An ``nn.Linear``, or a module that computes one without subclassing it: integer
+    ``in_features``/``out_features`` and a ``weight`` of shape [out, in] (ComfyUI's
+    ``MixedPrecisionOps.Linear``, whose weight may be a ``QuantizedTensor`` reporting its
+    logical shape)."""
+    if isinstance(m, nn.Linear):
+        return True
+    n_in, n_out = getattr(m, "in_features", None), getattr(m, "out_features", None)
+    weight = getattr(m, "weight", None)
+    return (isinstance(n_in, int) and isinstance(n_out, int) and isinstance(weight, torch.Tensor)
+            and tuple(weight.shape) == (n_out, n_in))
+
+
+FP8_DTYPES = tuple(d for d in (getattr(torch, "float8_e4m3fn", None), getattr(torch, "float8_e5m2", None)) if d)
+
+
+def stores_compressed(weight) -> bool:
+    """A weight the layer expands on every forward: a quantized tensor subclass (anything
+    with ``dequantize``, e.g. ComfyUI's ``QuantizedTensor``) or plain fp8 storage."""
+    return (type(weight) not in (torch.Tensor, nn.Parameter) and callable(getattr(weight, "dequantize", None))) \
+        or getattr(weight, "dtype", None) in FP8_DTYPES
+
+
+class FrozenCompressedLinear(torch.autograd.Function):
+    """``layer(x)`` for a frozen linear whose weight is quantized or fp8, with a backward that
+    keeps nothing but the layer: the layer's own forward runs (its quantized kernel, or its
+    per-forward dequantize), and backward dequantizes the weight once more, for this layer
+    only, to compute ``grad_x = grad · W`` (times an AWQ ``pre_quant_scale`` if the layer has
+    one). Plain autograd would keep each layer's expanded weight (and ComfyUI's quantized
+    path its input) from forward to backward."""
+
+    @staticmethod
+    def forward(ctx, x, layer):
+        ctx.layer, ctx.x_dtype = layer, x.dtype
+        return layer(x)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        weight = ctx.layer.weight
+        w = weight.dequantize() if callable(getattr(weight, "dequantize", None)) else weight
+        gx = grad @ w.to(device=grad.device, dtype=grad.dtype)
+        scale = getattr(ctx.layer, "pre_quant_scale", None)
+        if scale is not None:
+            gx = gx * scale.to(device=gx.device, dtype=gx.dtype)
+        return gx.to(ctx.x_dtype), None
+
+
+def _lora_linear_class():
+    """peft's LoRA ``Linear`` with the branch in the compute dtype (see the module doc),
+    defined lazily so importing this module does not import peft."""
+    global _LORA_LINEAR
+    if _LORA_LINEAR is not None:
+        return _LORA_LINEAR
+    from peft.tuners.lora.layer import Linear as PeftLinear
+
+    class ComputeDtypeLinear(PeftLinear):
+        def _get_in_out_features(self, module):
+            return module.in_features, module.out_features
+
+        def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            active = [a for a in self.active_adapters if a in self.lora_A]
+            if (self.disable_adapters or self.merged or kwargs.get("adapter_names") is not None
+                    or any(a in self.lora_variant for a in active)):
+                return super().forward(x, *args, **kwargs)
+            if not args and not kwargs and x.requires_grad and stores_compressed(self.base_layer.weight):
+                result = FrozenCompressedLinear.apply(x, self.base_layer)
+            else:
+                result = self.base_layer(x, *args, **kwargs)
+            for name in active:
+                a, b = self.lora_A[name].weight, self.lora_B[name].weight
+                dtype = result.dtype
+                h = nn.functional.linear(self.lora_dropout[name](x).to(dtype), a.to(dtype))
+                result = result + nn.functional.linear(h, b.to(dtype)) * self.scaling[name]
+            return result
+
+    _LORA_LINEAR = ComputeDtypeLinear
+    return _LORA_LINEAR
+
+
+_LORA_LINEAR = None
+
+
+def _peft_native_kinds() -> set[type]:
+    """Linear classes peft has dedicated LoRA layers for (bitsandbytes 8-bit / 4-bit). Only
+    looked up if bitsandbytes is already imported: otherwise no such layer can exist."""
+    bnb = sys.modules.get("bitsandbytes")
+    if bnb is None:
+        return set()
+    return {getattr(bnb.nn, n) for n in ("Linear8bitLt", "Linear4bit") if hasattr(bnb.nn, n)}
+
+
 def matching_linears(module: nn.Module, target_regex: str) -> list[str]:
-    """Names of the ``nn.Linear`` submodules whose full name ``re.fullmatch``-es the regex,
-    in module order. Matches that are not Linear layers are ignored."""
+    """Names of the linear submodules (``is_linear``) whose full name ``re.fullmatch``-es
+    the regex, in module order. Matches that are not linear layers are ignored."""
     try:
         pattern = re.compile(target_regex)
     except re.error as e:
         raise ValueError(f"LoRA target regex {target_regex!r} is not a valid regular expression: {e}") from None
-    return [n for n, m in module.named_modules() if n and isinstance(m, nn.Linear) and pattern.fullmatch(n)]
+    return [n for n, m in module.named_modules() if n and is_linear(m) and pattern.fullmatch(n)]
 
 
 class LoraNetwork:
@@ -87,7 +187,7 @@ class LoraNetwork:
             raise ValueError("this module already carries LoRA layers; call remove() on the old LoraNetwork first")
         names = matching_linears(module, target_regex)
         if not names:
-            linears = [n for n, m in module.named_modules() if isinstance(m, nn.Linear)]
+            linears = [n for n, m in module.named_modules() if is_linear(m)]
             raise ValueError(
                 f"LoRA target regex {target_regex!r} matches no Linear layer (re.fullmatch on module names). "
                 f"{len(linears)} Linear layers exist, e.g.: {', '.join(linears[:8])}. Fix lora.target_regex "
@@ -104,6 +204,10 @@ class LoraNetwork:
         if ranks:
             peft_cfg.rank_pattern = {re.escape(n): r for n, r in ranks.items()}
             peft_cfg.alpha_pattern = {re.escape(n): cfg.alpha * r / cfg.rank for n, r in ranks.items()}
+        if isinstance(peft_cfg, peft.LoraConfig):  # lora and dora: the compute-dtype layer (module doc)
+            # peft's own layers stay in charge of bitsandbytes-quantized linears
+            kinds = {type(module.get_submodule(n)) for n in names} - _peft_native_kinds()
+            peft_cfg._register_custom_module({kind: _lora_linear_class() for kind in kinds})
         peft.inject_adapter_in_model(peft_cfg, module, adapter_name=ADAPTER)
         dtype = DTYPES[cfg.dtype]
         layers = {}

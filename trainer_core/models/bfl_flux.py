@@ -119,6 +119,9 @@ class BflFlux:
     ``get_dtype_inference()``; default the first floating parameter's dtype).
     ``autocast_dtype``: run the module under ``torch.autocast`` in this dtype (weights are
     never cast). ``precision_fixed``: ignore ``prepare_for_training``'s dtype.
+    ``training_attention``: passed to the module as
+    ``transformer_options["optimized_attention_override"]`` (ComfyUI calls it as
+    ``fn(default_attention, q, k, v, heads, ...)``); the bridge uses it to train with SDPA.
     """
 
     def __init__(
@@ -134,6 +137,7 @@ class BflFlux:
         compute_dtype: Optional[torch.dtype] = None,
         autocast_dtype: Optional[torch.dtype] = None,
         precision_fixed: bool = False,
+        training_attention: Optional[Callable] = None,
     ):
         if arch not in ARCHS:
             raise ValueError(f"BflFlux arch={arch!r}; expected one of {sorted(ARCHS)}")
@@ -159,6 +163,9 @@ class BflFlux:
         self.compute_dtype = compute_dtype or module_dtype(module)
         self.autocast_dtype = autocast_dtype
         self.precision_fixed = precision_fixed
+        self.training_attention = training_attention
+        self.compile_blocks = False
+        self._compiled: dict[int, Callable] = {}
         self.default_targets: dict[str, str] = dict(bfl_target_presets())
         self.streamer: Optional[BlockStreamer] = None
         self.device: Optional[torch.device] = None  # compute device when the weights are not there yet
@@ -182,6 +189,38 @@ class BflFlux:
             self.autocast_dtype = None if dtype == self.compute_dtype else dtype
         log.info("BflFlux %s: checkpoint=%s compute=%s autocast=%s", self.arch, self.checkpoint,
                  self.compute_dtype, self.autocast_dtype)
+
+    def set_compile(self, enabled: bool, *, fallback: bool = False) -> None:
+        """Run each transformer block through ``torch.compile`` (one compiled callable per
+        block, made on first use; the module itself is not replaced, so LoRA injection,
+        removal and checkpointing work as without). ``fallback``: if compiling fails (a
+        forward raises), log it and train eagerly from then on instead of failing."""
+        self.compile_blocks = bool(enabled)
+        self.compile_fallback = fallback
+        self._compiled.clear()
+
+    def _block(self, blocks: nn.ModuleList, index: int) -> Callable:
+        block = blocks[index]
+        if not self.compile_blocks:
+            return block
+        if id(block) not in self._compiled:
+            self._compiled[id(block)] = torch.compile(block)
+        compiled = self._compiled[id(block)]
+        if not getattr(self, "compile_fallback", False):
+            return compiled
+
+        def run(*args, **kwargs):
+            if not self.compile_blocks:
+                return block(*args, **kwargs)
+            try:
+                return compiled(*args, **kwargs)
+            except Exception as e:  # torch.compile's failures are of many kinds; eager always works
+                log.warning("torch.compile of the transformer blocks failed (%s: %s); training without it",
+                            type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+                self.compile_blocks = False
+                return block(*args, **kwargs)
+
+        return run
 
     def velocity(
         self,
@@ -215,8 +254,11 @@ class BflFlux:
         self._mode = self.checkpoint
         if self.checkpoint == "auto":
             self._mode = self._fitting_mode(b, self.image_tokens((h, w)) + context.shape[1], device)
-        hooked = torch.is_grad_enabled() or self.streamer is not None  # streamed blocks fetch in the hook
-        options = {"patches_replace": {"dit": self._block_patches()}} if hooked else {}
+        options = {}
+        if torch.is_grad_enabled() or self.streamer is not None:  # streamed blocks fetch in the hook
+            options["patches_replace"] = {"dit": self._block_patches()}
+        if self.training_attention is not None:  # also without grad: a prior/validation pass matches
+            options["optimized_attention_override"] = self.training_attention
         call = functools.partial(
             self.module,
             x_t.to(device=device, dtype=dtype),
@@ -321,7 +363,7 @@ class BflFlux:
     def _double(self, index: int, args: dict, extra: dict) -> dict:
         # Call the block directly: ComfyUI's ``original_block`` closure binds the loop
         # variable ``block`` late, so a recompute in backward would run the wrong block.
-        block = self.module.double_blocks[index]
+        block = self._block(self.module.double_blocks, index)
         opts = dict(args.get("transformer_options") or {})
         vec, pe, mask = args["vec"], args["pe"], args.get("attn_mask")
 
@@ -333,7 +375,7 @@ class BflFlux:
         return {"img": img, "txt": txt}
 
     def _single(self, index: int, args: dict, extra: dict) -> dict:
-        block = self.module.single_blocks[index]
+        block = self._block(self.module.single_blocks, index)
         opts = dict(args.get("transformer_options") or {})
         vec, pe, mask = args["vec"], args["pe"], args.get("attn_mask")
 

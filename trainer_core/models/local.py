@@ -181,27 +181,67 @@ class Flux1TextEncoder:
         _collect()
 
 
+BASE_QUANTIZATIONS = ("none", "int8", "nf4")
+
+
+def bnb_quantization_config(kind: str, *, dtype: torch.dtype, device: str | torch.device):
+    """diffusers' ``BitsAndBytesConfig`` for ``train.base_quantization`` (None for "none").
+    Raises ValueError, naming the setting and the fix, where bitsandbytes cannot run: diffusers
+    quantizes with bitsandbytes only onto a CUDA GPU, and bitsandbytes must be installed."""
+    if kind not in BASE_QUANTIZATIONS:
+        raise ValueError(f"train.base_quantization={kind!r}; expected one of {list(BASE_QUANTIZATIONS)}")
+    if kind == "none":
+        return None
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ValueError(
+            f"train.base_quantization={kind!r} needs a CUDA GPU: diffusers loads bitsandbytes-quantized models "
+            f"only onto a GPU, and this run is on {device.type}; set train.base_quantization=none"
+        )
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ValueError(f"train.base_quantization={kind!r} needs bitsandbytes: pip install bitsandbytes, "
+                         "or set train.base_quantization=none") from None
+    from diffusers import BitsAndBytesConfig
+
+    if kind == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+
+
 def load_diffusers_flux_folder(
     path: str | Path,
     *,
     dtype: torch.dtype,
     device: str | torch.device = "cpu",
     gradient_checkpointing: bool = False,
+    base_quantization: str = "none",
 ) -> tuple[DiffusersFlux1, DiffusersVaeCodec, Flux1TextEncoder]:
     """Load transformer, VAE and text encoders from local files only, all in ``dtype`` on
-    ``device``. Raises ValueError for a missing folder, a missing subfolder (named) or a
-    transformer that is not FLUX.1 (the class found is named)."""
+    ``device``; with ``base_quantization`` "int8"/"nf4" the transformer's linears are
+    bitsandbytes-quantized while loading (``bnb_quantization_config``). Raises ValueError for a
+    missing folder, a missing subfolder (named), a transformer that is not FLUX.1 (the class
+    found is named) or a quantization the device cannot run (before anything is loaded)."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
     root = Path(path).expanduser().resolve()
     config = check_flux1_folder(root)
+    quantization = bnb_quantization_config(base_quantization, dtype=dtype, device=device)
     schnell = not config.get("guidance_embeds", False)
-    log.info("loading FLUX.1-%s from %s (%s)", "schnell" if schnell else "dev", root, dtype)
+    log.info("loading FLUX.1-%s from %s (%s, base weights %s)", "schnell" if schnell else "dev", root, dtype,
+             base_quantization)
 
-    transformer = FluxTransformer2DModel.from_pretrained(
-        str(root), subfolder="transformer", torch_dtype=dtype, local_files_only=True
-    ).to(device)
+    if quantization is None:
+        transformer = FluxTransformer2DModel.from_pretrained(
+            str(root), subfolder="transformer", torch_dtype=dtype, local_files_only=True
+        ).to(device)
+    else:  # bitsandbytes places the quantized weights on the GPU itself; .to() is refused
+        transformer = FluxTransformer2DModel.from_pretrained(
+            str(root), subfolder="transformer", torch_dtype=dtype, local_files_only=True,
+            quantization_config=quantization,
+        )
     transformer.requires_grad_(False)
     model = DiffusersFlux1(transformer, gradient_checkpointing=gradient_checkpointing)
 
