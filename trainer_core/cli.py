@@ -24,6 +24,7 @@ from typing import Any
 from . import distributed
 from .config import ConfigError, TrainingConfig, field_names, suggest, with_user_names
 from .loop import NonFiniteLoss
+from .terminal import TerminalPhases, TerminalProgress, log_handler
 
 log = logging.getLogger("trainer_core")
 
@@ -63,45 +64,6 @@ def apply_overrides(base: dict, overrides: list[str]) -> dict:
                               f"{sorted(k for k, v in node.items() if not isinstance(v, dict))}")
         node[leaf] = value if isinstance(node[leaf], str) else _parse_value(value)
     return base
-
-
-class TerminalProgress:
-    """One updating line on stderr: step, loss, its moving average, speed, ETA. Speed is
-    measured from the first step reported (caching and sampling before it do not count)."""
-
-    def __init__(self) -> None:
-        self.start: tuple[int, float] | None = None
-        self.avg: float | None = None
-
-    def __call__(self, step: int, total: int, logs: dict) -> None:
-        now = time.perf_counter()
-        if self.start is None:
-            self.start = (step - 1, now - logs.get("seconds", 0.0))
-        loss = logs["loss"]
-        self.avg = loss if self.avg is None else 0.95 * self.avg + 0.05 * loss
-        rate = (now - self.start[1]) / max(step - self.start[0], 1)
-        eta = rate * (total - step)
-        sys.stderr.write(f"\r  step {step:>5}/{total}  loss {loss:.4f}  avg {self.avg:.4f}  "
-                         f"{rate:.3f}s/step  eta {eta:4.0f}s ")
-        if step == total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
-
-
-class TerminalPhases:
-    """The caching before step 1 on stderr: one updating line per counted phase
-    (``encoding images 12/40 (3.1/s, ETA 9s)``), ended when the phase is done, so a slow
-    start does not look like a hang. Phases without counts are left to the log."""
-
-    def __call__(self, phase: str, n: int, total: int, info: dict) -> None:
-        from .phases import describe
-
-        if not total:
-            return
-        sys.stderr.write(f"\r  {phase} {n}/{total}{describe(info)} ")
-        if n >= total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
 
 
 class StopFlag:
@@ -156,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--rank", type=int, help="LoRA rank")
     train.add_argument("--lr", type=float, help="learning rate")
     train.add_argument("--resolution", type=int, nargs="+", help="bucket resolutions, e.g. 512 768")
+    train.add_argument("--device", default="auto",
+                       help="where to train: auto (the GPU when there is one, else the CPU), cuda, cuda:N or cpu; "
+                            "under torchrun each rank takes cuda:LOCAL_RANK")
     train.add_argument("--algorithm", help="adapter algorithm: lora, dora, loha or lokr (lora.algorithm)")
     train.add_argument("--init-from", type=Path, help="continue from this LoRA file (lora.init_from)")
     est = sub.add_parser("estimate", help="memory a training run needs, by component, and the plan for a budget")
@@ -251,8 +216,29 @@ def _deep_update(dst: dict, src: dict) -> None:
             dst[k] = v
 
 
+def resolve_device(name: str):
+    """``--device``: auto (CUDA when visible, else CPU), cpu, cuda or cuda:N; a GPU that is not
+    there is refused with what is visible."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise ValueError(f"--device {name}: this machine has {count} CUDA device(s) visible; use --device auto "
+                             "or cpu" + (f", or cuda:0..cuda:{count - 1}" if count else ""))
+    elif device.type != "cpu":
+        raise ValueError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N")
+    return device
+
+
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[log_handler()])
     logging.getLogger("trainer_core.phases").setLevel(logging.WARNING)  # TerminalPhases shows the counts
     args = build_parser().parse_args(argv)
     stop = StopFlag()
@@ -268,15 +254,13 @@ def main(argv: list[str] | None = None) -> int:
             run_demo(args, stop=stop, progress=TerminalProgress(), make_config=make_config,
                      phase_progress=TerminalPhases())
         else:
-            import torch
-
             from .models.local import load_diffusers_flux_folder
             from .session import DTYPES, check_before_loading, train_lora
 
             config = make_config(args, {})
             check_before_loading(config)  # the data folder, captions and run folder: before the slow load
-            if device is None:  # not under torchrun: the GPU when there is one
-                device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            if device is None:  # not under torchrun: as --device says
+                device = resolve_device(args.device)
             model, codec, text = load_diffusers_flux_folder(args.model, dtype=DTYPES[config.train.precision], device=device,
                                                             base_quantization=config.train.base_quantization)
             result = train_lora(config, model, codec, text, release_encoders=lambda: (codec.release(), text.release()),
