@@ -288,14 +288,16 @@ def flux_shape(name: str, arch: str, hidden: int, double: int, single: int, cont
                       weight_bytes=weight_bytes, text_tokens=256 if v1 else 512)
 
 
-KNOWN_SHAPES = {
-    # name: (arch, hidden, double, single, context dim, guidance embedding)
-    "flux1-dev": ("flux1", 3072, 19, 38, 4096, True),
-    "flux1-schnell": ("flux1", 3072, 19, 38, 4096, False),
-    "flux2-dev": ("flux2", 6144, 8, 48, 15360, True),
-    "klein-9b": ("flux2", 4096, 8, 24, 12288, False),
-    "klein-4b": ("flux2", 3072, 5, 20, 7680, False),
-}
+def _released_shapes() -> dict[str, tuple]:
+    """name → (arch, hidden, double, single, context dim, guidance embedding), from the one
+    table of released models (``models.variants.VARIANTS``)."""
+    from .models.variants import VARIANTS
+
+    return {name: (s.family, s.hidden, s.double, s.single, s.context, s.guidance)
+            for name, v in VARIANTS.items() if (s := v.shape) is not None}
+
+
+KNOWN_SHAPES = _released_shapes()
 
 
 def known_shape(name: str, weight_bytes: float = 2.0) -> ModelShape:
