@@ -60,8 +60,10 @@ def apply_overrides(base: dict, overrides: list[str]) -> dict:
             node = node[part]
         if leaf not in node or isinstance(node[leaf], dict):
             what = "a section, not a field" if isinstance(node.get(leaf), dict) else "an unknown field"
-            raise ConfigError(f"--set {item!r}: {key!r} is {what}{hint}; fields here: "
-                              f"{sorted(k for k, v in node.items() if not isinstance(v, dict))}")
+            fields = sorted(k for k, v in node.items() if not isinstance(v, dict))
+            sections = sorted(k for k, v in node.items() if isinstance(v, dict))
+            here = f"fields here: {fields}" if fields else f"write section.field; sections: {sections}"
+            raise ConfigError(f"--set {item!r}: {key!r} is {what}{hint}; {here}")
         node[leaf] = value if isinstance(node[leaf], str) else _parse_value(value)
     return base
 
