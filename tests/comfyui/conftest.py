@@ -1,7 +1,7 @@
 """Session fixtures for tests that run real ComfyUI in-process.
 
 Every test here skips unless ``COMFYUI_PATH`` names a ComfyUI checkout (e.g.
-``COMFYUI_PATH=/work/comfyui``). ComfyUI is imported once per session in CPU mode
+``COMFYUI_PATH=/path/to/ComfyUI``). ComfyUI is imported once per session in CPU mode
 (``harness.init_comfyui``); nodes are loaded only by tests that ask for ``comfy_nodes``.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ import harness  # noqa: E402
 def _comfy_path() -> str:
     path = os.environ.get("COMFYUI_PATH")
     if not path:
-        pytest.skip("COMFYUI_PATH is not set: these tests need a ComfyUI checkout (e.g. COMFYUI_PATH=/work/comfyui)")
+        pytest.skip("COMFYUI_PATH is not set: these tests need a ComfyUI checkout (e.g. COMFYUI_PATH=/path/to/ComfyUI)")
     if not (Path(path) / "comfy" / "model_base.py").is_file():
         pytest.skip(f"COMFYUI_PATH={path} is not a ComfyUI checkout (no comfy/model_base.py)")
     return path
