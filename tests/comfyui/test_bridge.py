@@ -41,9 +41,13 @@ def _loss(model: BflFlux, batch) -> torch.Tensor:
     return F.mse_loss(model.velocity(x_t, sigma, text, 1.0), target)
 
 
-def _train(model: BflFlux, steps: int = 6, lr: float = 1e-2, rank: int = 4) -> list[float]:
-    """A few AdamW steps of a rank-``rank`` LoRA on one fixed batch; removes the LoRA."""
-    net = LoraNetwork.inject(model.module, LoRAConfig(rank=rank, alpha=float(rank)), model.default_targets["all"])
+def _train(model: BflFlux, steps: int = 6, lr: float = 1e-2, rank: int = 4,
+           lora: LoRAConfig | None = None) -> list[float]:
+    """A few AdamW steps of a rank-``rank`` LoRA (or the adapter ``lora`` describes) on one
+    fixed batch; removes the LoRA. The adapter's parameters train in fp32 (asserted)."""
+    lora = lora if lora is not None else LoRAConfig(rank=rank, alpha=float(rank))
+    net = LoraNetwork.inject(model.module, lora, model.default_targets["all"])
+    assert {p.dtype for p in net.parameters()} == {torch.float32}
     opt = torch.optim.AdamW(net.parameters(), lr=lr)
     batch, losses = _batch(model.arch), []
     try:

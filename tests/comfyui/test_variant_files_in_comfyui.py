@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_bridge import EXPECTED, _batch, _loss
+from test_bridge import EXPECTED, _batch, _loss, _train
 
 from trainer_core.config import LoRAConfig, TrainingConfig
 from trainer_core.lora import records as lora_records
@@ -72,19 +72,7 @@ def test_file_through_loraloader_equals_trained_model(comfyui, bridge, tiny_file
 def test_short_training_lowers_the_loss(comfyui, bridge, tiny_files, name, algorithm):
     mp = comfyui.load_flux(tiny_files[name])
     with bridge.training_model(mp, gradient_checkpointing=True) as model:
-        net = LoraNetwork.inject(model.module, LoRAConfig(rank=4, alpha=4.0, algorithm=algorithm),
-                                 model.default_targets["all"])
-        opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
-        batch, losses = _batch(model.arch), []
-        try:
-            for _ in range(6):
-                loss = _loss(model, batch)
-                loss.backward()
-                opt.step()
-                opt.zero_grad()
-                losses.append(loss.item())
-        finally:
-            net.remove()
+        losses = _train(model, lora=LoRAConfig(rank=4, alpha=4.0, algorithm=algorithm))
     assert losses[-1] < losses[0], losses
 
 
@@ -141,19 +129,6 @@ def test_fp8_base_weights_train_with_every_algorithm(comfyui, bridge, tiny_files
     mp = comfyui.load_flux(tiny_files["flux1_dev"], dtype=torch.float8_e4m3fn)
     with bridge.training_model(mp, gradient_checkpointing=True) as model:
         qkv = model.module.double_blocks[0].img_attn.qkv.weight
-        net = LoraNetwork.inject(model.module, LoRAConfig(rank=4, alpha=4.0, algorithm=algorithm),
-                                 model.default_targets["all"])
-        assert {p.dtype for p in net.parameters()} == {torch.float32}
-        opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
-        batch, losses = _batch(model.arch), []
-        try:
-            for _ in range(6):
-                loss = _loss(model, batch)
-                loss.backward()
-                opt.step()
-                opt.zero_grad()
-                losses.append(loss.item())
-        finally:
-            net.remove()
+        losses = _train(model, lora=LoRAConfig(rank=4, alpha=4.0, algorithm=algorithm))  # asserts fp32 adapter params
         assert qkv.dtype == torch.float8_e4m3fn
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], losses
