@@ -121,3 +121,9 @@ def resize_and_crop(img: Image.Image, bucket: tuple[int, int], crop: str = "cent
     if scaled != img.size:
         img = img.resize(scaled, Image.Resampling.LANCZOS, reducing_gap=3.0)
     return img.crop(box), box
+
+
+def crop_loss(size: tuple[int, int], bucket: tuple[int, int]) -> float:
+    """Fraction of the image's area that the cover-and-centre-crop into ``bucket`` discards."""
+    (sw, sh), _ = cover_crop_box(size, bucket)
+    return 1.0 - bucket[0] * bucket[1] / (sw * sh)

@@ -35,6 +35,7 @@ from ..finite import all_finite
 from .cache import EncoderOutputError, LatentCache, LatentJob, TextCache
 from .augment import Augmenter, flip_allowed, needs_live_encoding
 from .captions import CaptionPolicy, dropout_probability
+from .notices import text_sources, warn_heavy_crops, warn_overlong
 from .images import image_to_tensor, load_image
 from .scan import ImageRecord, listing, scan
 from .survey import probe, settle, undecodable
@@ -42,7 +43,6 @@ from .survey import probe, settle, undecodable
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int, str], None] | None
-HEAVY_CROP = 0.5  # warn when cropping into the bucket discards more than this fraction of an image
 
 
 def derive_seed(*parts: object) -> int:
@@ -107,27 +107,6 @@ def _plan(records, sizes, buckets: BucketConfig, codec_identity: str, flips: set
             flip_key = LatentCache.key(rec.content_hash, bucket, box, codec_identity, flip=True) if rec.path in flips else None
             planned.append(_Planned(rec, size, bucket, key, flip_key))
     return planned, skipped
-
-
-def crop_loss(size: tuple[int, int], bucket: tuple[int, int]) -> float:
-    """Fraction of the image's area that the cover-and-centre-crop into ``bucket`` discards."""
-    (sw, sh), _ = cover_crop_box(size, bucket)
-    return 1.0 - bucket[0] * bucket[1] / (sw * sh)
-
-
-def _warn_heavy_crops(planned: list[_Planned]) -> list[str]:
-    """One warning naming every image that some bucket crops by more than ``HEAVY_CROP``."""
-    lost: dict[Path, list[str]] = {}
-    for p in planned:
-        if (loss := crop_loss(p.size, p.bucket)) > HEAVY_CROP:
-            lost.setdefault(p.record.path, []).append(f"{loss:.0%} cropped away at {p.bucket[0]}x{p.bucket[1]}")
-    sizes = {p.record.path: p.size for p in planned}
-    heavy = [f"{path} ({sizes[path][0]}x{sizes[path][1]}): {', '.join(why)}" for path, why in lost.items()]
-    if heavy:
-        log.warning("%d image(s) lose more than half of their area when centre-cropped into their bucket (extreme "
-                    "aspect ratio; crop them yourself, or lower buckets.min_side / raise buckets.max_side):%s",
-                    len(heavy), listing(heavy))
-    return heavy
 
 
 def _drop_undecodable(planned: list[_Planned], latent_cache: LatentCache, unreadable: list[tuple[str, str]],
@@ -200,9 +179,9 @@ def prepare_dataset(
             f"min_side {cfg.buckets.min_side}); add larger images, lower buckets.min_side or enable buckets.allow_upscale"
         )
 
-    heavy = _warn_heavy_crops(planned)
+    heavy = warn_heavy_crops(planned)
     variants = {r.path: _variants(policy, r.caption, seed) for r in records if r.path in used}
-    overlong = _warn_overlong(text_encoder, variants, {r.path: r.caption_path for r in records})
+    overlong = warn_overlong(text_encoder, variants, {r.path: r.caption_path for r in records})
     jobs = [LatentJob(p.key, p.bucket, partial(_pixels, p.record.path, p.size, p.bucket), str(p.record.path))
             for p in planned]
     jobs += [LatentJob(p.flip_key, p.bucket, partial(_pixels, p.record.path, p.size, p.bucket, True),
@@ -214,7 +193,7 @@ def prepare_dataset(
     text_cache = TextCache(cache_dir)
     embeddings = text_cache.get_or_encode(texts + prompts, text_encoder, batch_size=text_batch_size,
                                           progress=progress, what=f"texts (captions and {len(prompts)} prompt(s))",
-                                          sources=_text_sources(records, variants, extras, cfg.captions.caption_extension))
+                                          sources=text_sources(records, variants, extras, cfg.captions.caption_extension))
     prompt_hits = sum(t in text_cache.cached for t in prompts)
     if text_cache.cached:
         log.info("text encodes saved by the cache: %d (%d caption texts, %d prompts)", len(text_cache.cached),
@@ -249,25 +228,6 @@ def prepare_dataset(
                          augmenter=Augmenter(aug) if live else None, codec=codec if live else None)
 
 
-def _warn_overlong(text_encoder: TextEncoder, variants: dict[Path, tuple[str, ...]],
-                   caption_files: dict[Path, Path | None]) -> list[str]:
-    """One warning naming the caption file of every caption (any variant) longer than the
-    text encoder reads (``TextEncoder.overlong``, when the encoder has it)."""
-    check = getattr(text_encoder, "overlong", None)
-    if check is None:
-        return []
-    cut = check(list(dict.fromkeys(t for vs in variants.values() for t in vs)))
-    lines = []
-    for image, texts in variants.items():
-        why = next((cut[t] for t in texts if t in cut), None)
-        if why is not None:
-            lines.append(f"{caption_files.get(image) or f'{image} (no caption file)'}: {why}")
-    if lines:
-        log.warning("%d caption(s) are longer than the text encoder %s reads; their end is cut off (shorten "
-                    "them):%s", len(lines), text_encoder.identity, listing(lines))
-    return lines
-
-
 def _variants(policy: CaptionPolicy, raw: str | None, seed: int) -> tuple[str, ...]:
     base = policy.base_caption(raw)
     # Seeded by the caption itself: editing one caption leaves the others' variants alone.
@@ -283,21 +243,6 @@ def _texts_to_encode(variants: dict[Path, tuple[str, ...]], policy: CaptionPolic
     extras = {name: {t: fn(t) for t in sources} for name, fn in extra_captions.items()}
     texts = mains + ([""] if dropout else []) + [t for table in extras.values() for t in table.values()]
     return list(dict.fromkeys(texts)), extras
-
-
-def _text_sources(records, variants: dict[Path, tuple[str, ...]], extras: dict[str, dict[str, str]],
-                  extension: str) -> dict[str, str]:
-    """text → where it comes from (its caption file), for messages about one text."""
-    ext = extension if extension.startswith(".") else "." + extension
-    out: dict[str, str] = {"": "the empty caption of caption dropout"}
-    for r in records:
-        where = f"caption file {r.caption_path or r.path.with_suffix(ext)}" if r.caption is not None else f"image {r.path}, no caption file"
-        for text in variants.get(r.path, ()):
-            out.setdefault(text, where)
-    for name, table in extras.items():
-        for main, text in table.items():
-            out.setdefault(text, f"{name} of {out.get(main, 'a caption')}")
-    return out
 
 
 def _count(items) -> dict:
