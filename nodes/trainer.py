@@ -4,7 +4,7 @@ LORA_MODEL, a MODEL with it applied and the loss curve.
 
 The input MODEL is left as it was: the bridge trains the patcher's own module in place and
 ``result.network.remove()`` takes the LoRA layers out again; the MODEL output is a clone
-patched with the saved file's tensors (``comfy_bridge.model_with_lora``).
+patched with the saved file's tensors (``bridge.model_with_lora``).
 """
 from __future__ import annotations
 
@@ -184,7 +184,7 @@ def run_training(model, vae, clip, conditioning, dataset, lora_config, settings:
     from trainer_core.lora.io import load_lora_file
     from trainer_core.session import train_lora
 
-    from . import comfy_bridge as bridge
+    from . import bridge
 
     progress = TrainingProgress(node_id, settings.steps)
     progress.phase("loading", 0, 0, {})
