@@ -86,7 +86,7 @@ class TrainingProgress:
             self.bar.update_absolute(n, total)
         if total:
             send_text(f"{phase} {n}/{total}{describe(info)}", self.node_id)
-        elif phase in ("loading", "previews", "saving"):
+        elif phase in ("loading", "previews", "saving", "paused", "stopping"):
             send_text(f"{phase}…", self.node_id)
         rate, eta = info.get("rate"), info.get("eta")
         if self.live is not None:
@@ -104,9 +104,11 @@ class TrainingProgress:
         loss, lr = float(logs.get("loss", math.nan)), float(logs.get("lr", math.nan))
         if not comfy.model_management.processing_interrupted():
             self.bar.update_absolute(step, total)
+        from trainer_core.phases import step_timing
+
         s_per_it, eta = logs.get("s_per_it"), logs.get("eta")
-        timing = f"  {s_per_it:.2f}s/it  ETA {eta:.0f}s" if s_per_it is not None and eta is not None else ""
-        send_text(f"step {step}/{total}  loss {loss:.4f}{timing}", self.node_id)
+        timing = step_timing(s_per_it, eta)
+        send_text(f"step {step}/{total}  loss {loss:.4f}" + (f"  ({timing})" if timing else ""), self.node_id)
         if self.live is not None:
             self.live.on_step(step, total, logs)
         send_event(PROGRESS_EVENT, {"node": self.node_id, "step": step, "total": total,

@@ -238,7 +238,8 @@ class FlowTrainTrainer(io.ComfyNode):
             node_id="FlowTrainTrainer", display_name="FlowTrain Trainer", category=CATEGORY, is_output_node=True,
             description=("Trains a LoRA on the loaded FLUX.1/FLUX.2 MODEL (no second copy) and outputs the MODEL with "
                          "it applied, the LoRA, its file path and the loss curve. Re-queueing an unchanged graph "
-                         "reuses the finished run."),
+                         "reuses the finished run. While it trains, its Pause/Resume, Save now and Stop buttons "
+                         "control the run (Stop ends the node normally with the LoRA so far)."),
             inputs=[
                 io.Model.Input("model", tooltip="The FLUX.1 or FLUX.2 model to train on (UNETLoader / checkpoint loader). "
                                "It is left unchanged."),

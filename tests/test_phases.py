@@ -139,3 +139,12 @@ def test_step_rate_leaves_out_the_time_paused():
         now[0] += 1.0
         per_step, eta = rate(step, 10, reporter.paused_s)
     assert (per_step, eta) == (1.0, 5.0)  # the window forgets the slower first steps
+
+
+def test_durations_and_step_timing_read_like_a_clock():
+    from trainer_core.phases import duration, step_timing
+
+    assert [duration(x) for x in (0.4, 59.6, 95, 3599, 4000, 90061)] == ["0s", "1m00s", "1m35s", "59m59s", "1h06m", "25h01m"]
+    assert step_timing(0.42, 97 * 0.42) == "2.38it/s, ETA 41s"
+    assert step_timing(3.5, 343.0) == "3.50s/it, ETA 5m43s"
+    assert step_timing(None, None) == "" and step_timing(2.0, None) == "2.00s/it"

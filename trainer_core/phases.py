@@ -98,13 +98,31 @@ class StepRate:
         return per_step, per_step * max(total - step, 0)
 
 
+def duration(seconds: float) -> str:
+    """``"12s"``, ``"1m35s"``, ``"1h06m"``: a time left as people read it."""
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def step_timing(s_per_it: Optional[float], eta: Optional[float]) -> str:
+    """``"0.42s/it, ETA 1m35s"`` (``"2.38it/s"`` when faster than a step a second), or ``""``."""
+    if s_per_it is None:
+        return ""
+    speed = f"{s_per_it:.2f}s/it" if s_per_it >= 1 or s_per_it == 0 else f"{1 / s_per_it:.2f}it/s"
+    return f"{speed}, ETA {duration(eta)}" if eta is not None else speed
+
+
 def describe(info: dict) -> str:
     """``" (3.1/s, ETA 9s)"`` from a phase's info, or ``""`` without a rate yet."""
     rate, eta = info.get("rate"), info.get("eta")
     if not rate:
         return ""
     speed = f"{rate:.1f}/s" if rate >= 1 else f"{1 / rate:.1f}s each"
-    return f" ({speed}, ETA {eta:.0f}s)" if eta is not None else f" ({speed})"
+    return f" ({speed}, ETA {duration(eta)})" if eta is not None else f" ({speed})"
 
 
 def enter(state: Any, phase: str) -> None:

@@ -81,6 +81,17 @@ class ComfyServer:
             time.sleep(0.5)
         raise TimeoutError(f"prompt {prompt_id} did not finish in {timeout:.0f}s; log tail:\n{self.log_tail()}")
 
+    def wait_for_prompt_id(self, timeout: float = 300) -> str:
+        """The id of the first prompt in ``/history`` (one queued from a browser), once it ended."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status, out = self.get("/history")
+            if status == 200 and out:
+                return next(iter(out))
+            self.check_alive()
+            time.sleep(0.5)
+        raise TimeoutError(f"no prompt finished in {timeout:.0f}s; log tail:\n{self.log_tail()}")
+
     def log_tail(self, n: int = 4000) -> str:
         return self.log_path.read_text(errors="replace")[-n:] if self.log_path.is_file() else ""
 
