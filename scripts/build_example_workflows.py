@@ -24,8 +24,40 @@ OUTPUT_TYPES = {
     "FlowTrainCaptions": ["FLOWTRAIN_DATASET"], "FlowTrainLoraConfig": ["FLOWTRAIN_LORA_CONFIG"],
     "FlowTrainPreviewSettings": ["FLOWTRAIN_PREVIEW"], "FlowTrainDopSettings": ["FLOWTRAIN_DOP"],
     "FlowTrainTrainer": ["MODEL", "LORA_MODEL", "STRING", "IMAGE"], "FlowTrainSaveLora": ["STRING"],
-    "FlowTrainSamplerPreview": ["IMAGE"],
+    "FlowTrainSamplerPreview": ["IMAGE"], "FlowTrainLossSettings": ["FLOWTRAIN_SETTINGS"],
+    "FlowTrainOptimizerSettings": ["FLOWTRAIN_SETTINGS"], "FlowTrainEmaSettings": ["FLOWTRAIN_SETTINGS"],
+    "FlowTrainAugmentSettings": ["FLOWTRAIN_SETTINGS"], "FlowTrainMemorySettings": ["FLOWTRAIN_SETTINGS"],
+    "FlowTrainRunSettings": ["FLOWTRAIN_SETTINGS"],
 }
+# input sockets a node shows, linked or not (others: its links)
+SOCKETS = {"FlowTrainTrainer": 9, "FlowTrainSamplerPreview": 3, "FlowTrainDopSettings": 1, "KSampler": 4}
+MULTILINE = {"prompts", "text"}  # widgets drawn as a text box
+WIDTH, GAP, COLUMN = 340, 40, 400
+
+
+def node_size(n: "N") -> list[int]:
+    """A size no smaller than the frontend draws the node: title, slot rows, widget rows, and
+    a taller row for each multiline text box."""
+    if n.type == "MarkdownNote":
+        return [WIDTH, 380]
+    outputs = len(OUTPUT_TYPES.get(n.type, []))
+    slots = max(SOCKETS.get(n.type, len(n.links)), outputs)
+    rows = len(n.widgets) + len(n.ui_extra)
+    tall = sum(1 for name in n.widgets if name in MULTILINE)
+    return [WIDTH, 40 + 22 * slots + 26 * rows + 90 * tall]
+
+
+def layout(nodes: list["N"]) -> None:
+    """Positions from sizes: ``pos`` gives a node's column (x // COLUMN) and its order in the
+    column (y); nodes of a column are stacked with a gap, so none overlap."""
+    columns: dict[int, list] = {}
+    for n in nodes:
+        columns.setdefault(round(n.pos[0] / COLUMN), []).append(n)
+    for col, members in columns.items():
+        y = 0
+        for n in sorted(members, key=lambda m: m.pos[1]):
+            n.pos = (col * COLUMN, y)
+            y += node_size(n)[1] + GAP
 OUTPUT_NAMES = {"FlowTrainTrainer": ["MODEL", "LORA", "lora_path", "loss_curve"]}
 UI_ONLY = {"MarkdownNote"}
 
@@ -73,7 +105,7 @@ def ui_format(nodes: list[N]) -> dict:
         names = OUTPUT_NAMES.get(n.type, OUTPUT_TYPES.get(n.type, []))
         outputs = [{"name": names[i], "type": t, "links": out_links.get((n.id, i), []), "slot_index": i}
                    for i, t in enumerate(OUTPUT_TYPES.get(n.type, []))]
-        node = {"id": n.id, "type": n.type, "pos": list(n.pos), "size": [320, 130 if n.type != "MarkdownNote" else 360],
+        node = {"id": n.id, "type": n.type, "pos": list(n.pos), "size": node_size(n),
                 "flags": {}, "order": order, "mode": 0, "inputs": inputs, "outputs": outputs,
                 "properties": {"Node name for S&R": n.type}, "widgets_values": values}
         if n.title:
@@ -104,11 +136,8 @@ def common_training(first: int, *, clip: tuple, vae: int, model: int, trigger: s
                                           "width": 512, "height": 512, "guidance": preview_guidance,
                                           "validation_every": validation_every, "validation_images": 2},
                          pos=(x0, 900)),
-        N(t, "FlowTrainTrainer", {"steps": 1000, "learning_rate": 1e-4, "optimizer": "adamw", "schedule": "constant",
-                                  "warmup_steps": 0, "batch_size": 1, "gradient_accumulation": 1,
-                                  "sigma_scheme": "sigmoid", "sigmoid_mean": 0.0, "sigmoid_std": 1.0, "shift": 3.0,
-                                  "loss_weighting": "none", "guidance": guidance_train, "precision": "auto",
-                                  "gradient_checkpointing": "auto", "memory_budget": "auto", "seed": 42, "save_every": 250,
+        N(t, "FlowTrainTrainer", {"preset": "auto", "steps": 1000, "learning_rate": 1e-4, "optimizer": "adamw",
+                                  "batch_size": 1, "memory_budget": "auto", "seed": 42, "save_every": 250,
                                   "output_name": name, "existing_lora": ""},
           {"model": (model, 0, "MODEL"), "vae": (vae, 0, "VAE"), "dataset": (c, 0, "FLOWTRAIN_DATASET"),
            "lora_config": (l, 0, "FLOWTRAIN_LORA_CONFIG"), "clip": clip + ("CLIP",),
@@ -246,6 +275,7 @@ def main(out: Path = ROOT / "example_workflows") -> None:
     (out / "api").mkdir(parents=True, exist_ok=True)
     for name, make in WORKFLOWS.items():
         nodes = make()
+        layout(nodes)
         (out / f"{name}.json").write_text(json.dumps(ui_format(nodes), indent=1) + "\n", encoding="utf-8")
         (out / "api" / f"{name}.json").write_text(json.dumps(api_format(nodes), indent=1) + "\n", encoding="utf-8")
         print(f"wrote {name} ({len(nodes)} nodes)", file=sys.stderr)
