@@ -316,10 +316,17 @@ def resolved_precision(name: str, device: torch.device) -> str:
 
 
 def run_facts(config: TrainingConfig, model: FlowModel, variant: Optional[Detection], model_name: str) -> TrainingConfig:
-    """``config`` as the run's ``config.json`` records it: ``auto`` precision resolved for the
-    model's device, ``model.variant`` and ``model.file`` filled in when empty."""
+    """``config`` as the run's ``config.json`` records it: the preset ``model.preset`` chooses
+    applied (``presets.with_preset``: only to fields at their default, so applying it again, as
+    to a node's config that already has it, changes nothing), ``auto`` precision resolved for
+    the model's device, ``model.variant`` and ``model.file`` filled in when empty."""
     import dataclasses
 
+    from . import presets
+
+    config, name, kept = presets.with_preset(config, variant.variant.name if variant else None)
+    if name:
+        log.info("%s", presets.describe(config, name, kept, label=variant.variant.label if variant else name))
     precision = resolved_precision(config.train.precision, module_device(model.module))
     recorded = dataclasses.replace(config.model, variant=config.model.variant or (variant.variant.name if variant else ""),
                                    file=config.model.file or model_name)
