@@ -1,6 +1,7 @@
 """Writes the example workflows in both formats from one description, so they stay in step:
-``example_workflows/<name>.json`` (UI/LiteGraph format: what ComfyUI's template menu
-loads) and ``example_workflows/api/<name>.json`` (API format: what the tests submit).
+``example_workflows/<title>.json`` (UI/LiteGraph format: what ComfyUI's template browser
+lists, titled by the file name, with ``<title>.jpg`` as its thumbnail) and
+``example_workflows/api/<id>.json`` (API format: what the tests submit).
 
 Run: ``python scripts/build_example_workflows.py``. ``tests/test_node_specs.py`` checks
 the files against each other and against the nodes' widget lists.
@@ -269,6 +270,42 @@ def flux2_klein_subject_dop() -> list[N]:
 
 WORKFLOWS = {"flux1_dev_subject_lora": flux1_dev_subject, "flux2_klein_style_lora": flux2_klein_style,
              "flux2_klein_subject_dop": flux2_klein_subject_dop}
+"""Workflow id (the API-format file the tests run) → its nodes."""
+
+TITLES = {"flux1_dev_subject_lora": "FLUX.1-dev subject LoRA", "flux2_klein_style_lora": "FLUX.2 Klein style LoRA",
+          "flux2_klein_subject_dop": "FLUX.2 Klein subject LoRA with DOP"}
+"""Workflow id → the UI file's name, which ComfyUI's template browser shows as the title (and
+the ``<title>.jpg`` beside it as the thumbnail)."""
+
+KIND_COLORS = {"FlowTrainTrainer": (122, 74, 170), "FlowTrain": (74, 90, 150), "MarkdownNote": (70, 70, 70)}
+
+
+def thumbnail(nodes: list[N], size: tuple[int, int] = (512, 384)):
+    """A schematic picture of the graph (nodes as boxes with their titles, links as lines),
+    drawn from the layout, for the template browser."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    boxes = {n.id: (n.pos[0], n.pos[1], n.pos[0] + node_size(n)[0], n.pos[1] + node_size(n)[1]) for n in nodes}
+    right = max(b[2] for b in boxes.values())
+    bottom = max(b[3] for b in boxes.values())
+    pad = 16
+    scale = min((size[0] - 2 * pad) / right, (size[1] - 2 * pad) / bottom)
+    at = lambda x, y: (pad + x * scale, pad + y * scale)  # noqa: E731
+    image = Image.new("RGB", size, (32, 32, 36))
+    draw = ImageDraw.Draw(image)
+    for n in nodes:
+        for src, _, _ in n.links.values():
+            a, b = boxes[src], boxes[n.id]
+            draw.line([at(a[2], a[1] + 30), at(b[0], b[1] + 30)], fill=(150, 150, 160), width=1)
+    font = ImageFont.load_default()
+    for n in nodes:
+        x0, y0, x1, y1 = boxes[n.id]
+        kind = n.type if n.type in KIND_COLORS else "FlowTrain" if n.type.startswith("FlowTrain") else ""
+        fill = KIND_COLORS.get(kind, (60, 64, 72))
+        draw.rounded_rectangle([at(x0, y0), at(x1, y1)], radius=4, fill=fill, outline=(200, 200, 210))
+        label = (n.title or n.type).replace("FlowTrain", "")
+        draw.text((at(x0, y0)[0] + 3, at(x0, y0)[1] + 2), label[:14], fill=(240, 240, 240), font=font)
+    return image
 
 
 def main(out: Path = ROOT / "example_workflows") -> None:
@@ -276,9 +313,11 @@ def main(out: Path = ROOT / "example_workflows") -> None:
     for name, make in WORKFLOWS.items():
         nodes = make()
         layout(nodes)
-        (out / f"{name}.json").write_text(json.dumps(ui_format(nodes), indent=1) + "\n", encoding="utf-8")
+        title = TITLES[name]
+        (out / f"{title}.json").write_text(json.dumps(ui_format(nodes), indent=1) + "\n", encoding="utf-8")
         (out / "api" / f"{name}.json").write_text(json.dumps(api_format(nodes), indent=1) + "\n", encoding="utf-8")
-        print(f"wrote {name} ({len(nodes)} nodes)", file=sys.stderr)
+        thumbnail(nodes).save(out / f"{title}.jpg", quality=85)
+        print(f"wrote {title} ({len(nodes)} nodes)", file=sys.stderr)
 
 
 if __name__ == "__main__":

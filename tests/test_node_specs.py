@@ -245,7 +245,7 @@ def _widget_names(node_type: str) -> tuple[str, ...]:
 
 @pytest.mark.parametrize("name", sorted(builder.WORKFLOWS))
 def test_workflow_formats_are_in_step(name):
-    ui = json.loads((ROOT / "example_workflows" / f"{name}.json").read_text())
+    ui = json.loads((ROOT / "example_workflows" / f"{builder.TITLES[name]}.json").read_text())
     api = json.loads((ROOT / "example_workflows" / "api" / f"{name}.json").read_text())
     ui_nodes = {str(n["id"]): n for n in ui["nodes"] if n["type"] not in builder.UI_ONLY}
     assert set(ui_nodes) == set(api)

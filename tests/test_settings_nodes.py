@@ -198,3 +198,15 @@ def test_example_workflow_nodes_do_not_overlap():
                     and a["pos"][0] < b["pos"][0] + b["size"][0] and b["pos"][0] < a["pos"][0] + a["size"][0]
                     and a["pos"][1] < b["pos"][1] + b["size"][1] and b["pos"][1] < a["pos"][1] + a["size"][1]]
         assert not overlaps, (path.name, overlaps)
+
+
+def test_each_template_has_a_readable_title_and_a_thumbnail():
+    from PIL import Image
+
+    builder = _load("flowtrain_build_workflows_t", ROOT / "scripts" / "build_example_workflows.py")
+    ui_files = sorted(p.stem for p in (ROOT / "example_workflows").glob("*.json"))
+    assert ui_files == sorted(builder.TITLES.values())
+    for title in ui_files:
+        assert " " in title and "_" not in title  # the template browser shows the file name as the title
+        with Image.open(ROOT / "example_workflows" / f"{title}.jpg") as image:  # ComfyUI asks for <name>.jpg
+            assert image.format == "JPEG" and image.size[0] >= 256
