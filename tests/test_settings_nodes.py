@@ -210,3 +210,12 @@ def test_each_template_has_a_readable_title_and_a_thumbnail():
         assert " " in title and "_" not in title  # the template browser shows the file name as the title
         with Image.open(ROOT / "example_workflows" / f"{title}.jpg") as image:  # ComfyUI asks for <name>.jpg
             assert image.format == "JPEG" and image.size[0] >= 256
+
+
+def test_docs_name_every_settings_node_and_widget():
+    text = (ROOT / "docs" / "nodes.md").read_text()
+    for g in settings.GROUPS:
+        assert g.node_id in text and g.title.removeprefix("FlowTrain ") in text
+        missing = [w for w in g.widgets() if w not in text]
+        assert not missing, (g.node_id, missing)
+    assert all(f"`{dotted}`" in text for dotted in settings.ENGINE_ONLY)
