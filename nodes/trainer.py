@@ -247,8 +247,8 @@ def run_training(model, vae, clip, conditioning, dataset, lora_config, settings:
 class FlowTrainTrainer(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        from trainer_core.config import ModelConfig
         from trainer_core.optim import OPTIMIZERS
+        from trainer_core.presets import PRESETS
 
         return io.Schema(
             node_id="FlowTrainTrainer", display_name="FlowTrain Trainer", category=CATEGORY, is_output_node=True,
@@ -263,8 +263,7 @@ class FlowTrainTrainer(io.ComfyNode):
                 io.Vae.Input("vae", tooltip="The model's VAE: encodes the dataset once (cached in the run folder)."),
                 Dataset.Input("dataset", tooltip="Training images from FlowTrain Dataset (→ Bucketer → Caption Processor)."),
                 LoraConfigType.Input("lora_config", tooltip="LoRA shape from FlowTrain LoRA Config."),
-                io.Combo.Input("preset", options=ModelConfig.__dataclass_fields__["preset"].metadata["choices"](),
-                               default="auto", tooltip=specs.PRESET_HELP),
+                io.Combo.Input("preset", options=["auto", "none", *PRESETS], default="auto", tooltip=specs.PRESET_HELP),
                 io.Int.Input("steps", default=1000, **bounds(TrainConfig, "steps"), tooltip=tip(TrainConfig, "steps")),
                 io.Float.Input("learning_rate", default=1e-4, min=0.0, max=10.0, step=1e-5, round=1e-7,
                                tooltip=tip(OptimConfig, "lr", "A preset fills it while it is 1e-4 (the default).")),
