@@ -101,6 +101,12 @@ def test_each_settings_group_and_the_preset_reach_config_json(env):  # noqa: F81
     assert (doc["lora"]["rank"], doc["optim"]["lr"]) == (4, 2e-3)
     texts = [t for node, t in stub.progress_text if node == trainer]
     assert any(t.startswith("preset: FLUX.2 Klein 4B — rank 4") for t in texts), texts
+    # the metadata and the model card name the variant the preset came from
     from trainer_core.config import TrainingConfig
+    from trainer_core.lora.io import load_lora_file
 
+    run = env.output / "flowtrain" / "wf_settings"
+    _, md = load_lora_file(str(run / "lora_final.safetensors"))
+    assert md["ss_base_model_version"] == "flux_2_klein_4b" and md["ss_sd_model_name"] == unet
+    assert "FLUX.2 Klein 4B" in (run / "README.md").read_text()
     assert json.loads(TrainingConfig.from_dict(doc).to_json()) == doc  # runs again as it is
