@@ -113,7 +113,7 @@ def run_ours(model_path: str, mode: str, steps: int, warmup: int, case: str, com
     times, losses = [], []
     # "defaults" is what the Trainer node does out of the box: checkpointing and precision "auto"
     checkpointing, precision = ("auto", "auto") if mode == "defaults" else (mode, "bf16")
-    with bridge.training_model(mp, gradient_checkpointing=checkpointing, precision=precision) as model:
+    with bridge.training_model(mp, harness.bridge_config(checkpointing, precision=precision)) as model:
         cfg = LoRAConfig(**LORA_KW)  # fp32 LoRA weights (our default), every linear layer
         net = LoraNetwork.inject(model.module, cfg, cfg.target_regex)
         opt_cfg = OptimConfig()
@@ -222,7 +222,7 @@ def run_floor(model_path: str, variant: str, steps: int, warmup: int, case: str,
     latents, context, pooled = _data(case)
     mp = harness.load_flux(model_path, dtype=torch.bfloat16)
     layers = []
-    with bridge.training_model(mp, gradient_checkpointing="off", precision="bf16") as model:
+    with bridge.training_model(mp, harness.bridge_config("off", precision="bf16")) as model:
         net = LoraNetwork.inject(model.module, LoRAConfig(**LORA_KW), LORA_KW["target_regex"])
         hooks = []
         for name, m in model.module.named_modules():

@@ -19,6 +19,7 @@ estimate and estimate/measured, and MFU (3 × forward matmul+attention FLOPs per
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -145,7 +146,8 @@ def run_ours(bridge, mp, shape, context: int, resolution: int, budget_gb, args) 
     config = config.replace(data=config.data.__class__(buckets=config.data.buckets.__class__(resolutions=(resolution,))))
     x0, text = _batch(shape, context, resolution, "cpu", 0)
     times, losses = [], []
-    with bridge.training_model(mp, gradient_checkpointing="auto", precision="bf16", config=config) as model:
+    config = config.replace(train=dataclasses.replace(config.train, gradient_checkpointing="auto", precision="bf16"))
+    with bridge.training_model(mp, config) as model:
         plan = model.memory_plan
         net = LoraNetwork.inject(model.module, config.lora, model.default_targets["attention"])
         model.apply_memory_plan(plan)

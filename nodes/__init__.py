@@ -8,11 +8,12 @@ from .data_nodes import (FlowTrainBucketer, FlowTrainCaptions, FlowTrainDataset,
                          FlowTrainLoraConfig, FlowTrainPreviewSettings)
 from .lora_nodes import FlowTrainSaveLora
 from .sampler_node import FlowTrainSamplerPreview
+from .settings_nodes import SETTINGS_NODES
 from .trainer import FlowTrainTrainer
 
 NODES: list[type[io.ComfyNode]] = [
     FlowTrainDataset, FlowTrainBucketer, FlowTrainCaptions, FlowTrainLoraConfig, FlowTrainDopSettings,
-    FlowTrainPreviewSettings, FlowTrainTrainer, FlowTrainSaveLora, FlowTrainSamplerPreview,
+    FlowTrainPreviewSettings, *SETTINGS_NODES, FlowTrainTrainer, FlowTrainSaveLora, FlowTrainSamplerPreview,
 ]
 
 

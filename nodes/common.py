@@ -17,6 +17,7 @@ Dataset = io.Custom("FLOWTRAIN_DATASET")
 LoraConfigType = io.Custom("FLOWTRAIN_LORA_CONFIG")
 DopType = io.Custom("FLOWTRAIN_DOP")
 PreviewType = io.Custom("FLOWTRAIN_PREVIEW")
+SettingsType = io.Custom("FLOWTRAIN_SETTINGS")
 PROGRESS_EVENT = "flowtrain.progress"
 PHASE_EVENT = "flowtrain.phase"
 

@@ -29,7 +29,9 @@ class FlowTrainDataset(io.ComfyNode):
                 io.String.Input("caption_extension", default=".txt", tooltip=tip(CaptionConfig, "caption_extension")),
                 io.Boolean.Input("strict", default=False, tooltip=tip(DataConfig, "strict")),
             ],
-            outputs=[Dataset.Output(display_name="dataset")],
+            outputs=[Dataset.Output(display_name="dataset", tooltip=(
+                "The scanned folder (images, captions, repeats): into Bucketer → Caption Processor → Trainer."))],
+            search_aliases=["flowtrain", "training images", "lora dataset", "image folder", "captions folder"],
             hidden=[io.Hidden.unique_id],
         )
 
@@ -75,7 +77,8 @@ class FlowTrainBucketer(io.ComfyNode):
                              tooltip=tip(BucketConfig, "max_side")),
                 io.Boolean.Input("allow_upscale", default=False, tooltip=tip(BucketConfig, "allow_upscale")),
             ],
-            outputs=[Dataset.Output(display_name="dataset")],
+            outputs=[Dataset.Output(display_name="dataset", tooltip="The dataset with these bucket sizes.")],
+            search_aliases=["flowtrain", "aspect ratio buckets", "resolution", "bucketing"],
         )
 
     @classmethod
@@ -102,7 +105,8 @@ class FlowTrainCaptions(io.ComfyNode):
                 io.Float.Input("caption_dropout", default=0.0, step=0.01, **bounds(CaptionConfig, "caption_dropout"),
                                tooltip=tip(CaptionConfig, "caption_dropout")),
             ],
-            outputs=[Dataset.Output(display_name="dataset")],
+            outputs=[Dataset.Output(display_name="dataset", tooltip="The dataset with this caption policy.")],
+            search_aliases=["flowtrain", "trigger word", "class word", "caption dropout", "shuffle tags"],
         )
 
     @classmethod
@@ -136,7 +140,8 @@ class FlowTrainLoraConfig(io.ComfyNode):
                 io.Boolean.Input("lokr_decompose_both", default=False, tooltip=tip(LoRAConfig, "lokr_decompose_both")),
                 io.Boolean.Input("lokr_full_matrix", default=False, tooltip=tip(LoRAConfig, "lokr_full_matrix")),
             ],
-            outputs=[LoraConfigType.Output(display_name="lora_config")],
+            outputs=[LoraConfigType.Output(display_name="lora_config", tooltip="The LoRA shape, for the Trainer.")],
+            search_aliases=["flowtrain", "lora rank", "network dim", "dora", "loha", "lokr", "lycoris"],
         )
 
     @classmethod
@@ -166,7 +171,8 @@ class FlowTrainDopSettings(io.ComfyNode):
                     "Optional: the class caption's CONDITIONING, for graphs that train without a text encoder "
                     "(captions without the trigger word then use it).")),
             ],
-            outputs=[DopType.Output(display_name="dop")],
+            outputs=[DopType.Output(display_name="dop", tooltip="DOP settings, for the Trainer's dop input.")],
+            search_aliases=["flowtrain", "differential output preservation", "prior preservation", "regularization"],
         )
 
     @classmethod
@@ -206,7 +212,9 @@ class FlowTrainPreviewSettings(io.ComfyNode):
                 io.Int.Input("validation_images", default=2, **bounds(ValidationConfig, "images"),
                              tooltip=tip(ValidationConfig, "images")),
             ],
-            outputs=[PreviewType.Output(display_name="preview")],
+            outputs=[PreviewType.Output(display_name="preview", tooltip=(
+                "Preview and validation settings, for the Trainer's preview input."))],
+            search_aliases=["flowtrain", "sample images", "validation loss", "training previews"],
         )
 
     @classmethod

@@ -48,6 +48,7 @@ class FlowTrainSaveLora(io.ComfyNode):
                     "An existing file of this name is replaced.")),
             ],
             outputs=[io.String.Output(display_name="lora_name", tooltip="The file name as LoraLoader lists it.")],
+            search_aliases=["flowtrain", "save lora", "export lora", "lora to models/loras"],
         )
 
     @classmethod

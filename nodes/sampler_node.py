@@ -103,7 +103,9 @@ class FlowTrainSamplerPreview(io.ComfyNode):
                 io.LoraModel.Input("lora", optional=True, tooltip=(
                     "A LORA_MODEL applied to 'model' (strength 1 in images mode, each column's strength in grid mode).")),
             ],
-            outputs=[io.Image.Output(display_name="images")],
+            outputs=[io.Image.Output(display_name="images", tooltip=(
+                "The sampled images: each prompt at each strength (images mode) or one labelled grid (grid mode)."))],
+            search_aliases=["flowtrain", "lora preview", "lora strength grid", "compare lora", "sample with lora"],
         )
 
     @classmethod

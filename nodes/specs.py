@@ -24,9 +24,9 @@ from trainer_core.config import (
     ConfigError,
     DataConfig,
     DopConfig,
-    FlowConfig,
     LoRAConfig,
     MemoryConfig,
+    ModelConfig,
     OptimConfig,
     PreviewConfig,
     TrainConfig,
@@ -37,11 +37,26 @@ from trainer_core.config import (
 )
 
 LORA_SUFFIX = ".safetensors"
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-PRECISION_HELP = (field_help(TrainConfig, "precision")
-                  + " auto: the dtype ComfyUI runs the model in, except that bf16/fp8 weights train in bf16 where the"
-                  " device computes bf16 natively (LoRA weights stay fp32).")
 
+
+def sibling(name: str):
+    """Another pure module of this folder (``settings``): imported from the package inside
+    ComfyUI, by file path where this module itself was loaded by path (the unit tests)."""
+    import importlib
+    import sys
+
+    if __package__:
+        return importlib.import_module(f"{__package__}.{name}")
+    key = f"flowtrain_node_{name}"
+    if key not in sys.modules:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location(key, Path(__file__).with_name(f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
+        spec.loader.exec_module(module)
+    return sys.modules[key]
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 # ----------------------------------------------------------------------------- dataset
 @dataclass(frozen=True)
@@ -182,13 +197,6 @@ def safe_lora_filename(name: str) -> str:
     return text + LORA_SUFFIX
 
 
-CHECKPOINTING = ("auto", "blocks", "selective", "off")
-CHECKPOINTING_HELP = (
-    "Gradient checkpointing. auto: recompute activations only when a step's activations would not fit in "
-    "half of the free memory (fast when there is room, no OOM when there is not); blocks: recompute every "
-    "block in backward (least memory); selective: recompute only cheap elementwise ops; off: keep everything.")
-
-
 MEMORY_BUDGETS = ("auto", "8 GB", "12 GB", "16 GB", "24 GB", "48 GB", "unlimited")
 MEMORY_BUDGET_HELP = (
     "Accelerator memory this run may use. auto: the free memory of the device minus a margin; a card size "
@@ -253,23 +261,14 @@ def preview_settings(*, every_n_steps: int, prompts: str, seed: int, steps: int,
 
 @dataclass(frozen=True)
 class TrainerSettings:
-    """The Trainer node's training widgets, one field per widget."""
+    """The Trainer node's training widgets, one field per widget. The rarer options are on
+    the settings nodes (``nodes/settings.py``), which reach the Trainer as ``SettingsValues``."""
 
+    preset: str = "auto"
     steps: int = 1000
     learning_rate: float = 1e-4
     optimizer: str = "adamw"
-    schedule: str = "constant"
-    warmup_steps: int = 0
     batch_size: int = 1
-    gradient_accumulation: int = 1
-    sigma_scheme: str = "sigmoid"
-    sigmoid_mean: float = 0.0
-    sigmoid_std: float = 1.0
-    shift: float = 3.0
-    loss_weighting: str = "none"
-    guidance: float = 1.0
-    precision: str = "auto"
-    gradient_checkpointing: str = "auto"
     memory_budget: str = "auto"
     seed: int = 42
     save_every: int = 250
@@ -279,24 +278,41 @@ class TrainerSettings:
 
 # the config field each Trainer widget sets (a config error about the field names the widget too)
 TRAINER_WIDGET_FIELDS = {
-    "steps": "train.steps", "learning_rate": "optim.lr", "optimizer": "optim.optimizer", "schedule": "optim.schedule",
-    "warmup_steps": "optim.warmup_steps", "batch_size": "data.batch_size", "gradient_accumulation": "optim.grad_accum",
-    "sigma_scheme": "flow.sigma_scheme", "sigmoid_mean": "flow.sigmoid_mean", "sigmoid_std": "flow.sigmoid_std",
-    "shift": "flow.shift", "loss_weighting": "flow.weighting", "guidance": "flow.guidance",
-    "precision": "train.precision", "seed": "train.seed", "save_every": "train.save_every",
-    "output_name": "train.output_name", "existing_lora": "lora.init_from",
+    "preset": "model.preset", "steps": "train.steps", "learning_rate": "optim.lr", "optimizer": "optim.optimizer",
+    "batch_size": "data.batch_size", "memory_budget": "memory.budget_gb", "seed": "train.seed",
+    "save_every": "train.save_every", "output_name": "train.output_name", "existing_lora": "lora.init_from",
 }
+
+PRESET_HELP = (
+    "Per-model defaults from the FLUX guides: rank, learning rate, LoRA targets, σ scheme and loss weighting, "
+    "training guidance, DOP every N steps. auto: those of the model detected from the MODEL's weights (FLUX.1-dev, "
+    "FLUX.1-schnell, FLUX.2-dev, Klein 4B, Klein 9B; an unknown size gets none); a name: that model's; none: no "
+    "preset. A preset only fills settings left at their default value: any widget you changed (here, on LoRA "
+    "Config, DOP Settings or a settings node) wins; to force a default value against a preset, choose none. The "
+    "node's text shows what was applied.")
+
+
+@dataclass(frozen=True)
+class BuiltConfig:
+    """``build_training_config``'s result: the config and the preset line shown on the node."""
+
+    config: TrainingConfig
+    preset_line: str
 
 
 def build_training_config(dataset: DatasetSpec, lora: LoRAConfig, settings: TrainerSettings, *, output_dir: str,
                           compute_dtype: str = "float32", dop: Optional[DopSettings] = None,
-                          preview: Optional[PreviewSettings] = None, init_from: str = "") -> TrainingConfig:
+                          preview: Optional[PreviewSettings] = None, init_from: str = "", extra: Any = None,
+                          variant: Optional[str] = None, variant_label: str = "", model_file: str = "") -> BuiltConfig:
     """One validated ``TrainingConfig`` from the nodes' values. A config error names the
     config field (e.g. ``optim.lr``) led by the Trainer widget that sets it (``learning_rate``).
-    ``init_from``: the LoRA file to continue from (the Trainer's ``existing_lora``, resolved)."""
+    ``init_from``: the LoRA file to continue from (the Trainer's ``existing_lora``, resolved);
+    ``extra``: the settings nodes' ``SettingsValues``; ``variant``: the model variant detected
+    from the MODEL (for ``preset`` auto); ``model_file``: the file the MODEL came from."""
     try:
         return _training_config(dataset, lora, settings, output_dir=output_dir, compute_dtype=compute_dtype,
-                                dop=dop, preview=preview, init_from=init_from)
+                                dop=dop, preview=preview, init_from=init_from, extra=extra, variant=variant,
+                                variant_label=variant_label, model_file=model_file)
     except ConfigError as e:
         names = {f: f"the Trainer's {w} widget" for w, f in TRAINER_WIDGET_FIELDS.items()}
         raise with_user_names(e, names) from None
@@ -304,28 +320,38 @@ def build_training_config(dataset: DatasetSpec, lora: LoRAConfig, settings: Trai
 
 def _training_config(dataset: DatasetSpec, lora: LoRAConfig, settings: TrainerSettings, *, output_dir: str,
                      compute_dtype: str, dop: Optional[DopSettings], preview: Optional[PreviewSettings],
-                     init_from: str) -> TrainingConfig:
+                     init_from: str, extra: Any, variant: Optional[str], variant_label: str,
+                     model_file: str) -> BuiltConfig:
+    from trainer_core import presets
+
+    settings_module = sibling("settings")
+    NODE_DEFAULTS, apply_settings = settings_module.NODE_DEFAULTS, settings_module.apply_settings
+
     if not isinstance(dataset, DatasetSpec):
         raise ValueError("the Trainer's dataset input must come from a FlowTrain Dataset node")
     s = settings
     preview = preview if preview is not None else PreviewSettings()
     if init_from:
         lora = dataclasses.replace(lora, init_from=init_from)
-    return TrainingConfig(
+    config = TrainingConfig(
         data=dataset.data_config(s.batch_size),
         lora=lora,
-        flow=FlowConfig(sigma_scheme=s.sigma_scheme, sigmoid_mean=s.sigmoid_mean, sigmoid_std=s.sigmoid_std,
-                        shift=s.shift, weighting=s.loss_weighting, guidance=s.guidance),
-        optim=OptimConfig(optimizer=s.optimizer, lr=s.learning_rate, schedule=s.schedule,
-                          warmup_steps=s.warmup_steps, grad_accum=s.gradient_accumulation),
+        optim=OptimConfig(optimizer=s.optimizer, lr=s.learning_rate),
         dop=dop.config if dop is not None else DopConfig(),
         preview=preview.config,
         validation=preview.validation,
-        train=TrainConfig(steps=s.steps, seed=s.seed, precision=resolve_precision(s.precision, compute_dtype),
-                          gradient_checkpointing=s.gradient_checkpointing != "off", save_every=s.save_every,
-                          output_dir=output_dir, output_name=s.output_name, existing_run="resume"),
+        train=TrainConfig(steps=s.steps, seed=s.seed, precision=NODE_DEFAULTS["train.precision"],
+                          gradient_checkpointing=NODE_DEFAULTS["train.gradient_checkpointing"],
+                          save_every=s.save_every, output_dir=output_dir, output_name=s.output_name,
+                          existing_run="resume"),
         memory=memory_config(s.memory_budget),
+        model=ModelConfig(preset=s.preset, file=model_file),
     )
+    config = apply_settings(config, extra.as_dict() if extra is not None else {})
+    config, name, kept = presets.with_preset(config, variant)
+    line = presets.describe(config, name, kept, label=variant_label if name == variant else name or variant_label)
+    train = dataclasses.replace(config.train, precision=resolve_precision(config.train.precision, compute_dtype))
+    return BuiltConfig(config.replace(train=train), line)
 
 
 def unfinished_run_marker(run_dir: str | os.PathLike) -> str:
@@ -345,6 +371,10 @@ def unfinished_run_marker(run_dir: str | os.PathLike) -> str:
 
 
 # ----------------------------------------------------------------------------- widget order
+def _settings_groups():
+    return sibling("settings").GROUPS
+
+
 NODE_WIDGETS: dict[str, tuple[str, ...]] = {
     "FlowTrainDataset": ("folder", "caption_extension", "strict"),
     "FlowTrainBucketer": ("resolutions", "step", "min_side", "max_side", "allow_upscale"),
@@ -355,6 +385,7 @@ NODE_WIDGETS: dict[str, tuple[str, ...]] = {
     "FlowTrainPreviewSettings": ("every_n_steps", "prompts", "seed", "steps", "width", "height", "guidance",
                                  "validation_every", "validation_images"),
     "FlowTrainTrainer": tuple(f.name for f in dataclasses.fields(TrainerSettings)),
+    **{g.node_id: tuple(g.widgets()) for g in _settings_groups()},
     "FlowTrainSaveLora": ("name",),
     "FlowTrainSamplerPreview": ("prompts", "trigger_word", "seed", "steps", "guidance", "sampler_name", "scheduler",
                                 "width", "height", "mode", "strengths"),

@@ -16,11 +16,12 @@ from typing import Any, Optional, Sequence
 import torch
 from comfy_api.latest import io, ui
 
-from trainer_core.config import FlowConfig, LoRAConfig, OptimConfig, TrainConfig
+from trainer_core.config import LoRAConfig, OptimConfig, TrainConfig
 from trainer_core.fingerprint import tensor_fingerprint
 
 from . import specs
-from .common import CATEGORY, Dataset, DopType, LoraConfigType, PreviewType, TrainingProgress, bounds, send_text, tip
+from .common import (CATEGORY, Dataset, DopType, LoraConfigType, PreviewType, SettingsType, TrainingProgress, bounds,
+                     send_text, tip)
 from .control_routes import live_run
 
 log = logging.getLogger(__name__)
@@ -172,14 +173,28 @@ def loss_curve_tensor(history: list[dict]) -> torch.Tensor:
     return torch.from_numpy(image_to_array(loss_curve_image(history)))[None]
 
 
+def detect_model_variant(model_patcher, family: str):
+    """The ``models.variants.Detection`` of the MODEL's diffusion model (None when its shape
+    cannot be read; the preset ``auto`` then applies none)."""
+    from trainer_core.models.variants import detect_variant, module_shape
+
+    try:
+        return detect_variant(module_shape(model_patcher.model.diffusion_model, family))
+    except (ValueError, AttributeError) as e:
+        log.warning("cannot tell which %s variant the MODEL is (%s): no preset", family, e)
+        return None
+
+
 def run_training(model, vae, clip, conditioning, dataset, lora_config, settings: specs.TrainerSettings,
-                 dop=None, preview=None, node_id: Optional[str] = None, prompt: Optional[dict] = None, live=None):
+                 dop=None, preview=None, node_id: Optional[str] = None, prompt: Optional[dict] = None, extra=None,
+                 live=None):
     """Train; returns ``(TrainResult, trained MODEL, LoRA tensors)``. Raises ComfyUI's
     interrupt after a Cancel, whether the engine saw it between steps (``should_stop``), in
     a forward pass or in the final previews (their sampler raises it): the LoRA trained so
     far, a resumable checkpoint and the status "stopped" are saved first. A ``.stop`` file in
     the run folder ends training normally: the outputs hold the LoRA of the steps done.
-    ``live`` (``control_routes.LiveRun``) is kept current for the node's buttons."""
+    ``extra``: the settings nodes' ``SettingsValues``; ``live`` (``control_routes.LiveRun``) is kept
+    current for the node's buttons."""
     import comfy.model_management as mm
     import folder_paths
 
@@ -192,9 +207,16 @@ def run_training(model, vae, clip, conditioning, dataset, lora_config, settings:
     progress.phase("loading", 0, 0, {})
     arch = bridge.detect_arch(model)
     output_root = folder_paths.get_output_directory()
-    config = specs.build_training_config(dataset, lora_config, settings, output_dir=os.path.join(output_root, "flowtrain"),
-                                         compute_dtype=str(bridge.auto_compute_dtype(model.model)), dop=dop, preview=preview,
-                                         init_from=existing_lora_path(settings.existing_lora))
+    detection = detect_model_variant(model, arch.arch)
+    built = specs.build_training_config(
+        dataset, lora_config, settings, output_dir=os.path.join(output_root, "flowtrain"),
+        compute_dtype=str(bridge.auto_compute_dtype(model.model)), dop=dop, preview=preview,
+        init_from=existing_lora_path(settings.existing_lora), extra=extra,
+        variant=detection.variant.name if detection is not None else None,
+        variant_label=detection.variant.label if detection is not None else "", model_file=model_file_name(model))
+    config = built.config
+    log.info("%s", built.preset_line)
+    send_text(built.preset_line, node_id)
     if live is not None:
         live.run_dir = Path(config.train.output_dir) / config.train.output_name  # what the node's buttons act on
     trigger = config.data.captions.trigger_word
@@ -204,9 +226,8 @@ def run_training(model, vae, clip, conditioning, dataset, lora_config, settings:
     prompts = preview_prompts(config.preview, trigger) if clip is not None else []
     users = clip_users(prompt, node_id)
     result = None
-    with bridge.training_model(model, gradient_checkpointing=settings.gradient_checkpointing,
-                               precision=settings.precision, config=config) as flow_model:
-        send_text(f"memory: {flow_model.memory_plan.summary()}", node_id)
+    with bridge.training_model(model, config) as flow_model:
+        send_text(f"{built.preset_line}\nmemory: {flow_model.memory_plan.summary()}", node_id)
         # once loaded: before, the weights may still carry a merged LoRA of another MODEL sharing
         # them (e.g. this node's own output, sampled by the previous prompt)
         identity = base_model_identity(model)
@@ -231,43 +252,29 @@ def run_training(model, vae, clip, conditioning, dataset, lora_config, settings:
 class FlowTrainTrainer(io.ComfyNode):
     @classmethod
     def define_schema(cls):
-        from trainer_core.flow import SIGMA_SCHEMES, WEIGHTINGS
-        from trainer_core.optim import OPTIMIZERS, SCHEDULES
+        from trainer_core.optim import OPTIMIZERS
+        from trainer_core.presets import PRESETS
 
         return io.Schema(
             node_id="FlowTrainTrainer", display_name="FlowTrain Trainer", category=CATEGORY, is_output_node=True,
             description=("Trains a LoRA on the loaded FLUX.1/FLUX.2 MODEL (no second copy) and outputs the MODEL with "
-                         "it applied, the LoRA, its file path and the loss curve. Re-queueing an unchanged graph "
-                         "reuses the finished run. While it trains, its Pause/Resume, Save now and Stop buttons "
+                         "it applied, the LoRA, its file path and the loss curve. The preset fills per-model "
+                         "defaults; the FlowTrain settings nodes reach every other option. Re-queueing an unchanged "
+                         "graph reuses the finished run. While it trains, its Pause/Resume, Save now and Stop buttons "
                          "control the run (Stop ends the node normally with the LoRA so far)."),
+            search_aliases=["lora training", "train lora", "flux lora trainer", "fine-tune", "dreambooth"],
             inputs=[
                 io.Model.Input("model", tooltip="The FLUX.1 or FLUX.2 model to train on (UNETLoader / checkpoint loader). "
                                "It is left unchanged."),
                 io.Vae.Input("vae", tooltip="The model's VAE: encodes the dataset once (cached in the run folder)."),
                 Dataset.Input("dataset", tooltip="Training images from FlowTrain Dataset (→ Bucketer → Caption Processor)."),
                 LoraConfigType.Input("lora_config", tooltip="LoRA shape from FlowTrain LoRA Config."),
+                io.Combo.Input("preset", options=["auto", "none", *PRESETS], default="auto", tooltip=specs.PRESET_HELP),
                 io.Int.Input("steps", default=1000, **bounds(TrainConfig, "steps"), tooltip=tip(TrainConfig, "steps")),
                 io.Float.Input("learning_rate", default=1e-4, min=0.0, max=10.0, step=1e-5, round=1e-7,
-                               tooltip=tip(OptimConfig, "lr")),
+                               tooltip=tip(OptimConfig, "lr", "A preset fills it while it is 1e-4 (the default).")),
                 io.Combo.Input("optimizer", options=OPTIMIZERS.names(), default="adamw", tooltip=tip(OptimConfig, "optimizer")),
-                io.Combo.Input("schedule", options=SCHEDULES.names(), default="constant", tooltip=tip(OptimConfig, "schedule")),
-                io.Int.Input("warmup_steps", default=0, **bounds(OptimConfig, "warmup_steps"),
-                             tooltip=tip(OptimConfig, "warmup_steps")),
                 io.Int.Input("batch_size", default=1, min=1, max=256, tooltip="Images per micro-batch (all from one bucket)."),
-                io.Int.Input("gradient_accumulation", default=1, **bounds(OptimConfig, "grad_accum"),
-                             tooltip=tip(OptimConfig, "grad_accum")),
-                io.Combo.Input("sigma_scheme", options=SIGMA_SCHEMES.names(), default="sigmoid",
-                               tooltip=tip(FlowConfig, "sigma_scheme")),
-                io.Float.Input("sigmoid_mean", default=0.0, step=0.05, **bounds(FlowConfig, "sigmoid_mean"),
-                               tooltip=tip(FlowConfig, "sigmoid_mean")),
-                io.Float.Input("sigmoid_std", default=1.0, min=0.0, max=5.0, step=0.05, tooltip=tip(FlowConfig, "sigmoid_std")),
-                io.Float.Input("shift", default=3.0, min=0.0, max=100.0, step=0.05, tooltip=tip(FlowConfig, "shift")),
-                io.Combo.Input("loss_weighting", options=WEIGHTINGS.names(), default="none", tooltip=tip(FlowConfig, "weighting")),
-                io.Float.Input("guidance", default=1.0, step=0.1, **bounds(FlowConfig, "guidance"),
-                               tooltip=tip(FlowConfig, "guidance")),
-                io.Combo.Input("precision", options=list(specs.PRECISIONS), default="auto", tooltip=specs.PRECISION_HELP),
-                io.Combo.Input("gradient_checkpointing", options=list(specs.CHECKPOINTING), default="auto",
-                               tooltip=specs.CHECKPOINTING_HELP),
                 io.Combo.Input("memory_budget", options=list(specs.MEMORY_BUDGETS), default="auto",
                                tooltip=specs.MEMORY_BUDGET_HELP),
                 io.Int.Input("seed", default=42, min=0, max=2**62, control_after_generate=False, tooltip=tip(TrainConfig, "seed")),
@@ -286,6 +293,9 @@ class FlowTrainTrainer(io.ComfyNode):
                     "In place of the text encoder: every caption uses this CONDITIONING.")),
                 DopType.Input("dop", optional=True, tooltip="Optional FlowTrain DOP Settings."),
                 PreviewType.Input("preview", optional=True, tooltip="Optional FlowTrain Preview Settings (images while training)."),
+                SettingsType.Input("settings", optional=True, tooltip=(
+                    "Optional FlowTrain settings nodes (Loss & Noise, Optimizer, EMA, Augmentation & Captions, "
+                    "Memory & Precision, Run & Tracking), chained: every engine option not on this node.")),
             ],
             outputs=[
                 io.Model.Output(display_name="MODEL", tooltip="The input model with the trained LoRA applied."),
@@ -306,13 +316,13 @@ class FlowTrainTrainer(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, vae, dataset, lora_config, clip=None, conditioning=None, dop=None, preview=None,
-                **widgets) -> io.NodeOutput:
-        settings = specs.TrainerSettings(**widgets)
+                settings=None, **widgets) -> io.NodeOutput:
+        trainer = specs.TrainerSettings(**widgets)
         node_id = cls.hidden.unique_id
         with live_run(node_id) as live:  # the node's Pause / Save now / Stop buttons act on it (control_routes)
-            result, trained, tensors = run_training(model, vae, clip, conditioning, dataset, lora_config, settings,
+            result, trained, tensors = run_training(model, vae, clip, conditioning, dataset, lora_config, trainer,
                                                     dop=dop, preview=preview, node_id=node_id, prompt=cls.hidden.prompt,
-                                                    live=live)
+                                                    extra=settings, live=live)
         last = result.history[-1]["loss"] if result.history else float("nan")
         model_label = f" on {result.variant.variant.label}" if result.variant is not None else ""
         send_text(f"{result.reason}: {result.steps} steps{model_label}, loss {last:.4f} → {result.lora_path}", node_id)

@@ -1,6 +1,7 @@
 """Writes the example workflows in both formats from one description, so they stay in step:
-``example_workflows/<name>.json`` (UI/LiteGraph format: what ComfyUI's template menu
-loads) and ``example_workflows/api/<name>.json`` (API format: what the tests submit).
+``example_workflows/<title>.json`` (UI/LiteGraph format: what ComfyUI's template browser
+lists, titled by the file name, with ``<title>.jpg`` as its thumbnail) and
+``example_workflows/api/<id>.json`` (API format: what the tests submit).
 
 Run: ``python scripts/build_example_workflows.py``. ``tests/test_node_specs.py`` checks
 the files against each other and against the nodes' widget lists.
@@ -24,8 +25,40 @@ OUTPUT_TYPES = {
     "FlowTrainCaptions": ["FLOWTRAIN_DATASET"], "FlowTrainLoraConfig": ["FLOWTRAIN_LORA_CONFIG"],
     "FlowTrainPreviewSettings": ["FLOWTRAIN_PREVIEW"], "FlowTrainDopSettings": ["FLOWTRAIN_DOP"],
     "FlowTrainTrainer": ["MODEL", "LORA_MODEL", "STRING", "IMAGE"], "FlowTrainSaveLora": ["STRING"],
-    "FlowTrainSamplerPreview": ["IMAGE"],
+    "FlowTrainSamplerPreview": ["IMAGE"], "FlowTrainLossSettings": ["FLOWTRAIN_SETTINGS"],
+    "FlowTrainOptimizerSettings": ["FLOWTRAIN_SETTINGS"], "FlowTrainEmaSettings": ["FLOWTRAIN_SETTINGS"],
+    "FlowTrainAugmentSettings": ["FLOWTRAIN_SETTINGS"], "FlowTrainMemorySettings": ["FLOWTRAIN_SETTINGS"],
+    "FlowTrainRunSettings": ["FLOWTRAIN_SETTINGS"],
 }
+# input sockets a node shows, linked or not (others: its links)
+SOCKETS = {"FlowTrainTrainer": 9, "FlowTrainSamplerPreview": 3, "FlowTrainDopSettings": 1, "KSampler": 4}
+MULTILINE = {"prompts", "text"}  # widgets drawn as a text box
+WIDTH, GAP, COLUMN = 340, 40, 400
+
+
+def node_size(n: "N") -> list[int]:
+    """A size no smaller than the frontend draws the node: title, slot rows, widget rows, and
+    a taller row for each multiline text box."""
+    if n.type == "MarkdownNote":
+        return [WIDTH, 380]
+    outputs = len(OUTPUT_TYPES.get(n.type, []))
+    slots = max(SOCKETS.get(n.type, len(n.links)), outputs)
+    rows = len(n.widgets) + len(n.ui_extra)
+    tall = sum(1 for name in n.widgets if name in MULTILINE)
+    return [WIDTH, 40 + 22 * slots + 26 * rows + 90 * tall]
+
+
+def layout(nodes: list["N"]) -> None:
+    """Positions from sizes: ``pos`` gives a node's column (x // COLUMN) and its order in the
+    column (y); nodes of a column are stacked with a gap, so none overlap."""
+    columns: dict[int, list] = {}
+    for n in nodes:
+        columns.setdefault(round(n.pos[0] / COLUMN), []).append(n)
+    for col, members in columns.items():
+        y = 0
+        for n in sorted(members, key=lambda m: m.pos[1]):
+            n.pos = (col * COLUMN, y)
+            y += node_size(n)[1] + GAP
 OUTPUT_NAMES = {"FlowTrainTrainer": ["MODEL", "LORA", "lora_path", "loss_curve"]}
 UI_ONLY = {"MarkdownNote"}
 
@@ -73,7 +106,7 @@ def ui_format(nodes: list[N]) -> dict:
         names = OUTPUT_NAMES.get(n.type, OUTPUT_TYPES.get(n.type, []))
         outputs = [{"name": names[i], "type": t, "links": out_links.get((n.id, i), []), "slot_index": i}
                    for i, t in enumerate(OUTPUT_TYPES.get(n.type, []))]
-        node = {"id": n.id, "type": n.type, "pos": list(n.pos), "size": [320, 130 if n.type != "MarkdownNote" else 360],
+        node = {"id": n.id, "type": n.type, "pos": list(n.pos), "size": node_size(n),
                 "flags": {}, "order": order, "mode": 0, "inputs": inputs, "outputs": outputs,
                 "properties": {"Node name for S&R": n.type}, "widgets_values": values}
         if n.title:
@@ -104,11 +137,8 @@ def common_training(first: int, *, clip: tuple, vae: int, model: int, trigger: s
                                           "width": 512, "height": 512, "guidance": preview_guidance,
                                           "validation_every": validation_every, "validation_images": 2},
                          pos=(x0, 900)),
-        N(t, "FlowTrainTrainer", {"steps": 1000, "learning_rate": 1e-4, "optimizer": "adamw", "schedule": "constant",
-                                  "warmup_steps": 0, "batch_size": 1, "gradient_accumulation": 1,
-                                  "sigma_scheme": "sigmoid", "sigmoid_mean": 0.0, "sigmoid_std": 1.0, "shift": 3.0,
-                                  "loss_weighting": "none", "guidance": guidance_train, "precision": "auto",
-                                  "gradient_checkpointing": "auto", "memory_budget": "auto", "seed": 42, "save_every": 250,
+        N(t, "FlowTrainTrainer", {"preset": "auto", "steps": 1000, "learning_rate": 1e-4, "optimizer": "adamw",
+                                  "batch_size": 1, "memory_budget": "auto", "seed": 42, "save_every": 250,
                                   "output_name": name, "existing_lora": ""},
           {"model": (model, 0, "MODEL"), "vae": (vae, 0, "VAE"), "dataset": (c, 0, "FLOWTRAIN_DATASET"),
            "lora_config": (l, 0, "FLOWTRAIN_LORA_CONFIG"), "clip": clip + ("CLIP",),
@@ -240,15 +270,54 @@ def flux2_klein_subject_dop() -> list[N]:
 
 WORKFLOWS = {"flux1_dev_subject_lora": flux1_dev_subject, "flux2_klein_style_lora": flux2_klein_style,
              "flux2_klein_subject_dop": flux2_klein_subject_dop}
+"""Workflow id (the API-format file the tests run) → its nodes."""
+
+TITLES = {"flux1_dev_subject_lora": "FLUX.1-dev subject LoRA", "flux2_klein_style_lora": "FLUX.2 Klein style LoRA",
+          "flux2_klein_subject_dop": "FLUX.2 Klein subject LoRA with DOP"}
+"""Workflow id → the UI file's name, which ComfyUI's template browser shows as the title (and
+the ``<title>.jpg`` beside it as the thumbnail)."""
+
+KIND_COLORS = {"FlowTrainTrainer": (122, 74, 170), "FlowTrain": (74, 90, 150), "MarkdownNote": (70, 70, 70)}
+
+
+def thumbnail(nodes: list[N], size: tuple[int, int] = (512, 384)):
+    """A schematic picture of the graph (nodes as boxes with their titles, links as lines),
+    drawn from the layout, for the template browser."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    boxes = {n.id: (n.pos[0], n.pos[1], n.pos[0] + node_size(n)[0], n.pos[1] + node_size(n)[1]) for n in nodes}
+    right = max(b[2] for b in boxes.values())
+    bottom = max(b[3] for b in boxes.values())
+    pad = 16
+    scale = min((size[0] - 2 * pad) / right, (size[1] - 2 * pad) / bottom)
+    at = lambda x, y: (pad + x * scale, pad + y * scale)  # noqa: E731
+    image = Image.new("RGB", size, (32, 32, 36))
+    draw = ImageDraw.Draw(image)
+    for n in nodes:
+        for src, _, _ in n.links.values():
+            a, b = boxes[src], boxes[n.id]
+            draw.line([at(a[2], a[1] + 30), at(b[0], b[1] + 30)], fill=(150, 150, 160), width=1)
+    font = ImageFont.load_default()
+    for n in nodes:
+        x0, y0, x1, y1 = boxes[n.id]
+        kind = n.type if n.type in KIND_COLORS else "FlowTrain" if n.type.startswith("FlowTrain") else ""
+        fill = KIND_COLORS.get(kind, (60, 64, 72))
+        draw.rounded_rectangle([at(x0, y0), at(x1, y1)], radius=4, fill=fill, outline=(200, 200, 210))
+        label = (n.title or n.type).replace("FlowTrain", "")
+        draw.text((at(x0, y0)[0] + 3, at(x0, y0)[1] + 2), label[:14], fill=(240, 240, 240), font=font)
+    return image
 
 
 def main(out: Path = ROOT / "example_workflows") -> None:
     (out / "api").mkdir(parents=True, exist_ok=True)
     for name, make in WORKFLOWS.items():
         nodes = make()
-        (out / f"{name}.json").write_text(json.dumps(ui_format(nodes), indent=1) + "\n", encoding="utf-8")
+        layout(nodes)
+        title = TITLES[name]
+        (out / f"{title}.json").write_text(json.dumps(ui_format(nodes), indent=1) + "\n", encoding="utf-8")
         (out / "api" / f"{name}.json").write_text(json.dumps(api_format(nodes), indent=1) + "\n", encoding="utf-8")
-        print(f"wrote {name} ({len(nodes)} nodes)", file=sys.stderr)
+        thumbnail(nodes).save(out / f"{title}.jpg", quality=85)
+        print(f"wrote {title} ({len(nodes)} nodes)", file=sys.stderr)
 
 
 if __name__ == "__main__":

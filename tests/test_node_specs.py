@@ -120,21 +120,19 @@ def test_tensor_fingerprint_tells_weights_apart():
 # ----------------------------------------------------------------------------- config building
 def test_build_training_config_maps_every_widget(tmp_path):
     ds = dataset(tmp_path).with_captions(specs.CaptionConfig(trigger_word="sks", class_word="man", shuffle=True))
-    settings = specs.TrainerSettings(steps=7, learning_rate=3e-4, optimizer="adamw", schedule="cosine", warmup_steps=2,
-                                     batch_size=2, gradient_accumulation=3, sigma_scheme="shift", shift=2.5,
-                                     loss_weighting="bell_shaped", guidance=1.5, precision="auto",
-                                     gradient_checkpointing="off", seed=5, save_every=3, output_name="run1")
+    settings = specs.TrainerSettings(preset="none", steps=7, learning_rate=3e-4, optimizer="adamw", batch_size=2,
+                                     seed=5, save_every=3, output_name="run1")
     cfg = specs.build_training_config(ds, LoRAConfig(rank=4, alpha=2.0), settings, output_dir=str(tmp_path / "out"),
-                                      compute_dtype="bfloat16",
-                                      preview=specs.PreviewSettings(PreviewConfig(every_n_steps=2, prompts=("a",))))
+                                      compute_dtype="bfloat16", model_file="flux.safetensors",
+                                      preview=specs.PreviewSettings(PreviewConfig(every_n_steps=2, prompts=("a",)))).config
     assert (cfg.train.steps, cfg.train.seed, cfg.train.precision, cfg.train.save_every) == (7, 5, "bf16", 3)
     assert (cfg.train.output_dir, cfg.train.output_name) == (str(tmp_path / "out"), "run1")
-    assert not cfg.train.gradient_checkpointing
-    assert (cfg.optim.lr, cfg.optim.schedule, cfg.optim.warmup_steps, cfg.optim.grad_accum) == (3e-4, "cosine", 2, 3)
-    assert (cfg.flow.sigma_scheme, cfg.flow.shift, cfg.flow.weighting, cfg.flow.guidance) == ("shift", 2.5, "bell_shaped", 1.5)
+    assert cfg.train.gradient_checkpointing == "auto"  # the node's default: ComfyUI knows the free memory
+    assert (cfg.optim.lr, cfg.optim.optimizer) == (3e-4, "adamw")
     assert cfg.data.batch_size == 2 and cfg.data.path == str(tmp_path)
     assert cfg.data.captions.trigger_word == "sks" and cfg.data.captions.shuffle
     assert cfg.lora.rank == 4 and cfg.preview.every_n_steps == 2 and not cfg.dop.enabled
+    assert (cfg.model.preset, cfg.model.file) == ("none", "flux.safetensors")
 
 
 def test_memory_budget_widget_maps_to_the_memory_config(tmp_path):
@@ -147,14 +145,14 @@ def test_memory_budget_widget_maps_to_the_memory_config(tmp_path):
     with pytest.raises(ValueError, match="memory_budget"):
         specs.memory_config("7 GB")
     cfg = specs.build_training_config(dataset(tmp_path), LoRAConfig(), specs.TrainerSettings(memory_budget="8 GB"),
-                                      output_dir=str(tmp_path))
+                                      output_dir=str(tmp_path)).config
     assert cfg.memory.budget_gb == 8.0
     assert all(choice == "auto" or choice == "unlimited" or choice.endswith(" GB") for choice in specs.MEMORY_BUDGETS)
 
 
 @pytest.mark.parametrize("change, field", [({"learning_rate": 0.0}, "optim.lr"), ({"output_name": "../x"}, "train.output_name"),
                                            ({"optimizer": "sgd"}, "optim.optimizer"), ({"steps": 0}, "train.steps"),
-                                           ({"sigma_scheme": "nope"}, "flow.sigma_scheme"),
+                                           ({"preset": "nope"}, "model.preset"),
                                            ({"output_name": "a\x00b"}, "train.output_name"),
                                            ({"batch_size": 1.5}, "data.batch_size")])
 def test_build_training_config_errors_name_the_widget_and_the_field(tmp_path, change, field):
@@ -186,13 +184,13 @@ def test_preview_settings_map_validation_every(tmp_path):
     assert p.config == PreviewConfig(every_n_steps=3, prompts=("a cat", "a dog"), seed=4, steps=5, width=64, height=80,
                                      guidance=2.0)
     cfg = specs.build_training_config(dataset(tmp_path), LoRAConfig(), specs.TrainerSettings(), output_dir=str(tmp_path),
-                                      preview=p)
+                                      preview=p).config
     assert cfg.validation.every_n_steps == 7 and cfg.preview == p.config
     off = specs.build_training_config(dataset(tmp_path), LoRAConfig(), specs.TrainerSettings(), output_dir=str(tmp_path),
-                                      preview=specs.preview_settings(**widgets))
+                                      preview=specs.preview_settings(**widgets)).config
     assert off.validation.every_n_steps == 0
     assert specs.build_training_config(dataset(tmp_path), LoRAConfig(), specs.TrainerSettings(),
-                                       output_dir=str(tmp_path)).validation.every_n_steps == 0
+                                       output_dir=str(tmp_path)).config.validation.every_n_steps == 0
     with pytest.raises(ConfigError, match=r"validation\.every_n_steps"):
         specs.preview_settings(**widgets, validation_every=-1)
 
@@ -247,7 +245,7 @@ def _widget_names(node_type: str) -> tuple[str, ...]:
 
 @pytest.mark.parametrize("name", sorted(builder.WORKFLOWS))
 def test_workflow_formats_are_in_step(name):
-    ui = json.loads((ROOT / "example_workflows" / f"{name}.json").read_text())
+    ui = json.loads((ROOT / "example_workflows" / f"{builder.TITLES[name]}.json").read_text())
     api = json.loads((ROOT / "example_workflows" / "api" / f"{name}.json").read_text())
     ui_nodes = {str(n["id"]): n for n in ui["nodes"] if n["type"] not in builder.UI_ONLY}
     assert set(ui_nodes) == set(api)

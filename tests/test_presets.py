@@ -37,3 +37,27 @@ def test_explicit_fields_win():
     assert (cfg.flow.sigma_scheme, cfg.dop.every_n_steps) == ("balanced", 8)
     kept = apply_preset(TrainingConfig.from_dict({"lora": {"alpha": 1.0}}), PRESETS["klein-4b"], explicit={"lora.alpha"})
     assert (kept.lora.rank, kept.lora.alpha) == (16, 1.0)
+
+
+def test_the_engine_applies_model_preset_auto_to_a_run(tmp_path):
+    """``model.preset='auto'`` in a config (the command line, a node's config.json): the run
+    detects the model (here a tiny FLUX.1-schnell: same block and width ratios, no guidance)
+    and its config.json records the preset's values; what the config set itself stays."""
+    import json
+
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    from tiny_run import make_config, train, write_data
+    from trainer_core.models.diffusers_flux import DiffusersFlux1
+
+    torch.manual_seed(0)
+    module = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=2,
+                                    attention_head_dim=16, num_attention_heads=3, joint_attention_dim=64,
+                                    pooled_projection_dim=16, axes_dims_rope=(4, 6, 6), guidance_embeds=False)
+    config = make_config(write_data(tmp_path / "data"), steps=1, model={"preset": "auto"}, optim={"lr": 3e-4})
+    train(config, tmp_path / "run", model=DiffusersFlux1(module))
+    doc = json.loads((tmp_path / "run" / "config.json").read_text())["config"]
+    assert doc["model"]["preset"] == doc["model"]["variant"] == "flux1-schnell"
+    assert (doc["flow"]["sigma_scheme"], doc["flow"]["shift"], doc["lora"]["targets"]) == ("shift", 3.1582, "all")
+    assert doc["optim"]["lr"] == 3e-4  # set by the config: kept

@@ -12,6 +12,7 @@ shape (flux1-dev, klein-9b, ...) or a model file/folder, and the plan chosen for
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import signal
@@ -257,12 +258,14 @@ def main(argv: list[str] | None = None) -> int:
                      phase_progress=TerminalPhases())
         else:
             from .models.local import load_diffusers_flux_folder
-            from .session import DTYPES, check_before_loading, train_lora
+            from .session import DTYPES, check_before_loading, resolved_precision, train_lora
 
             config = make_config(args, {})
             check_before_loading(config)  # the data folder, captions and run folder: before the slow load
             if device is None:  # not under torchrun: as --device says
                 device = resolve_device(args.device)
+            config = config.replace(train=dataclasses.replace(
+                config.train, precision=resolved_precision(config.train.precision, device)))
             model, codec, text = load_diffusers_flux_folder(args.model, dtype=DTYPES[config.train.precision], device=device,
                                                             base_quantization=config.train.base_quantization)
             result = train_lora(config, model, codec, text, release_encoders=lambda: (codec.release(), text.release()),

@@ -206,13 +206,19 @@ class ValidationConfig(_Validated):
     keep_best: bool = opt(True, "Keep the LoRA with the lowest validation loss in <run>/best/.")
 
 
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+"""train.precision choices ("auto" is resolved before training; see ``resolved_precision``)."""
+CHECKPOINTING_MODES = ("auto", "blocks", "selective", "off")
+"""train.gradient_checkpointing choices (the model adapters' checkpoint modes)."""
+
+
 @dataclass(frozen=True)
 class TrainConfig(_Validated):
     _prefix = "train"
     steps: int = opt(1000, "Optimizer steps to train.", lo=1, hi=10_000_000)
     seed: int = opt(42, "Seed for every random choice (σ, noise, captions, data order).", lo=0, hi=2**62)
-    precision: str = opt("bf16", "Compute dtype of the base model: bf16, fp16 or fp32. LoRA weights stay in lora.dtype.", choices=lambda: ["bf16", "fp16", "fp32"])
-    gradient_checkpointing: bool = opt(True, "Recompute activations in backward: far less memory for some speed.")
+    precision: str = opt("bf16", "Compute dtype of the base model: bf16, fp16 or fp32; auto = bf16 where the device computes bf16 natively, else fp32 (in ComfyUI: the dtype ComfyUI runs the model in, except that bf16/fp8 weights train in bf16 where the device computes bf16 natively; the run's config.json records the dtype it chose). LoRA weights stay in lora.dtype.", choices=lambda: list(PRECISIONS))
+    gradient_checkpointing: str = opt("blocks", "Gradient checkpointing: blocks = recompute every transformer block in backward (least memory); selective = recompute only cheap elementwise ops; auto = recompute only when a step's activations would not fit in half of the free memory; off = keep every activation (fastest, most memory). Old configs' true/false read as blocks/off.", choices=lambda: list(CHECKPOINTING_MODES))
     compile: str = opt("auto", "torch.compile each transformer block (not the whole model; LoRA and checkpointing work as without): 'auto' = on a CUDA GPU with Triton, off elsewhere; 'on' forces it (the first steps are slow while it compiles); 'off'.", choices=lambda: ["auto", "on", "off"])
     base_quantization: str = opt("none", "Command line (diffusers folders) only: load the frozen base transformer quantized by bitsandbytes, 'int8' (LLM.int8, ~half the memory of bf16) or 'nf4' (4-bit NormalFloat, ~a quarter); needs bitsandbytes and a CUDA GPU. The LoRA stays in lora.dtype and computes in train.precision. ComfyUI MODELs bring their own quantization (fp8, comfy_quant files).", choices=lambda: ["none", "int8", "nf4"])
     save_every: int = opt(250, "Save a LoRA checkpoint every N steps (0 = only at the end).", lo=0, hi=10_000_000)
@@ -223,6 +229,11 @@ class TrainConfig(_Validated):
     existing_run: str = opt("resume", "When the run folder already exists: resume (from its newest complete checkpoint) or refuse.", choices=lambda: ["resume", "refuse"])
     resume_from: str = opt("", "Resume from this checkpoint folder instead of the newest one (empty = newest).")
     tensorboard: bool = opt(True, "Write TensorBoard event files to <run>/tensorboard (when the tensorboard package is installed): loss and its terms, lr, grad norm, validation loss, loss by σ bin, previews.")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.gradient_checkpointing, bool):  # config.json files written before the modes
+            object.__setattr__(self, "gradient_checkpointing", "blocks" if self.gradient_checkpointing else "off")
+        super().__post_init__()
 
     def check(self) -> None:
         name = self.output_name
@@ -245,6 +256,20 @@ class MemoryConfig(_Validated):
                               "lower the margin or raise the budget")
 
 
+def _preset_names() -> list[str]:
+    from .presets import PRESETS
+
+    return ["auto", "none", *PRESETS]
+
+
+@dataclass(frozen=True)
+class ModelConfig(_Validated):
+    _prefix = "model"
+    preset: str = opt("none", "Per-model defaults (rank, lr, LoRA targets, σ scheme and weighting, guidance, DOP every N steps; see trainer_core/presets.py): auto = those of the model variant detected from the weights (FLUX.1-dev/schnell, FLUX.2-dev, Klein 4B/9B); a variant name = that variant's; none = no preset. A preset sets only fields still at their default value: any field you changed wins. A run's config.json records the preset it applied.", choices=_preset_names)
+    file: str = opt("", "The base model file the run trained on (ComfyUI: the UNETLoader/checkpoint file name), recorded for the metadata and to run the config again; empty = unknown.")
+    variant: str = opt("", "The model variant detected from the weights (recorded by the run, e.g. 'klein-4b'; empty = not detected yet). Informational: it selects nothing.")
+
+
 @dataclass(frozen=True)
 class TrainingConfig(_Validated):
     """Everything one training run needs to know, and nothing about where models live."""
@@ -260,6 +285,7 @@ class TrainingConfig(_Validated):
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
 
     def check(self) -> None:
         """Rules that span sections."""

@@ -1,8 +1,10 @@
 """Per-variant training defaults (``PRESETS``) and how to apply them to a config.
 
-Nothing applies them automatically yet: a later ``preset`` widget (``auto`` = the detected
-variant, ``models.variants``) calls ``apply_preset`` with the fields the user set
-explicitly, which always win.
+``model.preset`` chooses one (``auto`` = the variant detected from the weights,
+``models.variants``; ``none``; or a variant name) and ``with_preset`` applies it. "Explicit"
+means *differs from the default*: a preset fills only the fields still at their default
+value (``explicit_fields``), so anything the user changed wins. To force a default value
+against a preset, choose the preset ``none``.
 
 Sources: FLUX.2 (dev, Klein 9B, Klein 4B) from the origin FLUX.2 LoRA guide (rank 16 for
 most uses, 32 on dev; lr 1e-4 for every model; ``attention`` targets, ``all`` costs memory
@@ -16,8 +18,9 @@ train at 1.0 (ai-toolkit, kohya); the others ignore it. The ``flux1`` / ``flux2`
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 from .config import TrainingConfig
 
@@ -68,3 +71,62 @@ def apply_preset(config: TrainingConfig, preset: Preset, explicit: Iterable[str]
     if "lora.alpha" not in keep:
         tree["lora"]["alpha"] = float(tree["lora"]["rank"])
     return TrainingConfig.from_dict(tree)
+
+
+def preset_for(choice: str, variant: Optional[str]) -> Optional[str]:
+    """The preset name ``model.preset = choice`` means for a model of ``variant`` (a
+    ``VARIANTS`` name or None when undetected): None for ``none`` and for ``auto`` on a model
+    without a preset (an unknown size)."""
+    if choice == "none":
+        return None
+    if choice == "auto":
+        return variant if variant in PRESETS else None
+    if choice not in PRESETS:
+        raise ValueError(f"model.preset={choice!r} is not a preset; use auto, none or one of {', '.join(PRESETS)}")
+    return choice
+
+
+def explicit_fields(config: TrainingConfig, base: TrainingConfig) -> set[str]:
+    """The preset's fields (and ``lora.alpha``) whose value in ``config`` differs from ``base``
+    (the config as built from untouched defaults): those the user set."""
+    names = [*next(iter(PRESETS.values())).fields(), "lora.alpha"]
+
+    def get(cfg: TrainingConfig, dotted: str) -> Any:
+        section, name = dotted.split(".")
+        return getattr(getattr(cfg, section), name)
+
+    return {n for n in names if get(config, n) != get(base, n)}
+
+
+def with_preset(config: TrainingConfig, variant: Optional[str], base: Optional[TrainingConfig] = None
+                ) -> tuple[TrainingConfig, Optional[str], set[str]]:
+    """``(config, preset name or None, the user's fields kept)``: the preset ``config.model.preset``
+    chooses for ``variant``, applied to the fields that still equal ``base`` (default: the
+    engine's defaults). The returned config records the preset it applied in ``model.preset``
+    ("none" when none), and ``variant`` in ``model.variant``, so its ``config.json`` runs again as it is."""
+    base = base if base is not None else TrainingConfig()
+    name = preset_for(config.model.preset, variant)
+    kept = explicit_fields(config, base) if name else set()
+    out = apply_preset(config, PRESETS[name], kept) if name else config
+    model = dataclasses.replace(out.model, preset=name or "none", variant=variant or out.model.variant)
+    return out.replace(model=model), name, kept
+
+
+def _short(x: float) -> str:
+    """1e-4 rather than 0.0001."""
+    text = f"{x:.2e}"
+    mantissa, exponent = text.split("e")
+    mantissa = mantissa.rstrip("0").rstrip(".")
+    return f"{mantissa}e{int(exponent)}" if abs(int(exponent)) > 2 else f"{x:g}"
+
+
+def describe(config: TrainingConfig, name: Optional[str], kept: Iterable[str] = (), label: str = "") -> str:
+    """One line for the node and the log: "preset: FLUX.2 Klein 9B — rank 16, lr 1e-4, ..."."""
+    if name is None:
+        return f"preset: none{f' ({label})' if label else ''}"
+    c = config
+    parts = [f"rank {c.lora.rank}", f"lr {_short(c.optim.lr)}", f"targets {c.lora.targets}",
+             f"σ {c.flow.sigma_scheme}" + (f" {c.flow.shift:g}" if c.flow.sigma_scheme == "shift" else ""),
+             f"weighting {c.flow.weighting}", f"guidance {c.flow.guidance:g}", f"DOP every {c.dop.every_n_steps}"]
+    yours = sorted(kept)
+    return f"preset: {label or name} — {', '.join(parts)}" + (f" (yours: {', '.join(yours)})" if yours else "")

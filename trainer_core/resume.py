@@ -20,7 +20,7 @@ UNSAFE_FIELDS = ("lora.rank", "lora.alpha", "lora.targets", "lora.target_regex",
 # Changing one of these does not change what is trained: accepted and logged.
 SAFE_FIELDS = ("train.steps", "train.save_every", "train.log_every", "train.keep_checkpoints",
                "train.existing_run", "train.resume_from", "train.output_dir", "train.output_name",
-               "data.cache_dir", "data.strict", "preview.", "validation.", "memory.")
+               "data.cache_dir", "data.strict", "preview.", "validation.", "memory.", "model.")
 
 
 def _dotted(d: dict, prefix: str = "") -> dict[str, Any]:

@@ -201,6 +201,9 @@ def train_lora(
     dataset is touched; a run that cannot fit raises ``budget.MemoryBudgetError`` there."""
     phase = PhaseReporter(phase_progress)
     phase("loading")
+    variant = detect_variant_logged(model)
+    config = run_facts(config, model, variant, model_name)  # config.json then says what ran
+    model_name = model_name or config.model.file
     run_dir = Path(run_dir) if run_dir is not None else run_folder(config)
     model_info = {"arch": model.arch, "base_model": base_model, "lora_format": model.lora_format}
     dp = distributed.current()  # data parallel under torchrun (rank 0 decides and writes), else a no-op
@@ -213,7 +216,7 @@ def train_lora(
     init = check_adapter(config, model)  # refuses an unsaveable algorithm or a mismatched init_from before any work
     prepare = getattr(model, "prepare_for_training", None)
     if prepare is not None:
-        prepare(dtype=DTYPES[config.train.precision], gradient_checkpointing=config.train.gradient_checkpointing)
+        prepare(dtype=DTYPES.get(config.train.precision), gradient_checkpointing=config.train.gradient_checkpointing)
     set_compile = getattr(model, "set_compile", None)
     compiled = resolve_compile(config.train.compile, module_device(model.module))
     if set_compile is not None:
@@ -249,7 +252,6 @@ def train_lora(
     state.extra["run_dir"] = run_dir
     state.extra["phase"] = phase
     state.extra["validation_data"] = validation_data
-    variant = detect_variant_logged(model)
     facts = dataset_facts(dataset, validation_data)
     state.extra["run_info"] = RunInfo(variant=variant, model_name=model_name, dataset=facts)
     if resume_from is not None:
@@ -301,6 +303,39 @@ def durability_callbacks(config: TrainingConfig, run_dir: Path, saver: LoraSaveC
     if config.data.path:
         tail.append(DatasetWatchCallback(config.data.path, data_before))
     return [StepSeedCallback(config.train.seed), *callbacks, *tail]
+
+
+def resolved_precision(name: str, device: torch.device) -> str:
+    """``train.precision`` with ``auto`` resolved: bf16 where ``device`` computes bf16
+    natively (a CUDA GPU that supports it, a CPU with bf16 oneDNN kernels), else fp32."""
+    if name != "auto":
+        return name
+    device = torch.device(device)
+    if device.type == "cuda":
+        native = torch.cuda.is_bf16_supported()
+    elif device.type == "cpu":
+        native = bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    else:
+        native = False
+    return "bf16" if native else "fp32"
+
+
+def run_facts(config: TrainingConfig, model: FlowModel, variant: Optional[Detection], model_name: str) -> TrainingConfig:
+    """``config`` as the run's ``config.json`` records it: the preset ``model.preset`` chooses
+    applied (``presets.with_preset``: only to fields at their default, so applying it again, as
+    to a node's config that already has it, changes nothing), ``auto`` precision resolved for
+    the model's device, ``model.variant`` and ``model.file`` filled in when empty."""
+    import dataclasses
+
+    from . import presets
+
+    config, name, kept = presets.with_preset(config, variant.variant.name if variant else None)
+    if name:
+        log.info("%s", presets.describe(config, name, kept, label=variant.variant.label if variant else name))
+    precision = resolved_precision(config.train.precision, module_device(model.module))
+    recorded = dataclasses.replace(config.model, variant=config.model.variant or (variant.variant.name if variant else ""),
+                                   file=config.model.file or model_name)
+    return config.replace(train=dataclasses.replace(config.train, precision=precision), model=recorded)
 
 
 def detect_variant_logged(model: FlowModel) -> Optional[Detection]:

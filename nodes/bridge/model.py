@@ -1,6 +1,6 @@
 """A ComfyUI MODEL → the engine's trainable flow model, in place.
 
-``detect_arch(MODEL)`` says which family a MODEL is; ``training_model(MODEL, ...)`` loads it the
+``detect_arch(MODEL)`` says which family a MODEL is; ``training_model(MODEL, config)`` loads it the
 way ComfyUI does, makes its module trainable in place (no second copy of the weights) and
 yields the engine's adapter (see the package docstring for memory and streaming).
 """
@@ -16,7 +16,7 @@ import comfy.model_management
 import torch
 
 from trainer_core.lora.network import strip_lora_layers
-from trainer_core.models.bfl_flux import CHECKPOINT_MODES, GRADIENT_CHECKPOINTING_MODE, BflFlux
+from trainer_core.models.bfl_flux import CHECKPOINT_MODES, BflFlux
 
 from .weights import AutogradSafeWeights, quantized_layers
 
@@ -69,38 +69,35 @@ def sdpa_attention(default, *args, **kwargs):
     return attention_pytorch(*args, **kwargs)
 
 
-def _resolve_mode(gradient_checkpointing) -> str:
-    """A bool (True = ``GRADIENT_CHECKPOINTING_MODE``) or a mode name, e.g. "auto"."""
-    if isinstance(gradient_checkpointing, str):
-        if gradient_checkpointing not in CHECKPOINT_MODES:
-            raise ValueError(f"gradient_checkpointing={gradient_checkpointing!r}; expected a bool or one of {list(CHECKPOINT_MODES)}")
-        return gradient_checkpointing
-    return GRADIENT_CHECKPOINTING_MODE if gradient_checkpointing else "off"
-
-
 @contextlib.contextmanager
-def training_model(model_patcher, *, gradient_checkpointing=True, precision: str = "auto",
-                   config=None) -> Iterator[BflFlux]:
+def training_model(model_patcher, config=None) -> Iterator[BflFlux]:
     """Load ``model_patcher`` fully (its patches, e.g. another LoRA, are merged into the
     weights by ComfyUI, so training happens on top of them) and yield a ``BflFlux`` over its
-    live ``diffusion_model``.
+    live ``diffusion_model``, as ``config`` (a ``TrainingConfig``) says.
 
-    ``gradient_checkpointing``: bool or a mode from ``CHECKPOINT_MODES``. ``precision``:
-    "auto" computes in the dtype ComfyUI runs the model in (``get_dtype_inference()``);
-    "bf16"/"fp16"/"fp32" compute in that dtype (see ``_compute_dtypes``). The stored weights
-    are never cast or copied; fp8 weights stay fp8 (ComfyUI's layers cast them per forward).
+    ``config.train.gradient_checkpointing``: a mode from ``CHECKPOINT_MODES``.
+    ``config.train.precision``: "auto" computes in the dtype ComfyUI runs the model in
+    (``auto_compute_dtype``); "bf16"/"fp16"/"fp32" compute in that dtype (see
+    ``_compute_dtypes``). The stored weights are never cast or copied; fp8 weights stay fp8
+    (ComfyUI's layers cast them per forward).
 
     Inside the block: inference mode off, grad on, ``comfy.model_management.in_training``
     True (ComfyUI's fused rope has no backward otherwise). Everything is restored on exit,
     also on errors and interrupts. The caller must ``LoraNetwork.remove()`` before leaving.
 
-    ``config`` (a ``TrainingConfig``): plan memory for it first (see the module docstring);
-    the plan is ``model.memory_plan`` (pass it to ``train_lora(memory_plan=...)``).
+    Memory is planned for ``config`` first (see the module docstring); the plan is
+    ``model.memory_plan`` (pass it to ``train_lora(memory_plan=...)``). ``config=None``
+    (tests, benchmarks): "auto" precision, "blocks" checkpointing and no memory plan.
     """
+    from trainer_core.config import TrainConfig
+
+    settings = config.train if config is not None else TrainConfig(precision="auto", gradient_checkpointing="blocks")
+    precision, mode = settings.precision, settings.gradient_checkpointing
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r}; expected one of {list(PRECISIONS)}")
+    if mode not in CHECKPOINT_MODES:
+        raise ValueError(f"gradient_checkpointing={mode!r}; expected one of {list(CHECKPOINT_MODES)}")
     info = detect_arch(model_patcher)
-    mode = _resolve_mode(gradient_checkpointing)
     mm = comfy.model_management
     previous = mm.in_training
     with torch.inference_mode(False), torch.enable_grad():

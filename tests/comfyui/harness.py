@@ -59,6 +59,16 @@ def load_bridge():
     return sys.modules[BRIDGE_MODULE]
 
 
+def bridge_config(checkpointing="blocks", precision: str = "auto", **sections):
+    """A ``TrainingConfig`` for ``bridge.training_model(mp, config)``: ``checkpointing`` (a
+    mode, or a bool: True = "blocks"), ``precision`` and whole config sections (``memory=...``)."""
+    from trainer_core.config import TrainConfig, TrainingConfig
+
+    if isinstance(checkpointing, bool):
+        checkpointing = "blocks" if checkpointing else "off"
+    return TrainingConfig(train=TrainConfig(gradient_checkpointing=checkpointing, precision=precision), **sections)
+
+
 def _apply_torchvision_shim() -> None:
     """On machines whose torchvision is a CUDA build over CPU torch, the dev venv ships a
     shim module (``comfyui_tv_shim``) that defines the missing operator schemas. Optional."""

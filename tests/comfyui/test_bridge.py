@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 
 import pytest
+import harness
 import torch
 import torch.nn.functional as F
 
@@ -97,7 +98,7 @@ def test_lora_training_lowers_loss(comfyui, bridge, tiny_files, name):
     import comfy.model_management as mm
 
     mp = comfyui.load_flux(tiny_files[name])
-    with bridge.training_model(mp, gradient_checkpointing=True) as model:
+    with bridge.training_model(mp, harness.bridge_config(True)) as model:
         assert mm.in_training and model.arch == EXPECTED[name][0] and model.checkpoint == "blocks"
         assert model.context_tokens == (512 if model.arch == "flux2" else None)
         losses = _train(model)
@@ -108,7 +109,7 @@ def test_lora_training_lowers_loss(comfyui, bridge, tiny_files, name):
 @pytest.mark.parametrize("name", ["flux1_dev", "flux2"])
 def test_checkpoint_modes_give_equal_gradients(comfyui, bridge, tiny_files, name):
     mp = comfyui.load_flux(tiny_files[name])
-    with bridge.training_model(mp, gradient_checkpointing="off") as model:
+    with bridge.training_model(mp, harness.bridge_config("off")) as model:
         net = LoraNetwork.inject(model.module, LoRAConfig(rank=4), model.default_targets["all"])
         with torch.no_grad():
             g = torch.Generator().manual_seed(0)
@@ -139,7 +140,7 @@ def test_input_model_is_unchanged_after_training(comfyui, bridge, tiny_files):
             return dm(x_t, sigma, text.context, y=text.pooled, guidance=torch.ones(2)).clone()
 
     out_before = run()
-    with bridge.training_model(mp, gradient_checkpointing=True) as model:
+    with bridge.training_model(mp, harness.bridge_config(True)) as model:
         _train(model, steps=2)
     after = dict(dm.named_parameters())
     assert list(after) == list(before)
@@ -157,7 +158,7 @@ def test_errors_inside_training_restore_the_model(comfyui, bridge, tiny_files):
     dm = mp.model.diffusion_model
     qkv = dm.double_blocks[0].img_attn.qkv
     with pytest.raises(KeyboardInterrupt):
-        with bridge.training_model(mp, gradient_checkpointing=False) as model:
+        with bridge.training_model(mp, harness.bridge_config(False)) as model:
             LoraNetwork.inject(model.module, LoRAConfig(rank=4), model.default_targets["all"])  # never removed
             raise KeyboardInterrupt
     assert not mm.in_training
@@ -167,7 +168,7 @@ def test_errors_inside_training_restore_the_model(comfyui, bridge, tiny_files):
 
 def test_fp8_weights_train(comfyui, bridge, tiny_files):
     mp = comfyui.load_flux(tiny_files["flux1_dev"], dtype=torch.float8_e4m3fn)
-    with bridge.training_model(mp, gradient_checkpointing=True) as model:
+    with bridge.training_model(mp, harness.bridge_config(True)) as model:
         qkv = model.module.double_blocks[0].img_attn.qkv.weight
         assert qkv.dtype == torch.float8_e4m3fn
         losses = _train(model)
@@ -193,7 +194,7 @@ def test_training_on_top_of_another_lora(comfyui, bridge, tiny_files):
     patched = bridge.model_with_lora(mp, other)
     a = other["diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight"]
     b = other["diffusion_model.double_blocks.0.img_attn.qkv.lora_B.weight"]
-    with bridge.training_model(patched, gradient_checkpointing=True) as model:
+    with bridge.training_model(patched, harness.bridge_config(True)) as model:
         merged = model.module.double_blocks[0].img_attn.qkv.weight
         assert torch.allclose(merged, w0 + b @ a, atol=1e-6)  # the other LoRA is in the weights we train on
         losses = _train(model)
@@ -206,7 +207,7 @@ def test_saved_lora_loads_in_comfy_and_matches_live_model(comfyui, bridge, tiny_
 
     mp = comfyui.load_flux(tiny_files[name])
     batch = _batch(EXPECTED[name][0], seed=5)
-    with bridge.training_model(mp, gradient_checkpointing=True) as model:
+    with bridge.training_model(mp, harness.bridge_config(True)) as model:
         net = LoraNetwork.inject(model.module, LoRAConfig(rank=4), model.default_targets["all"])
         with torch.no_grad():
             g = torch.Generator().manual_seed(1)
@@ -291,7 +292,7 @@ def test_auto_precision_trains_low_precision_weights_in_bf16(comfyui, bridge, ti
     monkeypatch.setattr(bridge.model, "_bf16_native", lambda device: True)
     assert bridge.auto_compute_dtype(fp32.model) == fp32.model.get_dtype_inference() == torch.float32
     assert bridge.auto_compute_dtype(bf16.model) == torch.bfloat16
-    with bridge.training_model(bf16, precision="auto") as model:
+    with bridge.training_model(bf16, harness.bridge_config("blocks", precision="auto")) as model:
         assert model.compute_dtype == torch.bfloat16 and model.autocast_dtype is None
         assert model.module.double_blocks[0].img_attn.qkv.weight.dtype == torch.bfloat16  # never cast
     monkeypatch.setattr(bridge.model, "_bf16_native", lambda device: False)  # e.g. a CPU without native bf16
@@ -312,7 +313,7 @@ def test_streamed_training_through_the_bridge_is_bitwise_the_same(comfyui, bridg
         dm = mp.model.diffusion_model
         before = {n: (p, p.detach().clone()) for n, p in dm.named_parameters()}
         config = TrainingConfig(memory=MemoryConfig(streaming=streaming))
-        with bridge.training_model(mp, gradient_checkpointing="blocks", config=config) as model:
+        with bridge.training_model(mp, harness.bridge_config("blocks", memory=config.memory)) as model:
             plan = model.memory_plan
             torch.manual_seed(0)
             net = LoraNetwork.inject(model.module, LoRAConfig(rank=4, alpha=4.0), model.default_targets["all"])
@@ -346,7 +347,7 @@ def test_bridge_refuses_a_run_that_cannot_fit_before_loading(comfyui, bridge, ti
     loaded = list(mm.current_loaded_models)
     config = TrainingConfig(memory=MemoryConfig(budget_gb=0.001, margin_gb=0.0))
     with pytest.raises(MemoryBudgetError, match="To make it fit"):
-        with bridge.training_model(mp, config=config):
+        with bridge.training_model(mp, config):
             pass
     assert not any(m.model is mp for m in mm.current_loaded_models if m not in loaded)
     assert not mm.in_training
@@ -364,7 +365,7 @@ def test_training_attends_with_sdpa(comfyui, bridge, tiny_files):
             return func(*args, **(kwargs or {}))
 
     mp = comfyui.load_flux(tiny_files["flux2"])
-    with bridge.training_model(mp, gradient_checkpointing="off") as model:
+    with bridge.training_model(mp, harness.bridge_config("off")) as model:
         with Record():
             _train(model, steps=1)
     assert len(seen) == 2  # 1 double + 1 single block

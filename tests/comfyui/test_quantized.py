@@ -8,6 +8,7 @@ tensor. Skipped unless COMFYUI_PATH is set.
 from __future__ import annotations
 
 import pytest
+import harness
 import torch
 
 from test_bridge import EXPECTED, _batch, _loss, _train
@@ -68,7 +69,7 @@ def test_lora_trains_on_quantized_weights(comfyui, bridge, quant_files, name):
     mp = _load(comfyui, quant_files[name])
     dm = mp.model.diffusion_model
     before = {n: (w, w._qdata.clone(), w.is_inference()) for n, w in _quantized(dm).items()}
-    with bridge.training_model(mp, gradient_checkpointing=True, precision="bf16") as model:
+    with bridge.training_model(mp, harness.bridge_config(True, precision="bf16")) as model:
         live = _quantized(model.module)
         assert set(live) == set(before)
         assert all(w._qdata.dtype == torch.float8_e4m3fn and not w.is_inference() for w in live.values())
@@ -93,7 +94,7 @@ def test_autograd_keeps_no_dequantized_weight(comfyui, bridge, quant_files):
         saved.append((type(t), tuple(t.shape), t.dtype))
         return t
 
-    with bridge.training_model(mp, gradient_checkpointing=False, precision="bf16") as model:
+    with bridge.training_model(mp, harness.bridge_config(False, precision="bf16")) as model:
         shapes = {s for w in _quantized(model.module).values() for s in (tuple(w.shape), tuple(w.shape)[::-1])}
         net = LoraNetwork.inject(model.module, LoRAConfig(rank=4), model.default_targets["all"])
         try:
@@ -117,7 +118,7 @@ def test_lora_from_quantized_model_loads_in_comfy_and_matches(comfyui, bridge, q
     arch = EXPECTED[CASES[name][0]][0]
     mp = _load(comfyui, quant_files[name])
     batch = _batch(arch, seed=5)
-    with bridge.training_model(mp, gradient_checkpointing=True) as model:
+    with bridge.training_model(mp, harness.bridge_config(True)) as model:
         net = LoraNetwork.inject(model.module, LoRAConfig(rank=4), model.default_targets["all"])
         with torch.no_grad():
             base = model.velocity(*batch[:3], 1.0)

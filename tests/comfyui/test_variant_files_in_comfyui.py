@@ -4,6 +4,7 @@ and continuing from a file in each key form starts exactly at the file."""
 from __future__ import annotations
 
 import pytest
+import harness
 import torch
 from test_bridge import EXPECTED, _batch, _loss, _train
 
@@ -42,7 +43,7 @@ def test_file_through_loraloader_equals_trained_model(comfyui, bridge, tiny_file
     mp = comfyui.load_flux(tiny_files[name])
     batch = _batch(EXPECTED[name][0], seed=5)
     cfg = LoRAConfig(rank=4, alpha=8.0, algorithm=algorithm)
-    with bridge.training_model(mp, gradient_checkpointing=False) as model:
+    with bridge.training_model(mp, harness.bridge_config(False)) as model:
         net = LoraNetwork.inject(model.module, cfg, model.default_targets["all"])
         _perturb(net)
         with torch.no_grad():
@@ -71,7 +72,7 @@ def test_file_through_loraloader_equals_trained_model(comfyui, bridge, tiny_file
 @pytest.mark.parametrize("name", ["flux1_dev", "flux2"])
 def test_short_training_lowers_the_loss(comfyui, bridge, tiny_files, name, algorithm):
     mp = comfyui.load_flux(tiny_files[name])
-    with bridge.training_model(mp, gradient_checkpointing=True) as model:
+    with bridge.training_model(mp, harness.bridge_config(True)) as model:
         losses = _train(model, lora=LoRAConfig(rank=4, alpha=4.0, algorithm=algorithm))
     assert losses[-1] < losses[0], losses
 
@@ -98,7 +99,7 @@ def test_continuing_from_a_file_starts_at_its_predictions(comfyui, bridge, tiny_
     mp = comfyui.load_flux(tiny_files["flux1_dev"])
     batch = _batch("flux1", seed=7)
     rank, alpha = 2, 2.0
-    with bridge.training_model(mp, gradient_checkpointing=False) as model:
+    with bridge.training_model(mp, harness.bridge_config(False)) as model:
         if form == "transformer":
             tensors, md = _diffusers_lora(rank), {}
         else:
@@ -127,7 +128,7 @@ def test_continuing_from_a_file_starts_at_its_predictions(comfyui, bridge, tiny_
 @pytest.mark.parametrize("algorithm", ["dora", "loha", "lokr"])
 def test_fp8_base_weights_train_with_every_algorithm(comfyui, bridge, tiny_files, algorithm):
     mp = comfyui.load_flux(tiny_files["flux1_dev"], dtype=torch.float8_e4m3fn)
-    with bridge.training_model(mp, gradient_checkpointing=True) as model:
+    with bridge.training_model(mp, harness.bridge_config(True)) as model:
         qkv = model.module.double_blocks[0].img_attn.qkv.weight
         losses = _train(model, lora=LoRAConfig(rank=4, alpha=4.0, algorithm=algorithm))  # asserts fp32 adapter params
         assert qkv.dtype == torch.float8_e4m3fn

@@ -136,8 +136,7 @@ def shrink(graph: dict, *, unet: str, vae: str, dataset: Path, output_name: str,
         elif t == "FlowTrainLoraConfig":
             i.update(rank=4, alpha=4.0, targets="all")
         elif t == "FlowTrainTrainer":
-            i.update(steps=steps, learning_rate=2e-3, output_name=output_name, save_every=0,
-                     gradient_checkpointing="blocks")
+            i.update(steps=steps, learning_rate=2e-3, output_name=output_name, save_every=0)
         elif t == "FlowTrainPreviewSettings":
             i.update(every_n_steps=preview_every, steps=2, width=64, height=64)
         elif t == "FlowTrainSaveLora":

@@ -133,7 +133,7 @@ def run_keys(config: TrainingConfig, arch: str, steps: int, run: Optional[RunInf
         "ss_batch_size_per_device": batch,
         "ss_total_batch_size": batch * accum,
         "ss_gradient_accumulation_steps": accum,
-        "ss_gradient_checkpointing": c.train.gradient_checkpointing,
+        "ss_gradient_checkpointing": c.train.gradient_checkpointing != "off",
         "ss_lr_warmup_steps": c.optim.warmup_steps,
         "ss_mixed_precision": PRECISION_NAMES.get(c.train.precision, c.train.precision),
         "ss_full_fp16": False,

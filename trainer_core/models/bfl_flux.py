@@ -180,11 +180,17 @@ class BflFlux:
         h, w = latent_hw
         return (h // self.patch_size) * (w // self.patch_size)
 
-    def prepare_for_training(self, dtype: Optional[torch.dtype] = None, gradient_checkpointing: bool = True) -> None:
-        """Pick the checkpoint mode (unless fixed at construction) and, unless
-        ``precision_fixed``, autocast to ``dtype`` when it differs from ``compute_dtype``."""
+    def prepare_for_training(self, dtype: Optional[torch.dtype] = None, gradient_checkpointing: bool | str = True) -> None:
+        """Pick the checkpoint mode (unless fixed at construction: a mode of ``CHECKPOINT_MODES``,
+        or a bool, True = ``GRADIENT_CHECKPOINTING_MODE``) and, unless ``precision_fixed``,
+        autocast to ``dtype`` when it differs from ``compute_dtype``."""
         if self.checkpoint_setting is None:
-            self.checkpoint = GRADIENT_CHECKPOINTING_MODE if gradient_checkpointing else "off"
+            if isinstance(gradient_checkpointing, str):
+                if gradient_checkpointing not in CHECKPOINT_MODES:
+                    raise ValueError(f"gradient_checkpointing={gradient_checkpointing!r}; expected one of {list(CHECKPOINT_MODES)}")
+                self.checkpoint = gradient_checkpointing
+            else:
+                self.checkpoint = GRADIENT_CHECKPOINTING_MODE if gradient_checkpointing else "off"
         if dtype is not None and not self.precision_fixed:
             self.autocast_dtype = None if dtype == self.compute_dtype else dtype
         log.info("BflFlux %s: checkpoint=%s compute=%s autocast=%s", self.arch, self.checkpoint,
