@@ -1,0 +1,132 @@
+"""``flowtrain train``: a LoRA from the model files ComfyUI users have, or a diffusers folder.
+
+Models come from (``models.find_files``):
+
+* ``--model``: a BFL-layout ``.safetensors`` (FLUX.1 dev/schnell, FLUX.2 Klein), a file name in
+  ``<--comfyui-models>/diffusion_models``, or a diffusers FLUX.1 folder; left out, the name a
+  Trainer node's ``config.json`` recorded (``model.file``), else the only FLUX file there;
+* ``--clip-l`` / ``--t5`` (FLUX.1), ``--text-encoder`` (FLUX.2: Qwen3 for Klein), ``--vae``:
+  paths or names in ``text_encoders``/``clip`` and ``vae``, chosen automatically when one fits;
+* ``--tokenizers DIR``: tokenizer folders (never downloaded); a ComfyUI checkout holding the
+  models folder is searched too (``models.text_files.TOKENIZER_PATHS``).
+
+Before any model loads it prints the dataset summary (``data.overview``). With preview
+prompts set it renders previews into ``<run>/previews`` and writes ``samples.png``: the
+baseline previews (the base model) above the final ones.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
+log = logging.getLogger("trainer_core")
+
+
+def add_arguments(train) -> None:
+    train.add_argument("--model", help="a FLUX .safetensors file (BFL layout, as in ComfyUI's models/diffusion_models), "
+                                       "its name under --comfyui-models, or a diffusers FLUX.1 folder; default: the "
+                                       "file a --config run recorded, else the only FLUX file in --comfyui-models")
+    train.add_argument("--comfyui-models", type=Path, metavar="DIR",
+                       help="ComfyUI's models folder: --model, --clip-l, --t5, --text-encoder and --vae are "
+                            "looked up there by name (diffusion_models/, text_encoders/ or clip/, vae/)")
+    train.add_argument("--clip-l", metavar="FILE", help="FLUX.1 CLIP-L text encoder file (clip_l.safetensors)")
+    train.add_argument("--t5", metavar="FILE", help="FLUX.1 T5-XXL text encoder file (t5xxl_fp16 or fp8_e4m3fn_scaled)")
+    train.add_argument("--text-encoder", metavar="FILE", help="FLUX.2 text encoder file (Qwen3 for Klein)")
+    train.add_argument("--vae", metavar="FILE", help="VAE file (FLUX.1 ae.safetensors or the FLUX.2 VAE)")
+    train.add_argument("--tokenizers", type=Path, action="append", default=[], metavar="DIR",
+                       help="folder with tokenizer folders (clip_l/, t5xxl/, qwen3/) or a ComfyUI checkout "
+                            "(repeatable); the checkout above --comfyui-models is searched too")
+    train.add_argument("--data", type=Path, help="image folder with same-name .txt captions "
+                                                 "(default: data.path of --config)")
+
+
+def model_record(config_path: Optional[Path]) -> dict:
+    """The ``model`` section a Trainer node's run wrote into ``config.json`` ({} if none)."""
+    if not config_path:
+        return {}
+    try:
+        data = json.loads(Path(config_path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return {}  # make_config reports the unreadable file
+    record = data.get("model") if isinstance(data, dict) and "config" in data else None
+    return record if isinstance(record, dict) else {}
+
+
+def load_parts(args, config, device, record: dict):
+    """(model, codec, text encoder, base-model identity, model file name)."""
+    from .models.local import load_diffusers_flux_folder
+    from .models.single_file import load_diffusion_model, load_vae
+    from .models.text_files import load_text_encoder
+    from .session import DTYPES
+
+    dtype = DTYPES[config.train.precision]
+    name = args.model or record.get("file") or None
+    if name and Path(name).expanduser().is_dir():
+        model, codec, text = load_diffusers_flux_folder(Path(name), dtype=dtype, device=device,
+                                                        base_quantization=config.train.base_quantization)
+        return model, codec, text, str(name), Path(name).name
+    from .models.find_files import find_model_files
+
+    files = find_model_files(models=args.comfyui_models, model=name, clip_l=args.clip_l, t5=args.t5,
+                             text_encoder=args.text_encoder, vae=args.vae, tokenizers=args.tokenizers)
+    if config.train.base_quantization != "none":
+        raise ValueError("train.base_quantization applies to diffusers folders only; a single file loads as stored "
+                         "(fp8 files are dequantized to train.precision); set train.base_quantization=none")
+    log.info("files: %s", files.summary())
+    model = load_diffusion_model(files.model, dtype=dtype, device=device)
+    codec = load_vae(files.vae, dtype=dtype, device=device, arch=files.arch)
+    text = load_text_encoder(files.arch, files.text, files.tokenizers, dtype=dtype, device=device,
+                             schnell=files.arch == "flux1" and not model.guidance_embed)
+    identity = f"file:{files.model.name}:{files.model.stat().st_size}"
+    return model, codec, text, identity, files.model.name
+
+
+def run(args, *, device, stop, make_config, progress, phases):
+    """Train as ``args`` say; returns the ``TrainResult``."""
+    from . import distributed
+    from .data.overview import format_overview, overview
+    from .demo.run import preview_callbacks, preview_prompts
+    from .session import check_before_loading, train_lora
+
+    config = make_config(args, {})
+    if not config.data.path:
+        raise ValueError("no dataset: give --data FOLDER (or a --config with data.path)")
+    check_before_loading(config)  # the data folder, captions and run folder: before the slow load
+    if distributed.current().is_main:
+        log.info("%s", format_overview(overview(config.data)))
+    model, codec, text, identity, name = load_parts(args, config, device, model_record(args.config))
+    previews = preview_callbacks(config, codec, text)
+
+    def release():
+        text.release()
+        if not previews:  # previews decode with the VAE until the end
+            codec.release()
+
+    result = train_lora(config, model, codec, text, release_encoders=release, progress=progress, should_stop=stop,
+                        base_model=identity, phase_progress=phases, model_name=name, callbacks=previews,
+                        prompts=preview_prompts(config))
+    if previews and distributed.current().is_main:
+        samples = write_samples(result.run_dir, result.steps)
+        if samples:
+            log.info("samples: %s", samples)
+    return result
+
+
+def write_samples(run_dir: Path, steps: int) -> Optional[Path]:
+    """``samples.png``: the trigger previews of the base model (``previews/baseline``) above
+    those after training (``previews/final``); None when either is missing."""
+    from .data.images import image_to_tensor, load_image
+    from .demo.grid import save_grid
+    from .previews import PREVIEW_DIR
+
+    rows = []
+    for name in ("baseline", "final"):
+        files = sorted((Path(run_dir) / PREVIEW_DIR / name).glob("p*_trigger.png"))
+        if not files:
+            return None
+        import torch
+
+        rows.append(torch.stack([image_to_tensor(load_image(p)) for p in files]))
+    return save_grid(rows, Path(run_dir) / "samples.png", labels=["before training", f"after {steps} steps"])
