@@ -44,7 +44,8 @@ def write_clip_l(path: Path, vocab: int) -> Path:
 
     torch.manual_seed(1)
     cfg = CLIPTextConfig(vocab_size=vocab, hidden_size=CLIP_HIDDEN, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=1, max_position_embeddings=77, hidden_act="quick_gelu")
+                         num_attention_heads=1, max_position_embeddings=77, hidden_act="quick_gelu",
+                         bos_token_id=1, eos_token_id=2)
     model = CLIPTextModel(cfg)  # ComfyUI's clip_l files name every tensor text_model.*
     prefix = "" if all(k.startswith("text_model.") for k in model.state_dict()) else "text_model."
     return _save(model, path, prefix=prefix, drop=("text_model.embeddings.position_ids", "embeddings.position_ids"))

@@ -55,11 +55,11 @@ def _pick(name: Optional[str], models: Optional[Path], what: str, kind: str, loo
     where = _folders(models, what) or ([models / f for f in FOLDERS[what]] if models else [])
     if name:
         direct = Path(name).expanduser()
-        if direct.exists():
-            return direct
-        for folder in where:
-            if (folder / name).exists():
-                return folder / name
+        path = direct if direct.exists() else next((f / name for f in where if (f / name).exists()), None)
+        if path is not None:
+            if path.is_file() and not fits(path):  # checked now, before any slow load
+                raise ValueError(f"{FLAGS[kind]} {path} is {describe_file(path)}, not a {looks_for}")
+            return path
         places = ", ".join(map(str, where)) if where else "nowhere (give --comfyui-models DIR or a path)"
         raise ValueError(f"{FLAGS[kind]} {name}: no such file; looked in the current folder and {places}")
     if models is None:
@@ -110,7 +110,8 @@ def find_model_files(*, models: Optional[Path], model: Optional[str], clip_l: Op
         path = _pick(names.get(kind), models, "text", kind, f"{KIND_NAMES[kind]} text encoder",
                      lambda p, k=kind: file_text_kind(p) == k)
         files.text[kind] = path
-    files.vae = _pick(vae, models, "vae", "vae", f"{arch} VAE ({z} latent channels)", lambda p: _vae_channels(p) == z)
+    family = {"flux1": "FLUX.1", "flux2": "FLUX.2"}[arch]
+    files.vae = _pick(vae, models, "vae", "vae", f"{family} VAE ({z} latent channels)", lambda p: _vae_channels(p) == z)
     search = list(tokenizers or [])
     if models is not None and (models.parent / "comfy").is_dir():
         search.append(models.parent)  # the ComfyUI checkout that holds models/

@@ -73,12 +73,14 @@ def describe_file(path: str | Path) -> str:
     if any("lora_" in k or ".lora." in k or k.endswith(".alpha") for k in names):
         return "a LoRA"
     if "decoder.conv_in.weight" in names:
-        return "a VAE"
-    from .text_files import text_kind  # text encoders
+        z = header(path)[p + "decoder.conv_in.weight"]["shape"][1]
+        family = {16: "FLUX.1 ", 32: "FLUX.2 "}.get(z, "")
+        return f"a {family}VAE ({z} latent channels)"
+    from .text_files import KIND_NAMES, text_kind  # text encoders
 
     kind = text_kind(names)
     if kind:
-        return f"a {kind} text encoder"
+        return f"a {KIND_NAMES[kind]} text encoder"
     if any(k.startswith(("transformer_blocks.", "single_transformer_blocks.")) for k in names):
         return "a diffusers-layout transformer (not the BFL layout ComfyUI's diffusion_models files use)"
     return f"an unrecognised model ({len(names)} tensors, e.g. {sorted(names)[:3]})"
@@ -197,7 +199,7 @@ def load_vae(path: str | Path, *, dtype: torch.dtype, device: torch.device, arch
 
     path = Path(path)
     looks = describe_file(path)
-    _expect(path, "a VAE (models/vae)", looks, looks == "a VAE")
+    _expect(path, "a VAE (models/vae)", looks, "VAE" in looks)
     sd = load_tensors(path, torch.float32)
     sd = {k.replace("decoder.post_quant_conv.", "post_quant_conv.").replace("encoder.quant_conv.", "quant_conv."): v
           for k, v in sd.items()}

@@ -1,0 +1,111 @@
+"""The command line trains from model files as ComfyUI keeps them: tiny BFL-layout FLUX.1 and
+FLUX.2 (Klein) diffusion models, CLIP-L / T5 / Qwen3 text-encoder files and VAE files with
+real tensor names, found by name under ``--comfyui-models``; a wrong file gets an error that
+names it and says what it is instead."""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+from tiny_files import harness, write_models
+
+from trainer_core import cli
+from trainer_core.models.single_file import describe_file, load_diffusion_model, load_tensors
+
+
+@pytest.fixture
+def quiet_cli(monkeypatch):
+    monkeypatch.setattr(cli.StopFlag, "install", lambda self: None)
+
+
+def _data(root):
+    data = root / "data"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray((rng.random((64, 64, 3)) * 255).astype("uint8")).save(data / f"img{i}.png")
+        (data / f"img{i}.txt").write_text("a photo of sks dog", encoding="utf-8")
+    return data
+
+
+def _argv(root, models, *extra):
+    return ["train", "--comfyui-models", str(models), "--tokenizers", str(models.parent / "tokenizers"),
+            "--data", str(root / "data"), "--output-dir", str(root / "out"), "--name", "run", "--steps", "2",
+            "--resolution", "64", "--device", "cpu", "--set", "data.buckets.min_side=32",
+            "--set", "train.precision=fp32", "--set", "train.save_every=0", *extra]
+
+
+@pytest.mark.parametrize("arch, lora_key", [("flux1", "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"),
+                                            ("flux2", "diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight")])
+def test_trains_from_comfyui_model_files(tmp_path, quiet_cli, caplog, arch, lora_key):
+    models = write_models(tmp_path, arch, guidance=arch == "flux1")
+    _data(tmp_path)
+    caplog.set_level(logging.INFO)
+    assert cli.main(_argv(tmp_path, models)) == 0, caplog.text
+    run = tmp_path / "out" / "run"
+    lora = load_file(str(run / "lora_final.safetensors"))
+    assert lora_key in lora  # BFL names: what ComfyUI's LoRA loader maps
+    assert all(".double_blocks." in k or "_double_blocks_" in k or "single_blocks" in k for k in lora if "alpha" not in k)
+    record = json.loads((run / "config.json").read_text())["model"]
+    assert record == {"file": models.joinpath("diffusion_models").glob("*.safetensors").__next__().name, "arch": arch}
+    assert "dataset " in caplog.text and "buckets: 64x64 ×2" in caplog.text  # the summary came first
+    assert caplog.text.index("dataset ") < caplog.text.index("files: model")
+
+
+def test_wrong_file_kinds_are_named(tmp_path, quiet_cli, caplog):
+    models = write_models(tmp_path, "flux1")
+    _data(tmp_path)
+    caplog.set_level(logging.ERROR)
+    vae = models / "vae" / "ae.safetensors"
+    assert cli.main(_argv(tmp_path, models, "--model", str(vae))) == 2
+    assert f"--model {vae} is a FLUX.1 VAE (16 latent channels), not a FLUX diffusion model" in caplog.text
+    caplog.clear()
+    clip = models / "text_encoders" / "clip_l.safetensors"
+    assert cli.main(_argv(tmp_path, models, "--vae", str(clip))) == 2
+    assert f"--vae {clip} is a CLIP-L text encoder, not a FLUX.1 VAE (16 latent channels)" in caplog.text
+    caplog.clear()
+    assert cli.main(_argv(tmp_path, models, "--t5", "clip_l.safetensors")) == 2
+    assert "clip_l.safetensors is a CLIP-L text encoder, not a T5-XXL text encoder" in caplog.text
+    caplog.clear()
+    flux2_vae = harness.write_tiny_vae(tmp_path / "flux2_vae.safetensors", "flux2", dec_ch=32)
+    assert cli.main(_argv(tmp_path, models, "--vae", str(flux2_vae))) == 2
+    assert "is a FLUX.2 VAE (32 latent channels), not a FLUX.1 VAE" in caplog.text
+
+
+def test_ambiguous_and_missing_files_say_where_and_which_flag(tmp_path, quiet_cli, caplog):
+    models = write_models(tmp_path, "flux1")
+    _data(tmp_path)
+    shutil.copy(models / "vae" / "ae.safetensors", models / "vae" / "ae_copy.safetensors")
+    caplog.set_level(logging.ERROR)
+    assert cli.main(_argv(tmp_path, models)) == 2
+    assert "ae.safetensors, ae_copy.safetensors; choose one with --vae NAME" in caplog.text
+    caplog.clear()
+    assert cli.main(_argv(tmp_path, models, "--vae", "ae.safetensors", "--model", "flux1-krea.safetensors")) == 2
+    assert "--model flux1-krea.safetensors: no such file" in caplog.text and str(models / "diffusion_models") in caplog.text
+    caplog.clear()
+    shutil.rmtree(models.parent / "tokenizers" / "t5xxl")
+    assert cli.main(_argv(tmp_path, models, "--vae", "ae.safetensors")) == 2
+    assert "no T5-XXL tokenizer found" in caplog.text and "--tokenizers" in caplog.text
+
+
+def test_scaled_fp8_weights_are_dequantized(tmp_path):
+    sd = harness.flux_state_dict("flux1", hidden=128, context_dim=48, vec_dim=32)
+    key = "double_blocks.0.img_attn.qkv.weight"
+    scale = sd[key].abs().max() / 448
+    stored = dict(sd, **{key: (sd[key] / scale).to(torch.float8_e4m3fn), key[:-len("weight")] + "weight_scale": scale})
+    path = tmp_path / "flux1-dev-fp8.safetensors"
+    save_file({f"model.diffusion_model.{k}": v for k, v in stored.items()}, str(path))
+    assert describe_file(path) == "a FLUX.1 diffusion model"
+    loaded = load_tensors(path, torch.float32)
+    assert key[:-len("weight")] + "weight_scale" not in loaded
+    assert torch.allclose(loaded[key], sd[key], rtol=0.07, atol=1e-4)  # fp8 keeps ~3 mantissa bits
+    assert not torch.allclose(loaded[key], (sd[key] / scale))  # the scale was applied
+    model = load_diffusion_model(path, dtype=torch.float32, device=torch.device("cpu"))
+    assert model.arch == "flux1" and model.guidance_embed
+    assert torch.equal(model.module.double_blocks[0].img_attn.qkv.weight, loaded[key])
