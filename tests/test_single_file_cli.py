@@ -109,3 +109,23 @@ def test_scaled_fp8_weights_are_dequantized(tmp_path):
     model = load_diffusion_model(path, dtype=torch.float32, device=torch.device("cpu"))
     assert model.arch == "flux1" and model.guidance_embed
     assert torch.equal(model.module.double_blocks[0].img_attn.qkv.weight, loaded[key])
+
+
+def test_run_config_json_tolerates_sections_only_the_node_reads(tmp_path):
+    from trainer_core.config import ConfigError, TrainingConfig
+
+    tree = TrainingConfig().to_dict()
+    tree["lora"]["rank"] = 7
+    run_file = tmp_path / "config.json"
+    run_file.write_text(json.dumps({"format_version": 1, "config": {**tree, "comfyui": {"graph": "..."}},
+                                    "model": {"file": "flux1-dev.safetensors", "arch": "flux1"}}))
+    args = cli.build_parser().parse_args(["train", "--config", str(run_file), "--data", str(tmp_path)])
+    assert cli.make_config(args, {}).lora.rank == 7  # the node-only section is skipped, the rest applies
+    from trainer_core.train_command import model_record
+
+    assert model_record(run_file) == {"file": "flux1-dev.safetensors", "arch": "flux1"}
+    partial = tmp_path / "partial.json"  # a hand-written config: an unknown section is a typo
+    partial.write_text(json.dumps({"lroa": {"rank": 7}}))
+    args = cli.build_parser().parse_args(["train", "--config", str(partial), "--data", str(tmp_path)])
+    with pytest.raises(ConfigError, match="unknown section 'lroa'"):
+        cli.make_config(args, {})
