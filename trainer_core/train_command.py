@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional
 
 log = logging.getLogger("trainer_core")
 
@@ -54,8 +55,25 @@ def model_record(config_path: Optional[Path]) -> dict:
     return record if isinstance(record, dict) else {}
 
 
-def load_parts(args, config, device, record: dict):
-    """(model, codec, text encoder, base-model identity, model file name)."""
+@dataclass
+class Parts:
+    model: Any
+    codec: Any
+    text: Any
+    identity: str  # the base model's identity (resume refuses another)
+    name: str  # its file name (LoRA metadata ``ss_sd_model_name``)
+    plan: Any = None  # memory plan made before the encoders took device memory
+    place: Callable[[], None] = lambda: None  # puts the transformer on the device (after the encoders)
+
+
+def load_parts(args, config, device, record: dict) -> Parts:
+    """The model, codec and text encoder. From single files the transformer stays in CPU
+    memory while the VAE and text encoders fill the caches on the device; its memory plan is
+    made first (the budget sees the device empty) and ``place`` moves it once they are freed
+    (streamed blocks are placed by the plan itself)."""
+    import torch
+
+    from .data.augment import needs_live_encoding
     from .models.local import load_diffusers_flux_folder
     from .models.single_file import load_diffusion_model, load_vae
     from .models.text_files import load_text_encoder
@@ -66,7 +84,7 @@ def load_parts(args, config, device, record: dict):
     if name and Path(name).expanduser().is_dir():
         model, codec, text = load_diffusers_flux_folder(Path(name), dtype=dtype, device=device,
                                                         base_quantization=config.train.base_quantization)
-        return model, codec, text, str(name), Path(name).name
+        return Parts(model, codec, text, str(name), Path(name).name)
     from .models.find_files import find_model_files
 
     files = find_model_files(models=args.comfyui_models, model=name, clip_l=args.clip_l, t5=args.t5,
@@ -75,12 +93,22 @@ def load_parts(args, config, device, record: dict):
         raise ValueError("train.base_quantization applies to diffusers folders only; a single file loads as stored "
                          "(fp8 files are dequantized to train.precision); set train.base_quantization=none")
     log.info("files: %s", files.summary())
-    model = load_diffusion_model(files.model, dtype=dtype, device=device)
+    model = load_diffusion_model(files.model, dtype=dtype, device=torch.device("cpu"))
+    model.device = device
+    plan = model.plan_memory(config)  # refuses a run that cannot fit before the encoders load
+    resident = device.type != "cpu" and not plan.streamed
+
+    def place() -> None:
+        if resident and next(model.module.parameters()).device != device:
+            model.module.to(device)
+
+    if needs_live_encoding(config.data.augment):  # the encoders stay loaded all run: no later moment
+        place()
     codec = load_vae(files.vae, dtype=dtype, device=device, arch=files.arch)
     text = load_text_encoder(files.arch, files.text, files.tokenizers, dtype=dtype, device=device,
                              schnell=files.arch == "flux1" and not model.guidance_embed)
     identity = f"file:{files.model.name}:{files.model.stat().st_size}"
-    return model, codec, text, identity, files.model.name
+    return Parts(model, codec, text, identity, files.model.name, plan, place)
 
 
 def run(args, *, device, stop, make_config, progress, phases):
@@ -96,17 +124,18 @@ def run(args, *, device, stop, make_config, progress, phases):
     check_before_loading(config)  # the data folder, captions and run folder: before the slow load
     if distributed.current().is_main:
         log.info("%s", format_overview(overview(config.data)))
-    model, codec, text, identity, name = load_parts(args, config, device, model_record(args.config))
-    previews = preview_callbacks(config, codec, text)
+    parts = load_parts(args, config, device, model_record(args.config))
+    previews = preview_callbacks(config, parts.codec, parts.text)
 
     def release():
-        text.release()
+        parts.text.release()
         if not previews:  # previews decode with the VAE until the end
-            codec.release()
+            parts.codec.release()
+        parts.place()
 
-    result = train_lora(config, model, codec, text, release_encoders=release, progress=progress, should_stop=stop,
-                        base_model=identity, phase_progress=phases, model_name=name, callbacks=previews,
-                        prompts=preview_prompts(config))
+    result = train_lora(config, parts.model, parts.codec, parts.text, release_encoders=release, progress=progress,
+                        should_stop=stop, base_model=parts.identity, phase_progress=phases, model_name=parts.name,
+                        callbacks=previews, prompts=preview_prompts(config), memory_plan=parts.plan)
     if previews and distributed.current().is_main:
         samples = write_samples(result.run_dir, result.steps)
         if samples:

@@ -28,3 +28,34 @@ def test_own_module_matches_comfyui(comfyui, tmp_path, arch, guidance):
         b = mine(x, torch.tensor([0.3, 0.8]), context, **kw)
     assert a.abs().max() > 0.5  # a real signal, not zeros
     assert (a - b).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("arch", ["flux1", "flux2"])
+def test_vae_file_codec_matches_comfyui(comfyui, tmp_path, arch):
+    """``single_file.load_vae`` gives the latents the node's VaeCodec gives (ComfyUI's VAE and
+    latent format): FLUX.1 scaled and shifted, FLUX.2 packed 2×2 and batch-normed."""
+    from trainer_core.models.single_file import load_vae
+
+    path = comfyui.write_tiny_vae(tmp_path / f"{arch}_vae.safetensors", arch, dtype=torch.float32, std=0.05)
+    g = torch.Generator().manual_seed(0)
+    sd = load_file(str(path))
+    if arch == "flux2":  # statistics that are not the identity, so normalising is checked
+        sd["bn.running_mean"] = torch.randn(128, generator=g) * 0.1
+        sd["bn.running_var"] = torch.rand(128, generator=g) + 0.5
+        from safetensors.torch import save_file
+
+        save_file(sd, str(path))
+    theirs = comfyui.load_vae(path)
+    import comfy.latent_formats
+
+    fmt = comfy.latent_formats.Flux() if arch == "flux1" else comfy.latent_formats.Flux2()
+    mine = load_vae(path, dtype=torch.float32, device=torch.device("cpu"), arch=arch)
+    pixels = torch.rand(1, 3, 64, 64, generator=g) * 2 - 1
+    with torch.inference_mode():
+        expected = fmt.process_in(theirs.encode(((pixels + 1) / 2).movedim(1, -1)).float())
+    got = mine.encode(pixels)
+    assert got.shape == expected.shape == ((1, 16, 8, 8) if arch == "flux1" else (1, 128, 4, 4))
+    assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
+    with torch.inference_mode():
+        decoded = theirs.decode(fmt.process_out(expected)).movedim(-1, 1) * 2 - 1
+    assert (mine.decode(expected) - decoded.float()).abs().max() <= 1e-3 * decoded.abs().max()
