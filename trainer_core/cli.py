@@ -128,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                           formatter_class=HelpFormatter)
     _common(demo)
     train = sub.add_parser("train", help="train on FLUX model files (as in ComfyUI) or a diffusers folder, and an image "
-                                         "folder", description=train_command.__doc__, formatter_class=HelpFormatter)
+                                         "folder", description=train_command.DESCRIPTION, formatter_class=HelpFormatter)
     _common(train)
     train_command.add_arguments(train)
     d = TrainingConfig().to_dict()  # what a flag left out means: the config's default (or --config's value)

@@ -24,6 +24,20 @@ from typing import Any, Callable, Optional
 
 log = logging.getLogger("trainer_core")
 
+DESCRIPTION = """Train a LoRA from FLUX model files as ComfyUI keeps them (FLUX.1 dev/schnell, FLUX.2 Klein)
+or from a diffusers FLUX.1 folder, on an image folder with .txt captions. Nothing is downloaded.
+
+examples:
+  flowtrain train --comfyui-models ~/ComfyUI/models --model flux1-dev.safetensors \\
+      --clip-l clip_l.safetensors --t5 t5xxl_fp16.safetensors --vae ae.safetensors \\
+      --data ./my_dog --trigger sks --class-word dog --name my_dog
+  flowtrain train --config ComfyUI/output/flowtrain/my_dog/config.json --comfyui-models ~/ComfyUI/models
+
+Files left out are chosen when exactly one file of the needed kind is in the folder. Tokenizers
+come from the ComfyUI checkout that holds the models folder, or --tokenizers DIR. The dataset
+summary is printed before any model loads; with preview prompts set (--set preview.prompts=[...])
+previews and a before/after samples.png land in the run folder."""
+
 
 def add_arguments(train) -> None:
     train.add_argument("--model", help="a FLUX .safetensors file (BFL layout, as in ComfyUI's models/diffusion_models), "

@@ -75,12 +75,10 @@ def find_tokenizer(kind: str, search: list[Path]) -> Path:
     ValueError listing where it looked."""
     tried = []
     for root in search:
-        for cand in (root / kind, root / TOKENIZER_PATHS[kind], root):
+        for cand in (root / kind, root / TOKENIZER_PATHS[kind]):
             tried.append(cand)
             if (cand / "tokenizer_config.json").is_file() and any(
                     (cand / f).is_file() for f in ("tokenizer.json", "vocab.json", "spiece.model")):
-                if cand == root and kind not in root.name:
-                    continue  # a bare folder only counts when it is named for the kind
                 return cand
     raise ValueError(f"no {KIND_NAMES[kind]} tokenizer found; looked in {', '.join(map(str, tried)) or 'nowhere'}. "
                      f"Give --tokenizers with a ComfyUI checkout (it ships {TOKENIZER_PATHS[kind]}) or a folder "
