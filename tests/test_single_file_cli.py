@@ -41,10 +41,16 @@ def _argv(root, models, *extra):
             "--set", "train.precision=fp32", "--set", "train.save_every=0", *extra]
 
 
-@pytest.mark.parametrize("arch, lora_key", [("flux1", "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"),
-                                            ("flux2", "diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight")])
-def test_trains_from_comfyui_model_files(tmp_path, quiet_cli, caplog, arch, lora_key):
-    models = write_models(tmp_path, arch, guidance=arch == "flux1")
+FLUX2_KEY = "diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight"
+
+
+@pytest.mark.parametrize("arch, encoder, lora_key", [
+    ("flux1", "", "lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"),
+    ("flux2", "qwen3", FLUX2_KEY),  # Klein
+    ("flux2", "mistral3", FLUX2_KEY),  # FLUX.2-dev: guidance, Mistral with its tokenizer inside the file
+])
+def test_trains_from_comfyui_model_files(tmp_path, quiet_cli, caplog, arch, encoder, lora_key):
+    models = write_models(tmp_path, arch, guidance=encoder != "qwen3", encoder=encoder)
     _data(tmp_path)
     caplog.set_level(logging.INFO)
     assert cli.main(_argv(tmp_path, models)) == 0, caplog.text

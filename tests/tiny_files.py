@@ -69,9 +69,40 @@ def write_qwen3(path: Path, vocab: int) -> Path:
     return _save(Qwen3Model(cfg), path, prefix="model.")
 
 
-def write_models(root: Path, arch: str = "flux1", *, guidance: bool = True) -> Path:
-    """``root/models/{diffusion_models,text_encoders,vae}`` and ``root/tokenizers`` for ``arch``;
-    returns the models folder."""
+MISTRAL_SPECIALS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "<pad>"]
+
+
+def tekken_json() -> bytes:
+    """A minimal tekken vocabulary (Mistral's format): the special tokens, then one token per byte."""
+    import base64
+    import json
+
+    vocab = [{"rank": i, "token_bytes": base64.b64encode(bytes([i])).decode(), "token_str": chr(i)} for i in range(256)]
+    specials = [{"rank": i, "token_str": t, "is_control": True} for i, t in enumerate(MISTRAL_SPECIALS)]
+    config = {"pattern": r"\s+|\S+", "num_vocab_tokens": 256 + len(specials), "default_vocab_size": 256 + len(specials),
+              "default_num_special_tokens": len(specials), "version": "v7"}
+    return json.dumps({"config": config, "vocab": vocab, "special_tokens": specials}).encode()
+
+
+def write_mistral(path: Path) -> Path:
+    """A tiny Mistral text encoder as ComfyUI ships FLUX.2-dev's: ``model.*`` weights plus the
+    tokenizer as a ``tekken_model`` uint8 tensor; 31 layers (FLUX.2 reads layers 10, 20, 30)."""
+    from transformers import MistralConfig, MistralModel
+
+    torch.manual_seed(4)
+    cfg = MistralConfig(vocab_size=256 + len(MISTRAL_SPECIALS), hidden_size=QWEN_HIDDEN, intermediate_size=32,
+                        num_hidden_layers=31, num_attention_heads=1, num_key_value_heads=1, head_dim=128)
+    sd = {"model." + k: v.contiguous() for k, v in MistralModel(cfg).state_dict().items()}
+    sd["tekken_model"] = torch.tensor(list(tekken_json()), dtype=torch.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(sd, str(path))
+    return path
+
+
+def write_models(root: Path, arch: str = "flux1", *, guidance: bool = True, encoder: str = "qwen3") -> Path:
+    """``root/models/{diffusion_models,text_encoders,vae}`` and ``root/tokenizers`` for ``arch``
+    (FLUX.2 with the Qwen3 encoder of Klein, or ``encoder="mistral3"`` as FLUX.2-dev); returns
+    the models folder."""
     models = root / "models"
     tok = root / "tokenizers"
     vocab = len(WORDS) + 4
@@ -82,6 +113,10 @@ def write_models(root: Path, arch: str = "flux1", *, guidance: bool = True) -> P
         write_t5(models / "text_encoders" / "t5xxl_fp16.safetensors", vocab)
         kw = dict(context_dim=T5_D, vec_dim=CLIP_HIDDEN)
         name = "flux1-dev.safetensors" if guidance else "flux1-schnell.safetensors"
+    elif encoder == "mistral3":
+        write_mistral(models / "text_encoders" / "mistral_3_small_flux2_bf16.safetensors")
+        kw = dict(context_dim=3 * QWEN_HIDDEN)
+        name = "flux2_dev.safetensors"
     else:
         write_tokenizer(tok / "qwen3", bos="<|im_start|>", eos="<|im_end|>", pad="<|endoftext|>")
         write_qwen3(models / "text_encoders" / "qwen_3_4b.safetensors", vocab)

@@ -2,10 +2,10 @@
 
 Models come from (``models.find_files``):
 
-* ``--model``: a BFL-layout ``.safetensors`` (FLUX.1 dev/schnell, FLUX.2 Klein), a file name in
+* ``--model``: a BFL-layout ``.safetensors`` (FLUX.1 dev/schnell, FLUX.2 dev or Klein), a file name in
   ``<--comfyui-models>/diffusion_models``, or a diffusers FLUX.1 folder; left out, the name a
   Trainer node's ``config.json`` recorded (``model.file``), else the only FLUX file there;
-* ``--clip-l`` / ``--t5`` (FLUX.1), ``--text-encoder`` (FLUX.2: Qwen3 for Klein), ``--vae``:
+* ``--clip-l`` / ``--t5`` (FLUX.1), ``--text-encoder`` (FLUX.2: Qwen3 for Klein, Mistral for dev), ``--vae``:
   paths or names in ``text_encoders``/``clip`` and ``vae``, chosen automatically when one fits;
 * ``--tokenizers DIR``: tokenizer folders (never downloaded); a ComfyUI checkout holding the
   models folder is searched too (``models.text_files.TOKENIZER_PATHS``).
@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional
 
 log = logging.getLogger("trainer_core")
 
-DESCRIPTION = """Train a LoRA from FLUX model files as ComfyUI keeps them (FLUX.1 dev/schnell, FLUX.2 Klein)
+DESCRIPTION = """Train a LoRA from FLUX model files as ComfyUI keeps them (FLUX.1 dev/schnell, FLUX.2 dev, Klein)
 or from a diffusers FLUX.1 folder, on an image folder with .txt captions. Nothing is downloaded.
 
 examples:
@@ -48,7 +48,7 @@ def add_arguments(train) -> None:
                             "looked up there by name (diffusion_models/, text_encoders/ or clip/, vae/)")
     train.add_argument("--clip-l", metavar="FILE", help="FLUX.1 CLIP-L text encoder file (clip_l.safetensors)")
     train.add_argument("--t5", metavar="FILE", help="FLUX.1 T5-XXL text encoder file (t5xxl_fp16 or fp8_e4m3fn_scaled)")
-    train.add_argument("--text-encoder", metavar="FILE", help="FLUX.2 text encoder file (Qwen3 for Klein)")
+    train.add_argument("--text-encoder", metavar="FILE", help="FLUX.2 text encoder file (Qwen3 for Klein, Mistral for dev)")
     train.add_argument("--vae", metavar="FILE", help="VAE file (FLUX.1 ae.safetensors or the FLUX.2 VAE)")
     train.add_argument("--tokenizers", type=Path, action="append", default=[], metavar="DIR",
                        help="folder with tokenizer folders (clip_l/, t5xxl/, qwen3/) or a ComfyUI checkout "

@@ -31,3 +31,25 @@ def test_models_folder_inside_a_checkout_finds_its_tokenizers(tmp_path):
     files = find_model_files(models=models, model=None)
     assert files.tokenizers == [models.parent]
     assert find_tokenizer("t5xxl", files.tokenizers) == models.parent / "comfy" / "text_encoders" / "t5_tokenizer"
+
+
+def _comfy_ids(tokenizer, text: str) -> list[int]:
+    tokens = tokenizer.tokenize_with_weights(text)
+    return [t[0] for t in next(iter(tokens.values()))[0]]
+
+
+def test_flux2_prompts_tokenize_as_in_comfyui(comfyui, tmp_path):
+    """Klein (Qwen3: chat template, padded to 512) and FLUX.2-dev (Mistral: BOS, system and
+    instruction template, tokenizer from the file's tekken blob) give ComfyUI's token ids."""
+    import torch
+    import comfy.text_encoders.flux as comfy_flux
+    from tiny_files import tekken_json, write_mistral
+
+    from trainer_core.models.text_files import MistralFlux2Encoder, Qwen3KleinEncoder, mistral_tokenizer
+
+    text = "a photo of sks dog, on the grass"
+    qwen = Qwen3KleinEncoder(None, _tokenizer("qwen3", [Path(CHECKOUT)]), "qwen")
+    assert qwen._ids([text]).input_ids[0].tolist() == _comfy_ids(comfy_flux.KleinTokenizer(), text)
+    blob = torch.tensor(list(tekken_json()), dtype=torch.uint8)
+    mistral = MistralFlux2Encoder(None, mistral_tokenizer(write_mistral(tmp_path / "m.safetensors")), "mistral")
+    assert mistral._ids(text) == _comfy_ids(comfy_flux.Flux2Tokenizer(tokenizer_data={"tekken_model": blob}), text)

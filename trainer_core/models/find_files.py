@@ -133,4 +133,7 @@ def _flux2_kind(text_encoder: Optional[str], models: Optional[Path]) -> str:
                              "Mistral (dev) text encoder")
         return "qwen3"  # _pick reports the missing file
     present = {k for k in FAMILY_FILES["flux2"][1] if _candidates(models, "text", lambda p, k=k: file_text_kind(p) == k)}
+    if present == {"qwen3", "mistral3"}:
+        raise ValueError("both a Qwen3 (Klein) and a Mistral (FLUX.2-dev) text encoder are in the text encoder "
+                         "folders; choose the one of this model with --text-encoder NAME")
     return "mistral3" if present == {"mistral3"} else "qwen3"

@@ -13,10 +13,14 @@ qwen3     ``Qwen3Model``                   FLUX.2 Klein context: hidden states e
                                            9, 18 and 27, concatenated per token (3·hidden wide),
                                            prompt in Qwen's chat template, padded to 512 tokens
                                            (``comfy/text_encoders/flux.py`` KleinTokenizer)
+mistral3  ``MistralModel``                 FLUX.2-dev context: hidden states entering layers 10, 20
+                                           and 30 (3·5120 = 15360 wide), a BOS token and the prompt in
+                                           the system/instruction template, one caption at a time (no
+                                           padding; the model pads to 512, ``bfl_flux.FLUX2_CONTEXT_TOKENS``)
 ========  ===============================  ======================================================
 
-The FLUX.2-dev encoder (Mistral Small 3.1) is recognised and refused with the reason: its
-tokenizer (``tekken``) is not shipped with ComfyUI's checkout as files transformers can read.
+ComfyUI's Mistral files carry their tokenizer (the ``tekken_model`` tensor: tekken JSON bytes);
+it is converted with transformers' ``MistralConverter``. Head dim 128 (as ComfyUI fixes it).
 
 Tokenizers are files too and never downloaded: ``find_tokenizer`` looks in the folders given
 (``--tokenizers``: a folder with ``clip_l/``, ``t5xxl/``, ``qwen3/`` subfolders, or a ComfyUI
@@ -47,6 +51,11 @@ KIND_NAMES = {"clip_l": "CLIP-L", "t5xxl": "T5-XXL", "qwen3": "Qwen3", "mistral3
 QWEN_TEMPLATE = "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
 QWEN_LAYERS = (9, 18, 27)
 QWEN_TOKENS = 512
+MISTRAL_TEMPLATE = ("[SYSTEM_PROMPT]You are an AI that reasons about image descriptions. You give structured responses "
+                    "focusing on object relationships, object\nattribution and actions without speculation."
+                    "[/SYSTEM_PROMPT][INST]{}[/INST]")
+MISTRAL_LAYERS = (10, 20, 30)
+MISTRAL_HEAD_DIM = 128
 _PREFIXES = ("text_encoders.clip_l.transformer.", "text_encoders.t5xxl.transformer.", "text_encoders.qwen3_4b.transformer.",
              "cond_stage_model.transformer.", "transformer.")
 
@@ -144,7 +153,43 @@ def build_qwen3(sd: dict, tokenizer):
     return config, Qwen3Model
 
 
-BUILDERS = {"clip_l": build_clip_l, "t5xxl": build_t5, "qwen3": build_qwen3}
+def build_mistral(sd: dict, tokenizer):
+    from transformers import MistralConfig, MistralModel
+
+    s = _shapes(sd)
+    config = MistralConfig(vocab_size=s["embed_tokens.weight"][0], hidden_size=s["embed_tokens.weight"][1],
+                           intermediate_size=s["layers.0.mlp.gate_proj.weight"][0],
+                           num_hidden_layers=_count(sd, r"layers\.(\d+)\."), head_dim=MISTRAL_HEAD_DIM,
+                           num_attention_heads=s["layers.0.self_attn.q_proj.weight"][0] // MISTRAL_HEAD_DIM,
+                           num_key_value_heads=s["layers.0.self_attn.k_proj.weight"][0] // MISTRAL_HEAD_DIM,
+                           rope_theta=1e9, rms_norm_eps=1e-5, max_position_embeddings=8192, tie_word_embeddings=False,
+                           pad_token_id=tokenizer.pad_token_id)
+    return config, MistralModel
+
+
+def mistral_tokenizer(path: Path):
+    """The tokenizer ComfyUI's Mistral file carries (``tekken_model``: tekken JSON bytes)."""
+    import tempfile
+
+    from safetensors import safe_open
+    from transformers import PreTrainedTokenizerFast
+    from transformers.integrations.mistral import MistralConverter
+
+    with safe_open(str(path), framework="pt") as f:
+        key = next((k for k in f.keys() if k.endswith("tekken_model")), None)
+        if key is None:
+            raise ValueError(f"{path} has no tekken_model tensor: a Mistral text encoder file as ComfyUI ships it "
+                             "carries its tokenizer; use that file")
+        blob = f.get_tensor(key).numpy().tobytes()
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab = Path(tmp) / "tekken.json"
+        vocab.write_bytes(blob)
+        converted = MistralConverter(vocab_file=str(vocab)).converted()
+    return PreTrainedTokenizerFast(tokenizer_object=converted, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>")
+
+
+BUILDERS = {"clip_l": build_clip_l, "t5xxl": build_t5, "qwen3": build_qwen3, "mistral3": build_mistral}
 
 
 def load_text_model(path: Path, kind: str, tokenizer, *, dtype: torch.dtype, device: torch.device):
@@ -154,7 +199,7 @@ def load_text_model(path: Path, kind: str, tokenizer, *, dtype: torch.dtype, dev
         raise ValueError(f"{path} is {describe_file(path)}, not a {KIND_NAMES[kind]} text encoder; "
                          f"give the {KIND_NAMES[kind]} file here")
     sd = load_tensors(path, dtype, prefixes=_PREFIXES)
-    strip = {"qwen3": "model.", "clip_l": "text_model."}.get(kind, "")
+    strip = {"qwen3": "model.", "mistral3": "model.", "clip_l": "text_model."}.get(kind, "")
     sd = {k.removeprefix(strip): v for k, v in sd.items()}
     config, cls = BUILDERS[kind](sd, tokenizer)
     with torch.device("meta"):
@@ -173,7 +218,7 @@ def load_text_model(path: Path, kind: str, tokenizer, *, dtype: torch.dtype, dev
     if embeddings is not None and hasattr(embeddings, "position_ids"):  # a buffer the file need not hold
         n = config.max_position_embeddings
         embeddings.register_buffer("position_ids", torch.arange(n).expand(1, -1), persistent=False)
-    if kind == "qwen3":  # rotary inverse frequencies are a non-persistent buffer, still on meta
+    if kind in ("qwen3", "mistral3"):  # rotary inverse frequencies are a non-persistent buffer, still on meta
         model.rotary_emb = type(model.rotary_emb)(config=config)
     return model.to(device).eval().requires_grad_(False)
 
@@ -212,6 +257,32 @@ class Qwen3KleinEncoder:
         _collect()
 
 
+class MistralFlux2Encoder:
+    """``TextEncoder`` for FLUX.2-dev: context [T, 3·hidden] per caption, no pooled vector."""
+
+    def __init__(self, model, tokenizer, identity: str):
+        self._model, self._tok, self.identity = model, tokenizer, identity
+
+    def _ids(self, text: str) -> list[int]:
+        return [self._tok.bos_token_id] + self._tok(MISTRAL_TEMPLATE.format(text), add_special_tokens=False).input_ids
+
+    @torch.no_grad()
+    def encode(self, texts: list[str]) -> list[TextEmbedding]:
+        if self._model is None:
+            raise RuntimeError(f"text encoder {self.identity} was released; load it again to encode")
+        device = next(self._model.parameters()).device
+        out = []
+        for text in texts:  # one at a time: no padding tokens in the context
+            states = self._model(input_ids=torch.tensor([self._ids(text)], device=device),
+                                 output_hidden_states=True).hidden_states
+            out.append(TextEmbedding(torch.stack([states[i][0] for i in MISTRAL_LAYERS], dim=1).flatten(1).cpu(), None))
+        return out
+
+    def release(self) -> None:
+        self._model = None
+        _collect()
+
+
 def load_text_encoder(arch: str, files: dict[str, Path], tokenizer_dirs: list[Path], *, dtype: torch.dtype,
                       device: torch.device, schnell: bool = False):
     """The ``TextEncoder`` for a FLUX family from its files (``files``: kind → path)."""
@@ -228,9 +299,9 @@ def load_text_encoder(arch: str, files: dict[str, Path], tokenizer_dirs: list[Pa
         return Flux1TextEncoder(clip, clip_tok, t5, t5_tok, max_length=length,
                                 identity=f"flux1-files:{tag(files['clip_l'])}:{tag(files['t5xxl'])}:t5-{length}")
     if "mistral3" in files:
-        raise ValueError(f"{files['mistral3']}: the FLUX.2-dev Mistral text encoder cannot be loaded from the command "
-                         "line yet (its tekken tokenizer has no transformers files in ComfyUI); train FLUX.2-dev in "
-                         "ComfyUI, or FLUX.2 Klein (Qwen3) here")
+        tok = mistral_tokenizer(files["mistral3"])
+        model = load_text_model(files["mistral3"], "mistral3", tok, dtype=dtype, device=device)
+        return MistralFlux2Encoder(model, tok, identity=f"flux2-mistral:{tag(files['mistral3'])}")
     tok = _tokenizer("qwen3", tokenizer_dirs)
     model = load_text_model(files["qwen3"], "qwen3", tok, dtype=dtype, device=device)
     return Qwen3KleinEncoder(model, tok, identity=f"klein-qwen3:{tag(files['qwen3'])}")
