@@ -135,3 +135,25 @@ def test_run_config_json_tolerates_sections_only_the_node_reads(tmp_path):
     args = cli.build_parser().parse_args(["train", "--config", str(partial), "--data", str(tmp_path)])
     with pytest.raises(ConfigError, match="unknown section 'lroa'"):
         cli.make_config(args, {})
+
+
+def test_text_encoders_in_int8_stay_close_and_are_cached_apart(tmp_path):
+    """``--text-encoder-8bit on``: every linear of the encoders is bitsandbytes int8 (here on the
+    CPU), the embeddings stay close to full precision, and the encoder's identity (the text
+    cache key) differs, so int8 and full-precision embeddings never mix."""
+    pytest.importorskip("bitsandbytes")
+    from trainer_core.models.find_files import find_model_files
+    from trainer_core.models.text_files import load_text_encoder
+
+    models = write_models(tmp_path, "flux1")
+    files = find_model_files(models=models, model=None, tokenizers=[tmp_path / "tokenizers"])
+    kw = dict(dtype=torch.float32, device=torch.device("cpu"))
+    full = load_text_encoder("flux1", files.text, files.tokenizers, int8="off", **kw)
+    small = load_text_encoder("flux1", files.text, files.tokenizers, int8="on", **kw)
+    assert not any(type(m).__name__ == "Linear8bitLt" for m in full._t5.modules())
+    assert sum(type(m).__name__ == "Linear8bitLt" for m in small._t5.modules()) >= 8
+    assert full.identity != small.identity and small.identity.count(":int8") == 2
+    a, b = full.encode(["a photo of sks dog"])[0], small.encode(["a photo of sks dog"])[0]
+    assert (a.context - b.context).abs().max() <= 0.1 * a.context.abs().max()
+    assert (a.pooled - b.pooled).abs().max() <= 0.1 * a.pooled.abs().max()
+    assert not torch.equal(a.context, b.context)

@@ -53,6 +53,9 @@ def add_arguments(train) -> None:
     train.add_argument("--tokenizers", type=Path, action="append", default=[], metavar="DIR",
                        help="folder with tokenizer folders (clip_l/, t5xxl/, qwen3/) or a ComfyUI checkout "
                             "(repeatable); the checkout above --comfyui-models is searched too")
+    train.add_argument("--text-encoder-8bit", default="auto", choices=["auto", "on", "off"],
+                       help="text encoders from files in int8 (bitsandbytes): auto = on a CUDA GPU whose free memory "
+                            "their weights would exceed")
     train.add_argument("--data", type=Path, help="image folder with same-name .txt captions "
                                                  "(default: data.path of --config)")
 
@@ -120,7 +123,7 @@ def load_parts(args, config, device, record: dict) -> Parts:
         place()
     codec = load_vae(files.vae, dtype=dtype, device=device, arch=files.arch)
     text = load_text_encoder(files.arch, files.text, files.tokenizers, dtype=dtype, device=device,
-                             schnell=files.arch == "flux1" and not model.guidance_embed)
+                             schnell=files.arch == "flux1" and not model.guidance_embed, int8=args.text_encoder_8bit)
     identity = f"file:{files.model.name}:{files.model.stat().st_size}"
     return Parts(model, codec, text, identity, files.model.name, plan, place)
 

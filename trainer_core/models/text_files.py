@@ -192,8 +192,10 @@ def mistral_tokenizer(path: Path):
 BUILDERS = {"clip_l": build_clip_l, "t5xxl": build_t5, "qwen3": build_qwen3, "mistral3": build_mistral}
 
 
-def load_text_model(path: Path, kind: str, tokenizer, *, dtype: torch.dtype, device: torch.device):
-    """The transformers model of a text-encoder file (weights in ``dtype`` on ``device``, frozen)."""
+def load_text_model(path: Path, kind: str, tokenizer, *, dtype: torch.dtype, device: torch.device,
+                    int8: str = "off"):
+    """The transformers model of a text-encoder file (weights in ``dtype`` on ``device``, frozen;
+    its linears in int8 as ``int8`` says: ``models.int8``)."""
     found = file_text_kind(path)
     if found != kind:
         raise ValueError(f"{path} is {describe_file(path)}, not a {KIND_NAMES[kind]} text encoder; "
@@ -220,6 +222,12 @@ def load_text_model(path: Path, kind: str, tokenizer, *, dtype: torch.dtype, dev
         embeddings.register_buffer("position_ids", torch.arange(n).expand(1, -1), persistent=False)
     if kind in ("qwen3", "mistral3"):  # rotary inverse frequencies are a non-persistent buffer, still on meta
         model.rotary_emb = type(model.rotary_emb)(config=config)
+    from . import int8 as int8_mod
+
+    if int8_mod.wanted(int8, model, device):
+        n = int8_mod.quantize_linears(model)
+        log.info("%s: %d linear layers in int8 (bitsandbytes)", path.name, n)
+        model.int8 = True
     return model.to(device).eval().requires_grad_(False)
 
 
@@ -284,24 +292,27 @@ class MistralFlux2Encoder:
 
 
 def load_text_encoder(arch: str, files: dict[str, Path], tokenizer_dirs: list[Path], *, dtype: torch.dtype,
-                      device: torch.device, schnell: bool = False):
-    """The ``TextEncoder`` for a FLUX family from its files (``files``: kind → path)."""
+                      device: torch.device, schnell: bool = False, int8: str = "auto"):
+    """The ``TextEncoder`` for a FLUX family from its files (``files``: kind → path). ``int8``:
+    ``models.int8`` mode; an int8 encoder's captions are cached apart (its identity says so)."""
     from .local import T5_LENGTH_DEV, T5_LENGTH_SCHNELL
 
-    def tag(p: Path) -> str:
-        return f"{p.name}:{p.stat().st_size}"
+    def load(kind: str, tok):
+        return load_text_model(files[kind], kind, tok, dtype=dtype, device=device, int8=int8)
+
+    def tag(p: Path, model) -> str:
+        return f"{p.name}:{p.stat().st_size}" + (":int8" if getattr(model, "int8", False) else "")
 
     if arch == "flux1":
         clip_tok, t5_tok = _tokenizer("clip_l", tokenizer_dirs), _tokenizer("t5xxl", tokenizer_dirs)
-        clip = load_text_model(files["clip_l"], "clip_l", clip_tok, dtype=dtype, device=device)
-        t5 = load_text_model(files["t5xxl"], "t5xxl", t5_tok, dtype=dtype, device=device)
+        clip, t5 = load("clip_l", clip_tok), load("t5xxl", t5_tok)
         length = T5_LENGTH_SCHNELL if schnell else T5_LENGTH_DEV
         return Flux1TextEncoder(clip, clip_tok, t5, t5_tok, max_length=length,
-                                identity=f"flux1-files:{tag(files['clip_l'])}:{tag(files['t5xxl'])}:t5-{length}")
+                                identity=f"flux1-files:{tag(files['clip_l'], clip)}:{tag(files['t5xxl'], t5)}:t5-{length}")
     if "mistral3" in files:
         tok = mistral_tokenizer(files["mistral3"])
-        model = load_text_model(files["mistral3"], "mistral3", tok, dtype=dtype, device=device)
-        return MistralFlux2Encoder(model, tok, identity=f"flux2-mistral:{tag(files['mistral3'])}")
+        model = load("mistral3", tok)
+        return MistralFlux2Encoder(model, tok, identity=f"flux2-mistral:{tag(files['mistral3'], model)}")
     tok = _tokenizer("qwen3", tokenizer_dirs)
-    model = load_text_model(files["qwen3"], "qwen3", tok, dtype=dtype, device=device)
-    return Qwen3KleinEncoder(model, tok, identity=f"klein-qwen3:{tag(files['qwen3'])}")
+    model = load("qwen3", tok)
+    return Qwen3KleinEncoder(model, tok, identity=f"klein-qwen3:{tag(files['qwen3'], model)}")
