@@ -59,3 +59,18 @@ def test_vae_file_codec_matches_comfyui(comfyui, tmp_path, arch):
     with torch.inference_mode():
         decoded = theirs.decode(fmt.process_out(expected)).movedim(-1, 1) * 2 - 1
     assert (mine.decode(expected) - decoded.float()).abs().max() <= 1e-3 * decoded.abs().max()
+
+
+@pytest.mark.parametrize("marker", ["layer", "header"])
+def test_comfy_quant_fp8_file_loads_as_comfyui_dequantizes_it(comfyui, tmp_path, marker):
+    """A ``comfy_quant`` fp8 file (marked per layer or in the header): the single-file loader's
+    weights equal ComfyUI's dequantized ones exactly, and the model runs."""
+    from trainer_core.models.single_file import load_diffusion_model
+
+    path = comfyui.write_tiny_flux_quantized(tmp_path / f"fp8_{marker}.safetensors", "flux1", marker=marker)
+    theirs = comfyui.load_flux(path, inference=False).model.diffusion_model
+    mine = load_diffusion_model(path, dtype=torch.float32, device=torch.device("cpu")).module
+    for name in ("double_blocks.0.img_attn.qkv", "single_blocks.0.linear1"):
+        w = theirs.get_submodule(name).weight
+        assert type(w).__name__ == "QuantizedTensor"  # the file really is quantized
+        assert torch.equal(mine.get_submodule(name).weight, w.dequantize().float())
