@@ -53,8 +53,13 @@ def test_trains_from_comfyui_model_files(tmp_path, quiet_cli, caplog, arch, enco
     models = write_models(tmp_path, arch, guidance=encoder != "qwen3", encoder=encoder)
     _data(tmp_path)
     caplog.set_level(logging.INFO)
-    assert cli.main(_argv(tmp_path, models)) == 0, caplog.text
+    previews = ["--set", "preview.every_n_steps=1", "--set", 'preview.prompts=["sks dog"]', "--set", "preview.steps=1",
+                "--set", "preview.width=64", "--set", "preview.height=64"] if encoder == "qwen3" else []
+    assert cli.main(_argv(tmp_path, models, *previews)) == 0, caplog.text
     run = tmp_path / "out" / "run"
+    if previews:  # previews during training and the before/after grid, as in the demo
+        assert sorted(p.name for p in (run / "previews").iterdir()) == ["baseline", "final", "step_000001"]
+        assert (run / "samples.png").is_file()
     lora = load_file(str(run / "lora_final.safetensors"))
     assert lora_key in lora  # BFL names: what ComfyUI's LoRA loader maps
     assert all(".double_blocks." in k or "_double_blocks_" in k or "single_blocks" in k for k in lora if "alpha" not in k)
@@ -157,3 +162,32 @@ def test_text_encoders_in_int8_stay_close_and_are_cached_apart(tmp_path):
     assert (a.context - b.context).abs().max() <= 0.1 * a.context.abs().max()
     assert (a.pooled - b.pooled).abs().max() <= 0.1 * a.pooled.abs().max()
     assert not torch.equal(a.context, b.context)
+
+
+def test_t5_in_comfyuis_scaled_fp8_format_loads(tmp_path):
+    """``t5xxl_fp8_e4m3fn_scaled``: fp8 weights with a per-layer ``scale_weight`` and a
+    ``scaled_fp8`` marker; the loaded encoder gives nearly the fp16 file's embeddings."""
+    from trainer_core.models.find_files import find_model_files
+    from trainer_core.models.text_files import load_text_encoder
+
+    models = write_models(tmp_path, "flux1")
+    full = models / "text_encoders" / "t5xxl_fp16.safetensors"
+    scaled = {}
+    for key, value in load_file(str(full)).items():
+        if key.endswith(".weight") and value.ndim == 2 and key != "shared.weight":
+            scale = value.abs().max().float() / 448
+            scaled[key] = (value / scale).to(torch.float8_e4m3fn)
+            scaled[key[: -len("weight")] + "scale_weight"] = scale.reshape(1)
+        else:
+            scaled[key] = value
+    scaled["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    full.unlink()
+    save_file(scaled, str(models / "text_encoders" / "t5xxl_fp8_e4m3fn_scaled.safetensors"))
+    files = find_model_files(models=models, model=None, tokenizers=[tmp_path / "tokenizers"])
+    assert files.text["t5xxl"].name == "t5xxl_fp8_e4m3fn_scaled.safetensors"
+    kw = dict(dtype=torch.float32, device=torch.device("cpu"), int8="off")
+    got = load_text_encoder("flux1", files.text, files.tokenizers, **kw).encode(["a photo of sks dog"])[0].context
+    write_models(tmp_path / "again", "flux1")  # the same seeds: the fp16 original
+    files.text["t5xxl"] = tmp_path / "again" / "models" / "text_encoders" / "t5xxl_fp16.safetensors"
+    want = load_text_encoder("flux1", files.text, files.tokenizers, **kw).encode(["a photo of sks dog"])[0].context
+    assert (got - want).abs().max() <= 0.1 * want.abs().max() and not torch.equal(got, want)
