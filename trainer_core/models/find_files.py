@@ -18,6 +18,7 @@ from .single_file import FAMILY_FILES, describe_file, header
 from .text_files import KIND_NAMES, file_text_kind
 
 FOLDERS = {"model": ("diffusion_models", "unet"), "text": ("text_encoders", "clip"), "vae": ("vae",)}
+SUFFIXES = (".safetensors", ".sft")  # the extensions ComfyUI lists for these folders
 FLAGS = {"model": "--model", "clip_l": "--clip-l", "t5xxl": "--t5", "qwen3": "--text-encoder",
          "mistral3": "--text-encoder", "vae": "--vae"}
 
@@ -42,7 +43,7 @@ def _folders(models: Optional[Path], what: str) -> list[Path]:
 def _candidates(models: Optional[Path], what: str, fits) -> list[Path]:
     out = []
     for folder in _folders(models, what):
-        for p in sorted(folder.rglob("*.safetensors")):
+        for p in sorted(q for q in folder.rglob("*") if q.suffix in SUFFIXES and q.is_file()):
             try:
                 if fits(p):
                     out.append(p)
