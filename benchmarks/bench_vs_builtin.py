@@ -16,7 +16,7 @@ trainers (the built-in node also trains bias and norm offsets, which are element
 
 Workers:
 
-* ``ours:<mode>``: ``nodes/comfy_bridge.training_model`` → ``BflFlux`` + ``LoraNetwork``
+* ``ours:<mode>``: ``nodes/bridge.training_model`` → ``BflFlux`` + ``LoraNetwork``
   (rank 16, alpha 16, fp32 LoRA master weights computing in bf16, every linear layer,
   AdamW from ``trainer_core.optim``) for checkpoint mode off / blocks / selective at bf16,
   and ``ours:defaults``: the Trainer node's defaults (checkpointing "auto", precision "auto").
@@ -38,7 +38,6 @@ checkpointed modes also recompute the forward, which the floor does not count).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import math
@@ -91,11 +90,7 @@ def _data(case: str, seed: int = 0):
 
 def _bridge(comfy_path: str):
     harness = _setup(comfy_path)
-    spec = importlib.util.spec_from_file_location("flowtrain_comfy_bridge", ROOT / "nodes" / "comfy_bridge.py")
-    bridge = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bridge
-    spec.loader.exec_module(bridge)
-    return harness, bridge
+    return harness, harness.load_bridge()
 
 
 LORA_KW = {  # LoRA on every linear layer

@@ -6,7 +6,7 @@
 For each model (``--models``), random weights with the real layer shapes are made directly
 on the GPU (``torch.empty(...).normal_``), loaded through ComfyUI's loader
 (``comfy.sd.load_diffusion_model_state_dict`` with ``dtype`` bf16 or fp8_e4m3fn, like
-UNETLoader), and trained through the Trainer's own path (``nodes/comfy_bridge.training_model``
+UNETLoader), and trained through the Trainer's own path (``nodes/bridge.training_model``
 with a ``TrainingConfig`` whose ``memory`` section sets the budget → memory plan → streaming)
 for ``--steps`` steps at each resolution (``--resolutions``), rank 16, batch 1: unconstrained
 and under emulated budgets (``--budgets``; ``torch.cuda.set_per_process_memory_fraction``).
@@ -50,13 +50,10 @@ def init_comfyui(comfy_path: str, cpu: bool):
     args.cpu = cpu
     args.disable_dynamic_vram = True
     import comfy.model_management  # noqa: F401  (reads args here)
-    import importlib.util
+    sys.path.insert(0, str(ROOT / "tests" / "comfyui"))
+    import harness  # loads the pack's nodes/bridge by path (the name ``nodes`` is ComfyUI's)
 
-    spec = importlib.util.spec_from_file_location("flowtrain_comfy_bridge", ROOT / "nodes" / "comfy_bridge.py")
-    bridge = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bridge
-    spec.loader.exec_module(bridge)
-    return bridge
+    return harness.load_bridge()
 
 
 def model_shape(name: str):

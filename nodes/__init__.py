@@ -17,5 +17,13 @@ NODES: list[type[io.ComfyNode]] = [
 
 
 class FlowTrainExtension(ComfyExtension):
+    async def on_load(self) -> None:
+        """The Trainer's control and state routes (``control_routes``) on ComfyUI's server."""
+        from server import PromptServer
+
+        from .control_routes import register
+
+        register(getattr(PromptServer, "instance", None))
+
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         return list(NODES)

@@ -50,7 +50,8 @@ def send_text(text: str, node_id: Optional[str]) -> None:
         server.send_progress_text(text, node_id)
 
 
-def _send_event(event: str, data: dict) -> None:
+def send_event(event: str, data: dict) -> None:
+    """A ``flowtrain.*`` event for the web extension (no-op without a server)."""
     from server import PromptServer
 
     server = getattr(PromptServer, "instance", None)
@@ -63,16 +64,18 @@ class TrainingProgress:
     bar, the loss as node text and a ``flowtrain.progress`` event for the web chart.
     ``phase`` is its ``phase_progress(phase, n, total, info)`` hook (``trainer_core.phases``):
     the bar and node text count the images and captions encoded before step 1 (n/N, rate,
-    ETA), and a ``flowtrain.phase`` event tells the chart what the run is doing.
+    ETA), and a ``flowtrain.phase`` event tells the chart what the run is doing. Both keep
+    ``live`` (``control_routes.LiveRun``, what the node's buttons and a reloaded page read)
+    current and carry the run's control ``state`` (running, paused, saving, stopping...).
 
     The bar is left alone once Cancel was pressed: ComfyUI's progress hook would raise the
     interrupt inside the engine's callback; instead the engine sees ``should_stop`` after
     the step, saves, and returns ``"stopped"``."""
 
-    def __init__(self, node_id: Optional[str], total: int):
+    def __init__(self, node_id: Optional[str], total: int, live=None):
         import comfy.utils
 
-        self.node_id, self.total = node_id, total
+        self.node_id, self.total, self.live = node_id, total, live
         self.bar = comfy.utils.ProgressBar(total, node_id=node_id)
 
     def phase(self, phase: str, n: int, total: int, info: dict) -> None:
@@ -83,22 +86,32 @@ class TrainingProgress:
             self.bar.update_absolute(n, total)
         if total:
             send_text(f"{phase} {n}/{total}{describe(info)}", self.node_id)
-        elif phase in ("loading", "previews", "saving"):
+        elif phase in ("loading", "previews", "saving", "paused", "stopping"):
             send_text(f"{phase}…", self.node_id)
         rate, eta = info.get("rate"), info.get("eta")
-        _send_event(PHASE_EVENT, {"node": self.node_id, "phase": phase, "n": n, "total": total,
-                                  "rate": rate, "eta": eta})
+        if self.live is not None:
+            self.live.phase = phase
+        send_event(PHASE_EVENT, {"node": self.node_id, "phase": phase, "n": n, "total": total,
+                                 "rate": rate, "eta": eta, "state": self.state})
+
+    @property
+    def state(self) -> Optional[str]:
+        return self.live.state if self.live is not None else None
 
     def __call__(self, step: int, total: int, logs: dict) -> None:
         import comfy.model_management
-        from server import PromptServer
 
         loss, lr = float(logs.get("loss", math.nan)), float(logs.get("lr", math.nan))
         if not comfy.model_management.processing_interrupted():
             self.bar.update_absolute(step, total)
-        send_text(f"step {step}/{total}  loss {loss:.4f}", self.node_id)
-        server = getattr(PromptServer, "instance", None)
-        if server is not None:
-            server.send_sync(PROGRESS_EVENT, {"node": self.node_id, "step": step, "total": total,
-                                              "loss": loss if math.isfinite(loss) else None,
-                                              "lr": lr if math.isfinite(lr) else None}, server.client_id)
+        from trainer_core.phases import step_timing
+
+        s_per_it, eta = logs.get("s_per_it"), logs.get("eta")
+        timing = step_timing(s_per_it, eta)
+        send_text(f"step {step}/{total}  loss {loss:.4f}" + (f"  ({timing})" if timing else ""), self.node_id)
+        if self.live is not None:
+            self.live.on_step(step, total, logs)
+        send_event(PROGRESS_EVENT, {"node": self.node_id, "step": step, "total": total,
+                                    "loss": loss if math.isfinite(loss) else None,
+                                    "lr": lr if math.isfinite(lr) else None,
+                                    "s_per_it": s_per_it, "eta": eta, "state": self.state})

@@ -30,7 +30,7 @@ def cached_prompts(clip, arch, texts: list[str], cache_dir) -> dict[str, Conditi
     """text → CONDITIONING for every text, encoded only when the cache lacks it."""
     from trainer_core.data.cache import TextCache
 
-    from . import comfy_bridge as bridge
+    from . import bridge
 
     encoder = bridge.ClipTextEncoder(clip, arch)
     embeddings = TextCache(cache_dir).get_or_encode(texts, encoder, what="Sampler Preview prompts")
@@ -109,7 +109,7 @@ class FlowTrainSamplerPreview(io.ComfyNode):
     @classmethod
     def execute(cls, model, vae, prompts, trigger_word, seed, steps, guidance, sampler_name, scheduler, width, height,
                 mode, strengths, clip=None, positive=None, negative=None, lora=None) -> io.NodeOutput:
-        from . import comfy_bridge as bridge
+        from . import bridge
 
         arch = bridge.detect_arch(model)
         trigger = trigger_word.strip()

@@ -4,7 +4,7 @@ LORA_MODEL, a MODEL with it applied and the loss curve.
 
 The input MODEL is left as it was: the bridge trains the patcher's own module in place and
 ``result.network.remove()`` takes the LoRA layers out again; the MODEL output is a clone
-patched with the saved file's tensors (``comfy_bridge.model_with_lora``).
+patched with the saved file's tensors (``bridge.model_with_lora``).
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from trainer_core.fingerprint import tensor_fingerprint
 
 from . import specs
 from .common import CATEGORY, Dataset, DopType, LoraConfigType, PreviewType, TrainingProgress, bounds, send_text, tip
+from .control_routes import live_run
 
 log = logging.getLogger(__name__)
 
@@ -172,27 +173,30 @@ def loss_curve_tensor(history: list[dict]) -> torch.Tensor:
 
 
 def run_training(model, vae, clip, conditioning, dataset, lora_config, settings: specs.TrainerSettings,
-                 dop=None, preview=None, node_id: Optional[str] = None, prompt: Optional[dict] = None):
+                 dop=None, preview=None, node_id: Optional[str] = None, prompt: Optional[dict] = None, live=None):
     """Train; returns ``(TrainResult, trained MODEL, LoRA tensors)``. Raises ComfyUI's
     interrupt after a Cancel, whether the engine saw it between steps (``should_stop``), in
     a forward pass or in the final previews (their sampler raises it): the LoRA trained so
     far, a resumable checkpoint and the status "stopped" are saved first. A ``.stop`` file in
-    the run folder ends training normally: the outputs hold the LoRA of the steps done."""
+    the run folder ends training normally: the outputs hold the LoRA of the steps done.
+    ``live`` (``control_routes.LiveRun``) is kept current for the node's buttons."""
     import comfy.model_management as mm
     import folder_paths
 
     from trainer_core.lora.io import load_lora_file
     from trainer_core.session import train_lora
 
-    from . import comfy_bridge as bridge
+    from . import bridge
 
-    progress = TrainingProgress(node_id, settings.steps)
+    progress = TrainingProgress(node_id, settings.steps, live=live)
     progress.phase("loading", 0, 0, {})
     arch = bridge.detect_arch(model)
     output_root = folder_paths.get_output_directory()
     config = specs.build_training_config(dataset, lora_config, settings, output_dir=os.path.join(output_root, "flowtrain"),
                                          compute_dtype=str(bridge.auto_compute_dtype(model.model)), dop=dop, preview=preview,
                                          init_from=existing_lora_path(settings.existing_lora))
+    if live is not None:
+        live.run_dir = Path(config.train.output_dir) / config.train.output_name  # what the node's buttons act on
     trigger = config.data.captions.trigger_word
     encoder = text_encoder(bridge, arch, clip, conditioning, dop, trigger)
     codec = bridge.VaeCodec(vae, model)
@@ -234,7 +238,8 @@ class FlowTrainTrainer(io.ComfyNode):
             node_id="FlowTrainTrainer", display_name="FlowTrain Trainer", category=CATEGORY, is_output_node=True,
             description=("Trains a LoRA on the loaded FLUX.1/FLUX.2 MODEL (no second copy) and outputs the MODEL with "
                          "it applied, the LoRA, its file path and the loss curve. Re-queueing an unchanged graph "
-                         "reuses the finished run."),
+                         "reuses the finished run. While it trains, its Pause/Resume, Save now and Stop buttons "
+                         "control the run (Stop ends the node normally with the LoRA so far)."),
             inputs=[
                 io.Model.Input("model", tooltip="The FLUX.1 or FLUX.2 model to train on (UNETLoader / checkpoint loader). "
                                "It is left unchanged."),
@@ -304,8 +309,10 @@ class FlowTrainTrainer(io.ComfyNode):
                 **widgets) -> io.NodeOutput:
         settings = specs.TrainerSettings(**widgets)
         node_id = cls.hidden.unique_id
-        result, trained, tensors = run_training(model, vae, clip, conditioning, dataset, lora_config, settings,
-                                                dop=dop, preview=preview, node_id=node_id, prompt=cls.hidden.prompt)
+        with live_run(node_id) as live:  # the node's Pause / Save now / Stop buttons act on it (control_routes)
+            result, trained, tensors = run_training(model, vae, clip, conditioning, dataset, lora_config, settings,
+                                                    dop=dop, preview=preview, node_id=node_id, prompt=cls.hidden.prompt,
+                                                    live=live)
         last = result.history[-1]["loss"] if result.history else float("nan")
         model_label = f" on {result.variant.variant.label}" if result.variant is not None else ""
         send_text(f"{result.reason}: {result.steps} steps{model_label}, loss {last:.4f} → {result.lora_path}", node_id)

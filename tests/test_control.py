@@ -124,3 +124,72 @@ def test_nan_loss_stops_keeps_last_good_state_and_says_so(tiny_training):
     ref = clean.network.state_dict()
     assert all(torch.equal(saved[k], ref[k]) for k in ref)
     assert all(torch.isfinite(v).all() for v in saved.values())
+
+
+def test_stop_file_while_paused_ends_the_run_normally(tiny_training, monkeypatch):
+    monkeypatch.setattr(control, "POLL_S", 0.02)
+    run = tiny_training.out / "run"
+    run.mkdir(parents=True)
+    control.request(run, "pause")
+    phases: list[str] = []
+
+    def on_phase(phase, n, total, info):
+        phases.append(phase)
+        if phase == "paused":
+            threading.Timer(0.2, control.request, (run, "stop")).start()
+
+    result = tiny_training.train(tiny_training.config(**{"train.steps": 6}), phase_progress=on_phase)
+    assert (result.steps, result.reason) == (1, "stopped (.stop file)")
+    assert _final_steps(result.lora_path) == "1" and not (run / control.STOP).exists()
+    assert (run / control.PAUSE).exists()  # the pause file is the user's: left as it was
+    i = phases.index("paused")
+    assert phases[i + 1] == "training" and "stopping" in phases[i + 1:] and phases[-1] == "done"
+
+
+def test_save_request_while_paused_keeps_the_pause_checkpoint_and_consumes_the_file(tiny_training, monkeypatch):
+    monkeypatch.setattr(control, "POLL_S", 0.02)
+    run = tiny_training.out / "run"
+    run.mkdir(parents=True)
+    control.request(run, "pause")
+
+    def on_phase(phase, n, total, info):
+        if phase == "paused":
+            control.request(run, "save")
+            threading.Timer(0.3, control.request, (run, "resume")).start()
+
+    result = tiny_training.train(tiny_training.config(), phase_progress=on_phase)
+    assert (result.steps, result.reason) == (4, "finished")
+    assert [s for s, _ in list_checkpoints(run)] == [1, 4] and not (run / control.CHECKPOINT).exists()
+
+
+def test_progress_reports_seconds_per_step_and_an_eta_that_reaches_zero(tiny_training):
+    seen: list[tuple] = []
+    tiny_training.train(tiny_training.config(),
+                        progress=lambda s, t, logs: seen.append((s, logs["s_per_it"], logs["eta"])))
+    assert [s for s, _, _ in seen] == [1, 2, 3, 4]
+    assert all(r is not None and r > 0 for _, r, _ in seen)
+    assert [round(eta / r, 6) for _, r, eta in seen] == [3, 2, 1, 0]
+
+
+def test_control_state_and_refusals_follow_the_phase_and_the_files(tmp_path):
+    run = tmp_path
+    assert control.control_state("encoding images", run) == "starting"
+    assert control.refusal("encoding images", run, "pause").startswith("the run is starting")
+    assert control.control_state("training", run) == "running"
+    assert control.refusal("training", run, "resume") == "the run is not paused"
+    assert control.refusal("training", run, "jump").startswith("unknown action 'jump'")
+    with pytest.raises(ValueError, match="unknown control action"):
+        control.request(run, "jump")
+    control.request(run, "pause")
+    assert control.control_state("training", run) == "pausing"
+    assert control.refusal("training", run, "pause") == "the run is already pausing"
+    assert control.control_state("saving", run) == "saving"
+    assert control.control_state("paused", run) == "paused"
+    control.request(run, "resume")
+    assert not (run / control.PAUSE).exists() and control.control_state("paused", run) == "resuming"
+    control.request(run, "save")
+    assert control.control_state("training", run) == "saving"
+    control.request(run, "stop")
+    assert control.control_state("training", run) == "stopping"
+    assert control.refusal("training", run, "save") == "the run is stopping"
+    assert control.control_state("done", run) == "done" and control.refusal("done", run, "stop")

@@ -118,3 +118,33 @@ def test_reporter_rate_eta_and_log_lines(caplog):
     assert math.isclose(seen[1][3]["rate"], 2.0)
     with pytest.raises(ValueError, match="unknown phase 'encoding'.*loading"):
         reporter("encoding")
+
+
+def test_step_rate_leaves_out_the_time_paused():
+    from trainer_core.phases import StepRate
+
+    now = [0.0]
+    reporter = PhaseReporter(clock=lambda: now[0])
+    rate = StepRate(window=3, clock=lambda: now[0])
+    reporter("training")
+    now[0] = 2.0
+    assert rate(1, 10, reporter.paused_s, first_s=1.5) == (1.5, 13.5)  # one step: its own duration
+    reporter("paused")
+    now[0] = 100.0
+    assert reporter.paused_s == 98.0
+    reporter("training")
+    now[0] = 102.0
+    assert rate(2, 10, reporter.paused_s) == (2.0, 16.0)  # 100 s, 98 of them paused
+    for step in (3, 4, 5):
+        now[0] += 1.0
+        per_step, eta = rate(step, 10, reporter.paused_s)
+    assert (per_step, eta) == (1.0, 5.0)  # the window forgets the slower first steps
+
+
+def test_durations_and_step_timing_read_like_a_clock():
+    from trainer_core.phases import duration, step_timing
+
+    assert [duration(x) for x in (0.4, 59.6, 95, 3599, 4000, 90061)] == ["0s", "1m00s", "1m35s", "59m59s", "1h06m", "25h01m"]
+    assert step_timing(0.42, 97 * 0.42) == "2.38it/s, ETA 41s"
+    assert step_timing(3.5, 343.0) == "3.50s/it, ETA 5m43s"
+    assert step_timing(None, None) == "" and step_timing(2.0, None) == "2.00s/it"

@@ -4,11 +4,16 @@ Create one of these empty files in the run folder (``touch <run>/.pause``):
 
 * ``.checkpoint``: save a checkpoint after the current step and continue (the file is removed);
 * ``.pause``: save a checkpoint, then wait until the file is removed (a Cancel / Ctrl+C
-  while paused still stops the run);
+  or a ``.stop`` file while paused still stops the run);
 * ``.stop``: end after the current step: a checkpoint and ``lora_final`` are written
   (the file is removed, so a later resume does not stop at once).
 
-The files are checked after every optimizer step, so they act within one step.
+The files are checked after every optimizer step, so they act within one step. While the
+run waits in a pause they are checked every ``POLL_S`` seconds.
+
+Hosts with buttons (the ComfyUI node's Pause / Resume / Save now / Stop) go through the same
+files: ``request(run_dir, action)`` creates or removes one, ``control_state`` tells what the
+run is doing from its phase (``phases.py``) and the files still waiting to be acted on.
 """
 from __future__ import annotations
 
@@ -18,11 +23,65 @@ from pathlib import Path
 from typing import Callable
 
 from .loop import Callback, RunState, StopTraining
+from .phases import during, enter
 
 log = logging.getLogger(__name__)
 
 PAUSE, CHECKPOINT, STOP = ".pause", ".checkpoint", ".stop"
 POLL_S = 1.0  # how often a pause checks for the file's removal and for a stop request
+ACTIONS = {"pause": PAUSE, "resume": PAUSE, "save": CHECKPOINT, "stop": STOP}
+"""A host's control actions → the file each one creates (``resume`` removes ``.pause``)."""
+STATES = ("starting", "running", "pausing", "paused", "resuming", "saving", "stopping", "done")
+"""What ``control_state`` reports: before step 1 ``starting``; ``pausing``/``resuming``/``stopping``
+while a request waits for the end of the step in progress (or the next poll of a pause)."""
+_TRAINING_PHASES = ("training", "previews", "saving", "paused", "stopping")
+
+
+def request(run_dir: Path | str, action: str) -> None:
+    """Ask a running training to ``pause``, ``resume``, ``save`` (a checkpoint now) or
+    ``stop``: creates (or, for ``resume``, removes) the control file in ``run_dir``."""
+    if action not in ACTIONS:
+        raise ValueError(f"unknown control action {action!r}; actions: {', '.join(ACTIONS)}")
+    path = Path(run_dir) / ACTIONS[action]
+    if action == "resume":
+        path.unlink(missing_ok=True)
+    else:
+        path.touch()
+
+
+def refusal(phase: str | None, run_dir: Path | str, action: str) -> str:
+    """Why ``action`` does not fit the run now ("" when it does): nothing to control before
+    the training starts or after a stop request, no resume unless paused, no second pause."""
+    if action not in ACTIONS:
+        return f"unknown action {action!r}; actions: {', '.join(ACTIONS)}"
+    state = control_state(phase, run_dir)
+    if state in ("starting", "done"):
+        return f"the run is {state}: nothing to {action}"
+    if state == "stopping":
+        return "the run is stopping"
+    paused = (Path(run_dir) / PAUSE).exists()
+    if action == "resume" and not paused:
+        return "the run is not paused"
+    if action == "pause" and paused:
+        return f"the run is already {state}"
+    return ""
+
+
+def control_state(phase: str | None, run_dir: Path | str) -> str:
+    """One of ``STATES`` for a run in ``phase`` whose control files are in ``run_dir``."""
+    run_dir = Path(run_dir)
+    if phase == "done":
+        return "done"
+    if phase not in _TRAINING_PHASES:
+        return "starting"
+    if phase == "stopping" or (run_dir / STOP).exists():
+        return "stopping"
+    paused = (run_dir / PAUSE).exists()
+    if phase == "paused":
+        return "paused" if paused else "resuming"
+    if phase == "saving" or (run_dir / CHECKPOINT).exists():
+        return "saving"
+    return "pausing" if paused else "running"
 
 
 class ControlCallback(Callback):
@@ -40,25 +99,39 @@ class ControlCallback(Callback):
             stale.unlink(missing_ok=True)
 
     def on_step_end(self, state: RunState, logs: dict) -> None:
+        self.stop_if_asked(state)
+        self.save_if_asked(state)
+        if (self.run_dir / PAUSE).exists():
+            self.pause(state)
+
+    def stop_if_asked(self, state: RunState) -> None:
         if (self.run_dir / STOP).exists():
             (self.run_dir / STOP).unlink(missing_ok=True)
             log.info("%s found: stopping after step %d", self.run_dir / STOP, state.step)
+            enter(state, "stopping")
             raise StopTraining("stopped (.stop file)")
+
+    def save_if_asked(self, state: RunState) -> None:
         if (self.run_dir / CHECKPOINT).exists():
-            folder = self.save(state)
+            folder = self.save(state)  # while paused: the pause's own checkpoint (same step), not a second one
             (self.run_dir / CHECKPOINT).unlink(missing_ok=True)
             log.info("%s found: saved %s", self.run_dir / CHECKPOINT, folder)
-        if (self.run_dir / PAUSE).exists():
-            self.pause(state)
 
     def pause(self, state: RunState) -> None:
         folder = self.save(state)
         log.info("paused after step %d (checkpoint %s); delete %s to continue", state.step, folder,
                  self.run_dir / PAUSE)
-        while (self.run_dir / PAUSE).exists():
-            if self.should_stop():
-                raise StopTraining("stopped")
-            time.sleep(self.poll_s)
+        cancelled = False
+        with during(state, "paused"):
+            while (self.run_dir / PAUSE).exists() and not (self.run_dir / STOP).exists():
+                if self.should_stop():
+                    cancelled = True
+                    break
+                self.save_if_asked(state)
+                time.sleep(self.poll_s)
+        if cancelled:
+            raise StopTraining("stopped")
+        self.stop_if_asked(state)
         log.info("resuming after the pause")
 
 

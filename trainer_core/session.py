@@ -34,7 +34,7 @@ from .lora.network import LoraNetwork
 from .models.common import module_device, resolve_compile
 from .models.variants import Detection, model_variant
 from .optim import build_optimizer, build_scheduler
-from .phases import PhaseFn, PhaseReporter, during
+from .phases import PhaseFn, PhaseReporter, StepRate, during
 from .report import write_learning_curve, write_state
 from .resume import find_resume_point, plan_resume
 from .tracking import tracking_callbacks
@@ -79,17 +79,22 @@ def save_lora(path: Path, network: LoraNetwork, model: FlowModel, config: Traini
 
 class ReportCallback(Callback):
     """Logs progress, and keeps ``training_state.json`` and ``learning_curve.svg`` current.
-    The final status is written once the LoRA and checkpoint are saved (``record`` phase)."""
+    The final status is written once the LoRA and checkpoint are saved (``record`` phase).
+    ``progress`` gets the step's logs plus ``s_per_it`` and ``eta`` (seconds; None while
+    unknown) from ``phases.StepRate``."""
 
     end_phase = "record"
 
     def __init__(self, run_dir: Path, progress: Optional[ProgressFn], every: int):
         self.run_dir, self.progress, self.every = run_dir, progress, every
         self.t0 = time.perf_counter()
+        self.rate = StepRate()
 
     def on_step_end(self, state: RunState, logs: dict) -> None:
+        paused_s = getattr(state.extra.get("phase"), "paused_s", 0.0)
+        per_step, eta = self.rate(state.step, state.total_steps, paused_s, logs.get("seconds"))
         if self.progress is not None:
-            self.progress(state.step, state.total_steps, logs)
+            self.progress(state.step, state.total_steps, {**logs, "s_per_it": per_step, "eta": eta})
         if state.step % self.every == 0 or state.step == state.total_steps:
             log.info("step %d/%d loss %.4f lr %.2e (%.2fs/step)", state.step, state.total_steps,
                      logs["loss"], logs["lr"], logs["seconds"])

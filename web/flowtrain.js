@@ -7,12 +7,24 @@
 // images: [{filename, subfolder, type}]} after each in-training preview. This draws the loss
 // and its moving average in a canvas DOM widget, with the phase, step/total, loss and lr
 // readout, and shows the newest previews.
+//
+// While the node trains it also shows the run's state (running, pausing, paused, resuming,
+// saving, stopping), s/it and ETA (both events carry "state", progress also "s_per_it" and
+// "eta"; "flowtrain.state" follows a button press) and the buttons Pause/Resume, Save now and
+// Stop, which POST {"action"} to /flowtrain/control/<node id>. When a workflow is loaded (a
+// page reload while training) each Trainer asks GET /flowtrain/state/<node id> and rebuilds
+// its chart, state and buttons from the answer; while a run is live and no event came for a
+// few seconds the same route is polled (e.g. another browser tab, which gets no events).
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
 const TRAINER = "FlowTrainTrainer";
 const WINDOW = 20; // moving-average window, the same as the engine's report
-const HEIGHT = 190;
+const HEIGHT = 214;
+const LIVE = new Set(["starting", "running", "pausing", "paused", "resuming", "saving", "stopping"]);
+const POLL_MS = 2000;
+const STATE_COLOURS = { running: "#4caf50", paused: "#e0a030", pausing: "#e0a030", resuming: "#4caf50",
+  saving: "#4f8ff0", stopping: "#e05050", starting: "#999" };
 // Trainer node -> {steps, losses, total, lr, el, observer}. Keyed by the node object, not its
 // id: onNodeCreated runs before graph.add() gives the node its id (and loading a workflow
 // changes ids), so an id captured there would not match the ids in the events.
@@ -39,6 +51,21 @@ function phaseText(p) {
   return `${p.phase} ${p.n}/${p.total}` + (parts.length ? ` (${parts.join(", ")})` : "");
 }
 
+// 95 -> "1m35s", 4000 -> "1h06m", 12 -> "12s"
+function duration(seconds) {
+  const s = Math.max(0, Math.round(seconds));
+  if (s < 60) return `${s}s`;
+  if (s < 3600) return `${Math.floor(s / 60)}m${String(s % 60).padStart(2, "0")}s`;
+  return `${Math.floor(s / 3600)}h${String(Math.floor((s % 3600) / 60)).padStart(2, "0")}m`;
+}
+
+// "0.42s/it  ETA 1m35s" (or "" before the first step)
+function timing(run) {
+  if (!Number.isFinite(run.sPerIt)) return "";
+  const rate = run.sPerIt >= 1 || run.sPerIt === 0 ? `${run.sPerIt.toFixed(2)}s/it` : `${(1 / run.sPerIt).toFixed(2)}it/s`;
+  return Number.isFinite(run.eta) && run.state !== "done" ? `${rate}  ETA ${duration(run.eta)}` : rate;
+}
+
 function draw(run) {
   const { canvas, text } = run.el;
   const dpr = window.devicePixelRatio || 1;
@@ -55,9 +82,11 @@ function draw(run) {
   const loss = pts.length ? pts[pts.length - 1][1] : NaN;
   const lr = Number.isFinite(run.lr) ? `  lr ${run.lr.toExponential(2)}` : "";
   const phase = run.phase?.phase;
-  const steps = run.total ? `step ${last}/${run.total}  loss ${Number.isFinite(loss) ? loss.toFixed(4) : "-"}${lr}` : "";
+  const time = timing(run);
+  const steps = run.total ? `step ${last}/${run.total}  loss ${Number.isFinite(loss) ? loss.toFixed(4) : "-"}${lr}${time ? "  " + time : ""}` : "";
   const idle = phase === "training" ? "training: first step running…" : phase === "done" ? "done" : "waiting for training…";
-  if (!phase || phase === "training" || phase === "done") text.textContent = steps || idle;
+  // paused / stopping are on the state badge under the chart, not in this line
+  if (!phase || ["training", "done", "paused", "stopping"].includes(phase)) text.textContent = steps || idle;
   else text.textContent = steps ? `${steps}  · ${phase}…` : phaseText(run.phase);
   if (run.phase?.total && !steps) {
     // the encoding before step 1: its own bar along the bottom edge
@@ -100,10 +129,106 @@ function draw(run) {
   }
 }
 
+// The state badge and the buttons: shown while the run is live, each button enabled when
+// the engine would accept its action (trainer_core.control.refusal).
+function drawControls(run) {
+  const c = run.el?.controls;
+  if (!c) return;
+  c.row.style.display = LIVE.has(run.state) ? "flex" : "none";
+  c.state.textContent = run.state || "";
+  c.state.style.color = STATE_COLOURS[run.state] || "#ddd";
+  c.state.title = run.error || "";
+  const acting = run.state !== "starting" && run.state !== "stopping" && !run.busy;
+  const paused = run.state === "paused" || run.state === "pausing";
+  c.pause.textContent = paused ? "Resume" : "Pause";
+  c.pause.dataset.action = paused ? "resume" : "pause";
+  c.pause.disabled = !acting;
+  c.save.disabled = !acting;
+  c.stop.disabled = !acting;
+}
+
+function setState(node, run, d) {
+  if (d.state !== undefined && d.state !== null) run.state = d.state;
+  if (d.s_per_it !== undefined) run.sPerIt = d.s_per_it ?? NaN;
+  if (d.eta !== undefined) run.eta = d.eta ?? NaN;
+  run.lastEvent = Date.now();
+  if (LIVE.has(run.state)) live.add(node);
+  else live.delete(node);
+}
+
+async function act(node, action) {
+  const run = runFor(node);
+  run.busy = true;
+  drawControls(run);
+  try {
+    const res = await api.fetchApi(`/flowtrain/control/${encodeURIComponent(node.id)}`, {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ action }),
+    });
+    const d = await res.json().catch(() => ({}));
+    run.error = res.ok ? "" : d.error || `HTTP ${res.status}`;
+    if (res.status === 404) run.state = null; // the run ended meanwhile
+    if (d.state) setState(node, run, d);
+  } catch (e) {
+    run.error = String(e);
+  } finally {
+    run.busy = false;
+    if (run.el) draw(run);
+    drawControls(run);
+    node.setDirtyCanvas?.(true, false);
+  }
+}
+
+// Rebuild a node's run from GET /flowtrain/state/<id> (after a reload, or when events stop).
+async function restore(node) {
+  if (node?.type !== TRAINER || node.id === undefined || node.id === null || node.id === -1) return;
+  let res;
+  try {
+    res = await api.fetchApi(`/flowtrain/state/${encodeURIComponent(node.id)}`);
+  } catch {
+    return;
+  }
+  const run = runFor(node);
+  if (!res.ok) {
+    if (res.status === 404 && LIVE.has(run.state)) {
+      run.state = "done"; // it ended while no event reached this page
+      live.delete(node);
+      drawControls(run);
+    }
+    return;
+  }
+  const d = await res.json();
+  if (Array.isArray(d.losses)) {
+    run.steps = d.losses.map((p) => p[0]);
+    run.losses = d.losses.map((p) => (p[1] === null || p[1] === undefined ? NaN : p[1]));
+  }
+  run.total = d.total ?? run.total;
+  run.lr = d.lr === null || d.lr === undefined ? NaN : d.lr;
+  run.phase = { phase: d.phase, n: 0, total: 0, rate: NaN, eta: NaN };
+  setState(node, run, d);
+  if (run.el) draw(run);
+  drawControls(run);
+  node.setDirtyCanvas?.(true, false);
+}
+
+// Trainer nodes whose run is live on this page, polled when their events stop.
+const live = new Set();
+
+function poll() {
+  const now = Date.now();
+  for (const node of [...live]) {
+    const run = runs.get(node);
+    if (!run || !app.graph?.getNodeById?.(node.id)) live.delete(node);
+    else if (now - (run.lastEvent || 0) > POLL_MS) restore(node);
+  }
+}
+
 function runFor(node) {
   let run = runs.get(node);
   if (!run) {
-    run = { steps: [], losses: [], total: 0, lr: NaN, phase: null, el: null, observer: null };
+    run = { steps: [], losses: [], total: 0, lr: NaN, phase: null, el: null, observer: null, state: null,
+      sPerIt: NaN, eta: NaN, lastEvent: 0, busy: false, error: "" };
     runs.set(node, run);
   }
   return run;
@@ -126,7 +251,32 @@ function attachChart(node) {
   canvas.style.cssText = "width:100%;flex:1;min-height:80px;border-radius:4px;";
   const previews = document.createElement("div");
   previews.style.cssText = "display:flex;gap:2px;overflow-x:auto;max-height:64px;";
-  box.append(text, canvas, previews);
+  const row = document.createElement("div");
+  row.style.cssText = "display:none;flex-wrap:wrap;align-items:center;gap:4px;font:11px monospace;";
+  const state = document.createElement("span");
+  state.style.cssText = "flex:1;font-weight:bold;";
+  const button = (label, action, tip) => {
+    const b = document.createElement("button");
+    b.textContent = label;
+    b.title = tip;
+    b.dataset.action = action;
+    b.style.cssText = "font:11px sans-serif;padding:1px 6px;cursor:pointer;";
+    b.addEventListener("click", (e) => {
+      e.stopPropagation();
+      act(node, b.dataset.action);
+    });
+    return b;
+  };
+  const controls = {
+    row,
+    state,
+    pause: button("Pause", "pause", "Pause after the step in progress (a checkpoint is saved); Resume continues."),
+    save: button("Save now", "save", "Save a resumable checkpoint after the step in progress, then continue."),
+    stop: button("Stop", "stop", "Finish the step in progress, save, and let the graph go on with the LoRA so far " +
+      "(unlike Cancel, the nodes after the Trainer run)."),
+  };
+  row.append(state, controls.pause, controls.save, controls.stop);
+  box.append(text, canvas, previews, row);
   const widget = node.addDOMWidget("flowtrain_loss_chart", "flowtrain_chart", box, {
     serialize: false,
     hideOnZoom: false,
@@ -136,7 +286,7 @@ function attachChart(node) {
   });
   widget.serialize = false; // never part of widgets_values
   const run = runFor(node);
-  run.el = { canvas, text, previews };
+  run.el = { canvas, text, previews, controls };
   // The canvas is laid out (and resized with the node) after this call: redraw at its real
   // size, otherwise the bitmap drawn at the fallback size is stretched and blurred.
   if (typeof ResizeObserver !== "undefined") {
@@ -145,6 +295,7 @@ function attachChart(node) {
     run.observer = observer;
   }
   draw(run);
+  drawControls(run);
 }
 
 function onProgress(event) {
@@ -160,7 +311,20 @@ function onProgress(event) {
   run.losses.push(d.loss === null || d.loss === undefined ? NaN : d.loss);
   run.total = d.total;
   run.lr = d.lr === null || d.lr === undefined ? NaN : d.lr;
+  setState(node, run, d);
   if (run.el) draw(run);
+  drawControls(run);
+  node.setDirtyCanvas?.(true, false);
+}
+
+function onState(event) {
+  const d = event.detail || {};
+  const node = findNode(d.node);
+  if (!node || node.type !== TRAINER) return;
+  const run = runFor(node);
+  setState(node, run, d);
+  if (run.el) draw(run);
+  drawControls(run);
   node.setDirtyCanvas?.(true, false);
 }
 
@@ -173,9 +337,13 @@ function onPhase(event) {
     run.steps = []; // a new (or resumed) run on the same node: the chart starts over
     run.losses = [];
     run.total = 0;
+    run.sPerIt = NaN;
+    run.eta = NaN;
   }
   run.phase = { phase: d.phase, n: d.n ?? 0, total: d.total ?? 0, rate: d.rate ?? NaN, eta: d.eta ?? NaN };
+  setState(node, run, { state: d.state });
   if (run.el) draw(run);
+  drawControls(run);
   node.setDirtyCanvas?.(true, false);
 }
 
@@ -209,6 +377,12 @@ if (!window[LOADED]) {
       api.addEventListener("flowtrain.progress", onProgress);
       api.addEventListener("flowtrain.phase", onPhase);
       api.addEventListener("flowtrain.preview", onPreview);
+      api.addEventListener("flowtrain.state", onState);
+      setInterval(poll, POLL_MS);
+    },
+    // a workflow was loaded (also the one restored after a page reload): show a run in progress
+    async loadedGraphNode(node) {
+      if (node?.type === TRAINER) await restore(node);
     },
     async beforeRegisterNodeDef(nodeType, nodeData) {
       if (nodeData.name !== TRAINER) return;
@@ -222,6 +396,7 @@ if (!window[LOADED]) {
       nodeType.prototype.onRemoved = function () {
         runs.get(this)?.observer?.disconnect();
         runs.delete(this);
+        live.delete(this);
         return removed?.apply(this, arguments);
       };
     },

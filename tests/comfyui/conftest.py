@@ -6,7 +6,6 @@ Every test here skips unless ``COMFYUI_PATH`` names a ComfyUI checkout (e.g.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -46,14 +45,8 @@ def comfy_nodes(comfyui):
 
 @pytest.fixture(scope="session")
 def bridge(comfyui):
-    """``nodes/comfy_bridge.py`` loaded by path: the name ``nodes`` is ComfyUI's own module here."""
-    name = "flowtrain_comfy_bridge"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "nodes" / "comfy_bridge.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    """The pack's ``nodes/bridge`` package, loaded by path (``harness.load_bridge``)."""
+    return harness.load_bridge()
 
 
 @pytest.fixture(scope="session")

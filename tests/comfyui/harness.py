@@ -41,6 +41,24 @@ _STATE: dict = {}
 
 
 # ---------------------------------------------------------------------- ComfyUI import
+BRIDGE_MODULE = "flowtrain_bridge"
+
+
+def load_bridge():
+    """The pack's ``nodes/bridge`` package loaded by path (after ``init_comfyui``): inside the
+    tests the name ``nodes`` is ComfyUI's own module, so the pack cannot be imported by name."""
+    if BRIDGE_MODULE not in sys.modules:
+        import importlib.util
+
+        folder = Path(__file__).resolve().parents[2] / "nodes" / "bridge"
+        spec = importlib.util.spec_from_file_location(BRIDGE_MODULE, folder / "__init__.py",
+                                                      submodule_search_locations=[str(folder)])
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[BRIDGE_MODULE] = module
+        spec.loader.exec_module(module)
+    return sys.modules[BRIDGE_MODULE]
+
+
 def _apply_torchvision_shim() -> None:
     """On machines whose torchvision is a CUDA build over CPU torch, the dev venv ships a
     shim module (``comfyui_tv_shim``) that defines the missing operator schemas. Optional."""

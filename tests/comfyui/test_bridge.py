@@ -1,4 +1,4 @@
-"""nodes/comfy_bridge.py on real ComfyUI (in-process, CPU) with tiny random FLUX models.
+"""nodes/bridge on real ComfyUI (in-process, CPU) with tiny random FLUX models.
 
 Skipped unless COMFYUI_PATH is set. Models are loaded the way UNETLoader does inside a prompt
 (under ``torch.inference_mode``), so their weights are inference tensors.
@@ -288,13 +288,13 @@ def test_clip_text_encoder_with_a_stub_clip(bridge):
 def test_auto_precision_trains_low_precision_weights_in_bf16(comfyui, bridge, tiny_files, monkeypatch):
     fp32 = comfyui.load_flux(tiny_files["flux1_dev"])
     bf16 = comfyui.load_flux(tiny_files["flux1_dev"], dtype=torch.bfloat16)
-    monkeypatch.setattr(bridge, "_bf16_native", lambda device: True)
+    monkeypatch.setattr(bridge.model, "_bf16_native", lambda device: True)
     assert bridge.auto_compute_dtype(fp32.model) == fp32.model.get_dtype_inference() == torch.float32
     assert bridge.auto_compute_dtype(bf16.model) == torch.bfloat16
     with bridge.training_model(bf16, precision="auto") as model:
         assert model.compute_dtype == torch.bfloat16 and model.autocast_dtype is None
         assert model.module.double_blocks[0].img_attn.qkv.weight.dtype == torch.bfloat16  # never cast
-    monkeypatch.setattr(bridge, "_bf16_native", lambda device: False)  # e.g. a CPU without native bf16
+    monkeypatch.setattr(bridge.model, "_bf16_native", lambda device: False)  # e.g. a CPU without native bf16
     assert bridge.auto_compute_dtype(bf16.model) == bf16.model.get_dtype_inference()
 
 

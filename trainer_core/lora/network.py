@@ -370,3 +370,22 @@ class LoraNetwork:
             del self.root.peft_config
         self._layers = {}
         self._removed = True
+
+
+def strip_lora_layers(module: nn.Module) -> int:
+    """Put back every base layer peft wrapped in ``module``: the safety net for a caller that
+    could not ``LoraNetwork.remove()`` (an error before it got the network), so a shared model
+    is never left carrying LoRA layers. Returns how many layers were unwrapped."""
+    try:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+    except ImportError:  # peft absent: nothing can have been injected
+        return 0
+    leftovers = [n for n, m in module.named_modules() if isinstance(m, BaseTunerLayer)]
+    for name in leftovers:
+        parent_name, _, child = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        setattr(parent, child, getattr(parent, child).get_base_layer())
+    if leftovers:
+        vars(module).pop("peft_config", None)
+        log.warning("removed %d LoRA layers left in the model after training", len(leftovers))
+    return len(leftovers)

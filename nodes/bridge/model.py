@@ -1,0 +1,195 @@
+"""A ComfyUI MODEL → the engine's trainable flow model, in place.
+
+``detect_arch(MODEL)`` says which family a MODEL is; ``training_model(MODEL, ...)`` loads it the
+way ComfyUI does, makes its module trainable in place (no second copy of the weights) and
+yields the engine's adapter (see the package docstring for memory and streaming).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import comfy.model_base
+import comfy.model_management
+import torch
+
+from trainer_core.lora.network import strip_lora_layers
+from trainer_core.models.bfl_flux import CHECKPOINT_MODES, GRADIENT_CHECKPOINTING_MODE, BflFlux
+
+from .weights import AutogradSafeWeights, quantized_layers
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class ArchInfo:
+    arch: str  # "flux1" | "flux2"
+    guidance_embed: bool
+    latent_channels: int
+    patch_size: int
+    model_type_name: str  # ComfyUI model config class: "Flux", "FluxSchnell", "Flux2", ...
+
+
+def detect_arch(model_patcher) -> ArchInfo:
+    """Which FLUX a ComfyUI MODEL is. ``Flux2`` subclasses ``Flux``, so it is checked by exact
+    type; other ``Flux`` subclasses (Chroma, LongCat) call their module differently and are refused."""
+    base = getattr(model_patcher, "model", None)
+    config = getattr(base, "model_config", None)
+    if type(base) is comfy.model_base.Flux2:
+        arch = "flux2"
+    elif type(base) is comfy.model_base.Flux:
+        arch = "flux1"
+    else:
+        kind = type(config).__name__ if config is not None else type(base).__name__
+        raise ValueError(
+            f"FlowTrain trains FLUX.1/FLUX.2 models; the MODEL input is a {kind} "
+            f"({type(base).__module__}.{type(base).__name__}); load a FLUX model with UNETLoader or CheckpointLoaderSimple"
+        )
+    unet = config.unet_config
+    return ArchInfo(
+        arch=arch,
+        guidance_embed=bool(unet.get("guidance_embed", False)),
+        latent_channels=int(base.latent_format.latent_channels),
+        patch_size=int(base.diffusion_model.patch_size),
+        model_type_name=type(config).__name__,
+    )
+
+
+def sdpa_attention(default, *args, **kwargs):
+    """ComfyUI's attention override while training: always ``attention_pytorch`` (torch SDPA).
+    ComfyUI picks its attention for inference: on a CPU a split/sub-quadratic kernel that
+    materialises the T×T scores, on some GPUs sage attention, which has no backward. SDPA has
+    fused forward and backward kernels on CPU and CUDA (flash / memory-efficient)."""
+    from comfy.ldm.modules.attention import attention_pytorch
+
+    return attention_pytorch(*args, **kwargs)
+
+
+def _resolve_mode(gradient_checkpointing) -> str:
+    """A bool (True = ``GRADIENT_CHECKPOINTING_MODE``) or a mode name, e.g. "auto"."""
+    if isinstance(gradient_checkpointing, str):
+        if gradient_checkpointing not in CHECKPOINT_MODES:
+            raise ValueError(f"gradient_checkpointing={gradient_checkpointing!r}; expected a bool or one of {list(CHECKPOINT_MODES)}")
+        return gradient_checkpointing
+    return GRADIENT_CHECKPOINTING_MODE if gradient_checkpointing else "off"
+
+
+@contextlib.contextmanager
+def training_model(model_patcher, *, gradient_checkpointing=True, precision: str = "auto",
+                   config=None) -> Iterator[BflFlux]:
+    """Load ``model_patcher`` fully (its patches, e.g. another LoRA, are merged into the
+    weights by ComfyUI, so training happens on top of them) and yield a ``BflFlux`` over its
+    live ``diffusion_model``.
+
+    ``gradient_checkpointing``: bool or a mode from ``CHECKPOINT_MODES``. ``precision``:
+    "auto" computes in the dtype ComfyUI runs the model in (``get_dtype_inference()``);
+    "bf16"/"fp16"/"fp32" compute in that dtype (see ``_compute_dtypes``). The stored weights
+    are never cast or copied; fp8 weights stay fp8 (ComfyUI's layers cast them per forward).
+
+    Inside the block: inference mode off, grad on, ``comfy.model_management.in_training``
+    True (ComfyUI's fused rope has no backward otherwise). Everything is restored on exit,
+    also on errors and interrupts. The caller must ``LoraNetwork.remove()`` before leaving.
+
+    ``config`` (a ``TrainingConfig``): plan memory for it first (see the module docstring);
+    the plan is ``model.memory_plan`` (pass it to ``train_lora(memory_plan=...)``).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r}; expected one of {list(PRECISIONS)}")
+    info = detect_arch(model_patcher)
+    mode = _resolve_mode(gradient_checkpointing)
+    mm = comfy.model_management
+    previous = mm.in_training
+    with torch.inference_mode(False), torch.enable_grad():
+        base = model_patcher.model
+        module = base.diffusion_model
+        compute, autocast = _compute_dtypes(base, PRECISIONS[precision])
+        model = BflFlux(
+            module, arch=info.arch, guidance_embed=info.guidance_embed, latent_channels=info.latent_channels,
+            patch_size=info.patch_size, context_tokens=512 if info.arch == "flux2" else None, checkpoint=mode,
+            compute_dtype=compute, autocast_dtype=autocast, precision_fixed=True,
+            training_attention=sdpa_attention,
+        )
+        model.device = mm.get_torch_device()
+        plan = model.plan_memory(config) if config is not None else None  # refuses before loading
+        model.memory_plan = plan
+        own_placement = plan is not None and bool(plan.streamed) and model.device.type != "cpu"
+        if own_placement:
+            if getattr(model_patcher, "is_dynamic", lambda: False)():
+                raise ValueError(
+                    f"{plan.summary()}: weight streaming needs ComfyUI's classic model loading, but this MODEL uses "
+                    "dynamic VRAM; start ComfyUI with --disable-dynamic-vram, or set memory_budget to 'unlimited' "
+                    "if the model fits your GPU")
+            model_patcher.patch_model(device_to=model_patcher.offload_device)
+        else:
+            mm.load_models_gpu([model_patcher], force_full_load=True)
+        weights = AutogradSafeWeights(module)
+        try:
+            converted = weights.apply()
+            log.info("training %s (%s): %d inference tensors swapped, compute %s, autocast %s, checkpoint %s%s",
+                     info.arch, info.model_type_name, converted, compute, autocast, mode,
+                     f", {plan.summary()}" if plan is not None else "")
+            mm.in_training = True
+            yield model
+        finally:
+            mm.in_training = previous
+            model.release_streaming()
+            strip_lora_layers(module)
+            if own_placement:
+                module.to(model_patcher.offload_device)
+            weights.restore()
+            if own_placement:
+                model_patcher.unpatch_model(device_to=model_patcher.offload_device)
+
+
+LOW_PRECISION_WEIGHTS = {torch.bfloat16, getattr(torch, "float8_e4m3fn", None), getattr(torch, "float8_e5m2", None)}
+
+
+
+
+def auto_compute_dtype(base) -> torch.dtype:
+    """What precision "auto" trains in: ComfyUI's inference dtype, except that weights
+    stored in bf16, fp8 or a quantized format train in bf16 where the device computes bf16
+    natively. Such weights hold no more than bf16 precision, and ComfyUI's CPU default (fp32
+    compute) would cast every weight on every forward for no accuracy gain; the LoRA itself
+    stays in fp32."""
+    inference = base.get_dtype_inference()
+    low = base.get_dtype() in LOW_PRECISION_WEIGHTS or quantized_layers(base.diffusion_model) > 0
+    if inference == torch.float32 and low and _bf16_native(next(base.diffusion_model.parameters()).device):
+        return torch.bfloat16
+    return inference
+
+
+def _bf16_native(device) -> bool:
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return False
+
+
+def _compute_dtypes(base, wanted: Optional[torch.dtype]) -> tuple[torch.dtype, Optional[torch.dtype]]:
+    """(dtype of the module's inputs, autocast dtype or None) for a requested precision.
+
+    None ("auto"): ``auto_compute_dtype``, then as for that dtype. A dtype D: when ComfyUI's layers cast their weights to the input dtype
+    per forward (manual-cast / fp8 models) or the weights already are D, feed D directly,
+    as ComfyUI's own ``set_model_compute_dtype`` does (no weight copy when they match);
+    otherwise (e.g. fp32 weights, bf16 asked) compute under ``torch.autocast(D)``."""
+    if wanted is None:
+        wanted = auto_compute_dtype(base)
+        if wanted == base.get_dtype_inference():
+            return wanted, None
+    weight_dtype = base.get_dtype()
+    casts = any(getattr(m, "comfy_cast_weights", False) for m in base.diffusion_model.modules())
+    if casts or wanted == weight_dtype:
+        return wanted, None
+    if wanted == torch.float32:
+        raise ValueError(
+            f"precision='fp32' needs fp32 weights or casting layers, but this model holds {weight_dtype} weights "
+            "that ComfyUI does not cast; load it in fp32 or choose precision 'auto'/'bf16'"
+        )
+    return weight_dtype, wanted
