@@ -3,6 +3,7 @@ found and missing, buckets with counts, files skipped), defaults in ``--help``, 
 third-party chatter unless ``--verbose``."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -73,9 +74,15 @@ CLIPTextConfig(vocab_size=10)  # default bos/eos ids outside the vocabulary: tra
 """
 
 
+QUIET_VARIABLES = ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY", "HF_HUB_DISABLE_PROGRESS_BARS",
+                   "TRANSFORMERS_NO_ADVISORY_WARNINGS")
+
+
 def test_no_third_party_noise_unless_verbose():
+    # a clean environment: an in-process cli.main earlier in this session set the quiet variables here
+    env = {k: v for k, v in os.environ.items() if k not in QUIET_VARIABLES}
     run = lambda m: subprocess.run([sys.executable, "-c", PROBE, m], cwd=ROOT, capture_output=True,  # noqa: E731
-                                   text=True, timeout=300)
+                                   text=True, timeout=300, env=env)
     loud, quiet = run("verbose"), run("quiet")
     assert loud.returncode == 0 and quiet.returncode == 0, quiet.stderr
     assert "bos_token_id" in loud.stdout + loud.stderr  # the probe does make noise when allowed to
