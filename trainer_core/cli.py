@@ -2,8 +2,9 @@
 
 ``demo`` trains a LoRA end to end on the embedded default (a small FLUX.1-layout model,
 a DCT image codec, a hashing text encoder and a generated dataset): no download.
-``train`` points the same engine at a local diffusers-format FLUX.1 folder and an image
-folder. Ctrl+C (or SIGTERM) stops after the current step and saves the LoRA.
+``train`` points the same engine at FLUX model files as ComfyUI keeps them (FLUX.1 dev/schnell,
+FLUX.2 Klein; ``--comfyui-models DIR`` finds them by name) or a diffusers FLUX.1 folder, and an
+image folder; ``--config run/config.json`` repeats a Trainer node's run. Ctrl+C (or SIGTERM) stops after the current step and saves the LoRA.
 Both train data-parallel on several processes or GPUs when launched by ``torchrun``
 (docs/distributed.md).
 ``estimate`` prints the peak memory of a training step by component for a released model
@@ -12,7 +13,6 @@ shape (flux1-dev, klein-9b, ...) or a model file/folder, and the plan chosen for
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import signal
@@ -22,10 +22,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import distributed
+from . import distributed, train_command
 from .config import ConfigError, TrainingConfig, field_names, suggest, with_user_names
 from .loop import NonFiniteLoss
-from .terminal import TerminalPhases, TerminalProgress, log_handler
+from .terminal import TerminalPhases, TerminalProgress, log_handler, quiet_libraries
 
 log = logging.getLogger("trainer_core")
 
@@ -97,10 +97,24 @@ class StopFlag:
         return self.event.is_set()
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written; every option with a real default shows it ("(default: 8.0)")."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if "%(default)" in text or default in (None, False, [], "", argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--output-dir", default="output", help="folder for run folders (default: output)")
+    p.add_argument("--output-dir", default="output", help="folder for run folders")
+    p.add_argument("--verbose", action="store_true",
+                   help="also show third-party messages (library warnings, loading progress bars, bitsandbytes notes)")
     p.add_argument("--name", help="run name (run folder and LoRA names)")
-    p.add_argument("--steps", type=int, help="optimizer steps")
+    p.add_argument("--steps", type=int, help="optimizer steps (train.steps; default: the config's, "
+                                             f"{TrainingConfig().train.steps} for train)")
     p.add_argument("--config", type=Path, help="a JSON file with a full or partial config tree")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override any config field, e.g. --set optim.lr=2e-4 (repeatable)")
@@ -108,25 +122,30 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     prog = "flowtrain" if Path(sys.argv[0]).name == "flowtrain" else "python -m trainer_core"
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="train a LoRA on the embedded demo (no download, ~2 min on CPU)")
+    demo = sub.add_parser("demo", help="train a LoRA on the embedded demo (no download, ~2 min on CPU)",
+                          formatter_class=HelpFormatter)
     _common(demo)
-    train = sub.add_parser("train", help="train on a local diffusers FLUX.1 folder and an image folder")
+    train = sub.add_parser("train", help="train on FLUX model files (as in ComfyUI) or a diffusers folder, and an image "
+                                         "folder", description=train_command.DESCRIPTION, formatter_class=HelpFormatter)
     _common(train)
-    train.add_argument("--model", required=True, type=Path, help="diffusers-format FLUX.1 folder (transformer/, vae/, text_encoder*/, tokenizer*/)")
-    train.add_argument("--data", required=True, type=Path, help="image folder with same-name .txt captions")
+    train_command.add_arguments(train)
+    d = TrainingConfig().to_dict()  # what a flag left out means: the config's default (or --config's value)
     train.add_argument("--trigger", default="", help="trigger word")
     train.add_argument("--class-word", default="", help="class word (e.g. 'dog')")
-    train.add_argument("--rank", type=int, help="LoRA rank")
-    train.add_argument("--lr", type=float, help="learning rate")
-    train.add_argument("--resolution", type=int, nargs="+", help="bucket resolutions, e.g. 512 768")
+    train.add_argument("--rank", type=int, help=f"LoRA rank (lora.rank; default {d['lora']['rank']})")
+    train.add_argument("--lr", type=float, help=f"learning rate (optim.lr; default {d['optim']['lr']})")
+    train.add_argument("--resolution", type=int, nargs="+",
+                       help=f"bucket resolutions, e.g. 512 768 (data.buckets.resolutions; default "
+                            f"{' '.join(map(str, d['data']['buckets']['resolutions']))})")
     train.add_argument("--device", default="auto",
                        help="where to train: auto (the GPU when there is one, else the CPU), cuda, cuda:N or cpu; "
                             "under torchrun each rank takes cuda:LOCAL_RANK")
     train.add_argument("--algorithm", help="adapter algorithm: lora, dora, loha or lokr (lora.algorithm)")
     train.add_argument("--init-from", type=Path, help="continue from this LoRA file (lora.init_from)")
-    est = sub.add_parser("estimate", help="memory a training run needs, by component, and the plan for a budget")
+    est = sub.add_parser("estimate", help="memory a training run needs, by component, and the plan for a budget",
+                         formatter_class=HelpFormatter)
     est.add_argument("--model", default="flux1-dev",
                      help="a released shape (flux1-dev, flux1-schnell, klein-4b, klein-9b, flux2-dev), a FLUX "
                           ".safetensors file or a diffusers folder")
@@ -180,8 +199,15 @@ def make_config(args: argparse.Namespace, defaults: dict) -> TrainingConfig:
             loaded = json.loads(args.config.read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as e:
             raise ConfigError(f"--config {args.config}: cannot read JSON ({e})") from None
-        loaded = loaded.get("config", loaded)  # accept a run's config.json as is
+        run_file = isinstance(loaded, dict) and "config" in loaded  # a run's config.json (engine or node)
+        loaded = loaded.get("config", loaded) if isinstance(loaded, dict) else loaded
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"--config {args.config}: expected a JSON object of config sections")
         for section, values in loaded.items():
+            if section not in tree and run_file:
+                # a section this engine does not train with (e.g. one only the ComfyUI node reads)
+                log.info("--config %s: section %r is not a training setting here; ignored", args.config, section)
+                continue
             if section not in tree:
                 raise ConfigError(f"--config {args.config}: unknown section {section!r}; known: {sorted(tree)}")
             _deep_update(tree[section], values)
@@ -244,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[log_handler()])
     logging.getLogger("trainer_core.phases").setLevel(logging.WARNING)  # TerminalPhases shows the counts
     args = build_parser().parse_args(argv)
+    quiet_libraries(getattr(args, "verbose", False))
     stop = StopFlag()
     stop.install()
     try:
@@ -257,20 +284,10 @@ def main(argv: list[str] | None = None) -> int:
             run_demo(args, stop=stop, progress=TerminalProgress(), make_config=make_config,
                      phase_progress=TerminalPhases())
         else:
-            from .models.local import load_diffusers_flux_folder
-            from .session import DTYPES, check_before_loading, resolved_precision, train_lora
-
-            config = make_config(args, {})
-            check_before_loading(config)  # the data folder, captions and run folder: before the slow load
             if device is None:  # not under torchrun: as --device says
                 device = resolve_device(args.device)
-            config = config.replace(train=dataclasses.replace(
-                config.train, precision=resolved_precision(config.train.precision, device)))
-            model, codec, text = load_diffusers_flux_folder(args.model, dtype=DTYPES[config.train.precision], device=device,
-                                                            base_quantization=config.train.base_quantization)
-            result = train_lora(config, model, codec, text, release_encoders=lambda: (codec.release(), text.release()),
-                                progress=TerminalProgress(), should_stop=stop, base_model=str(args.model),
-                                phase_progress=TerminalPhases(), model_name=Path(args.model).name)
+            result = train_command.run(args, device=device, stop=stop, make_config=make_config,
+                                       progress=TerminalProgress(), phases=TerminalPhases())
             log.info("LoRA: %s (%s after %d steps)", result.lora_path, result.reason, result.steps)
     except (ConfigError, ValueError, FileNotFoundError, NonFiniteLoss, OSError) as e:
         # each of these carries a message that names the file or setting and the fix

@@ -98,8 +98,8 @@ def model_card(run_dir: Path, config: TrainingConfig, *, variant: Optional[Detec
     lines += _dataset_rows(dataset_summary)
     lines += settings_rows(c)
     lines += ["", "The full configuration is in `config.json` and in the LoRA file's metadata "
-              "(`flowtrain.config`); `flowtrain train --config config.json` (with `--model` and `--data`) "
-              "accepts it as it is.", ""]
+              "(`flowtrain.config`); `flowtrain train --config config.json --comfyui-models DIR` trains it again "
+              "(the model file is found by the name the run recorded; `--data` if the images moved).", ""]
     if (run_dir / "learning_curve.svg").is_file():
         lines += ["## Loss curve", "", "![learning curve](learning_curve.svg)", ""]
     lines += preview_table(run_dir, c.preview.prompts, trigger)

@@ -238,7 +238,9 @@ def train_lora(
             data, codec, text_encoder, cache_dir=cache_dir, pixel_multiple=model.pixel_multiple, seed=config.train.seed))
     if dp.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_state(run_dir / "config.json", {"format_version": FORMAT_VERSION, "config": config.to_dict()})
+        # "model": what the command line needs to find the same weights (``flowtrain train --config``)
+        write_state(run_dir / "config.json", {"format_version": FORMAT_VERSION, "config": config.to_dict(),
+                                              "model": {"file": model_name, "arch": model.arch}})
     if release_encoders is not None and not dataset.needs_codec:  # live augmentation encodes every step
         release_encoders()
 

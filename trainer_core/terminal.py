@@ -10,8 +10,10 @@ runs), so a log file stays readable.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
+import warnings
 
 PLAIN_EVERY_S = 10.0
 
@@ -113,3 +115,27 @@ class TerminalPhases:
         if plain:
             self.last = now
         self.status.show(f"  {phase} {n}/{total}{describe(info)}", final=n >= total, plain=plain)
+
+
+THIRD_PARTY = ("transformers", "diffusers", "huggingface_hub", "bitsandbytes", "accelerate", "torchao")
+
+
+def quiet_libraries(verbose: bool) -> None:
+    """Unless ``verbose``: no third-party chatter on every start (bitsandbytes' kernels note,
+    transformers/diffusers loading bars and advisory warnings, their Python warnings). Set
+    before those libraries are imported, which read their verbosity from the environment."""
+    if verbose:
+        return
+    for name, value in (("TRANSFORMERS_VERBOSITY", "error"), ("DIFFUSERS_VERBOSITY", "error"),
+                        ("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")):
+        os.environ.setdefault(name, value)
+    for name in THIRD_PARTY:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    for name in THIRD_PARTY:
+        warnings.filterwarnings("ignore", module=rf"{name}(\..*)?$")
+    for module_name in ("transformers", "diffusers"):  # already imported (e.g. by the demo): switch them now
+        module = sys.modules.get(module_name)
+        utils = getattr(getattr(module, "utils", None), "logging", None)
+        if utils is not None:
+            utils.set_verbosity_error()
+            utils.disable_progress_bar()

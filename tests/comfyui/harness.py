@@ -303,13 +303,14 @@ def _attn(sd, p, c, g, std):
         _conv(sd, f"{p}.{n}", c, c, 1, g, std)
 
 
-def vae_state_dict(arch: str = "flux1", *, dec_ch: int = 32, seed: int = 0, std: float = 0.02,
+def vae_state_dict(arch: str = "flux1", *, dec_ch: int = 32, enc_ch: int = 128, seed: int = 0, std: float = 0.02,
                    dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
-    """A FLUX ``ae`` (ldm AutoencoderKL layout): encoder at ComfyUI's fixed width 128,
-    ch_mult (1, 2, 4, 4), 2 res blocks; a decoder of width ``dec_ch``. ``flux2`` adds
-    quant convs and the batch-norm latent statistics (z 32 → 128 channels at /16)."""
+    """A FLUX ``ae`` (ldm AutoencoderKL layout): encoder of width ``enc_ch`` (ComfyUI fixes it
+    at 128; the engine's loader reads any width), ch_mult (1, 2, 4, 4), 2 res blocks; a decoder
+    of width ``dec_ch``. ``flux2`` adds quant convs and the batch-norm latent statistics
+    (z 32 → 128 channels at /16)."""
     z = 16 if arch == "flux1" else 32
-    enc_ch, mult, nres = 128, (1, 2, 4, 4), 2
+    mult, nres = (1, 2, 4, 4), 2
     g = torch.Generator().manual_seed(seed)
     sd: dict[str, torch.Tensor] = {}
     _conv(sd, "encoder.conv_in", enc_ch, 3, 3, g, std)

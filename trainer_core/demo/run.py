@@ -112,6 +112,10 @@ def run_demo(args, *, stop: Callable[[], bool], progress, make_config, phase_pro
             # 4.8 instead of 8) and the 600-step loss ends near 0.9 instead of 0.5, too noisy to draw.
             write_demo_dataset(data_dir, size=DEMO_SIZE, mixed_sizes=False)
     config = config.replace(data=_with_path(config.data, data_dir))
+    if dp.is_main:
+        from ..data.overview import format_overview, overview
+
+        log.info("%s", format_overview(overview(config.data)))
     model, codec, text = demo_parts()
     with_trigger, without_trigger = sample_prompts()
 
