@@ -72,11 +72,6 @@ class Variant:
     resolution: int = 1024  # native training resolution (documentation only)
 
 
-def implementation(family: str) -> str:
-    """``modelspec.implementation`` of a family (its record's)."""
-    return FAMILIES.get(family).implementation
-
-
 VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("flux1-dev", "FLUX.1-dev", "flux1", "flux1", "flux-1-dev/lora",
             ModelShape("flux1", 3072, 19, 38, 4096, True)),
