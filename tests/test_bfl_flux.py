@@ -153,6 +153,20 @@ def test_inputs_match_comfyui_sampling():
     assert not m2.module.seen["patched"]  # no hook when nothing needs gradients
 
 
+
+def test_chroma_is_fed_from_its_family_record():
+    """Chroma: T5 context as encoded (no padding), no pooled vector, guidance input always 0
+    (what ComfyUI's Chroma.extra_conds passes), kohya files, 16-pixel sides."""
+    torch.manual_seed(0)
+    m = BflFlux(StandIn(), arch="chroma", guidance_embed=False, latent_channels=16, patch_size=2)
+    assert (m.lora_format, m.pixel_multiple, m.family.name) == ("flux1_kohya", 16, "chroma")
+    x, sigma, text, _ = _inputs("flux1")
+    assert text.pooled is not None
+    m.velocity(x, sigma, text, guidance=3.5)
+    seen = m.module.seen
+    assert seen["y"] is None and torch.equal(seen["guidance"], torch.zeros(2))
+    assert torch.equal(seen["context"], text.context)
+
 def test_plain_autograd_fails_but_every_mode_gives_the_same_gradients():
     model = _model("flux1", checkpoint="off")
     x, sigma, text, target = _inputs("flux1")
