@@ -58,13 +58,14 @@ def _cond_embedding(cond: torch.Tensor, extras: dict, keep_pooled: bool) -> Text
 
 class ClipTextEncoder:
     """``TextEncoder`` over a ComfyUI CLIP: each caption through ``clip.tokenize`` and
-    ``clip.encode_from_tokens(..., return_pooled=True, return_dict=True)``. FLUX.2 has no
-    pooled vector (``pooled`` None)."""
+    ``clip.encode_from_tokens(..., return_pooled=True, return_dict=True)``. FLUX.2 and Z-Image
+    have no pooled vector (``pooled`` None); Z-Image's Qwen3-4B states come unpadded, one row
+    per token, as ComfyUI samples with them."""
 
     def __init__(self, clip, arch):
         arch = getattr(arch, "arch", arch)  # an ArchInfo or its arch string
-        if arch not in ("flux1", "flux2"):
-            raise ValueError(f"ClipTextEncoder arch={arch!r}; expected 'flux1' or 'flux2'")
+        if arch not in ("flux1", "flux2", "zimage"):
+            raise ValueError(f"ClipTextEncoder arch={arch!r}; expected 'flux1', 'flux2' or 'zimage'")
         self.clip, self.arch = clip, arch
         names = f"{type(clip).__name__}/{type(clip.cond_stage_model).__name__}"
         self.identity = f"comfy-clip-{names}-{weights_identity(clip.cond_stage_model.state_dict())}-{arch}"

@@ -17,6 +17,7 @@ import torch
 
 from trainer_core.lora.network import strip_lora_layers
 from trainer_core.models.bfl_flux import CHECKPOINT_MODES, GRADIENT_CHECKPOINTING_MODE, BflFlux
+from trainer_core.models.zimage import NextDiTZImage
 
 from .weights import AutogradSafeWeights, quantized_layers
 
@@ -27,7 +28,7 @@ PRECISIONS = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32
 
 @dataclass(frozen=True)
 class ArchInfo:
-    arch: str  # "flux1" | "flux2"
+    arch: str  # "flux1" | "flux2" | "zimage"
     guidance_embed: bool
     latent_channels: int
     patch_size: int
@@ -36,18 +37,24 @@ class ArchInfo:
 
 def detect_arch(model_patcher) -> ArchInfo:
     """Which FLUX a ComfyUI MODEL is. ``Flux2`` subclasses ``Flux``, so it is checked by exact
-    type; other ``Flux`` subclasses (Chroma, LongCat) call their module differently and are refused."""
+    type; other ``Flux`` subclasses (Chroma, LongCat) call their module differently and are refused.
+    Z-Image: ComfyUI's ``Lumina2`` model with the ``ZImage`` config (Lumina 2 itself, the
+    Omni/SigLIP and pixel-space variants are refused)."""
     base = getattr(model_patcher, "model", None)
     config = getattr(base, "model_config", None)
     if type(base) is comfy.model_base.Flux2:
         arch = "flux2"
     elif type(base) is comfy.model_base.Flux:
         arch = "flux1"
+    elif (type(base) is comfy.model_base.Lumina2 and type(config).__name__ == "ZImage"
+          and config.unet_config.get("siglip_feat_dim") is None):
+        arch = "zimage"
     else:
         kind = type(config).__name__ if config is not None else type(base).__name__
         raise ValueError(
-            f"FlowTrain trains FLUX.1/FLUX.2 models; the MODEL input is a {kind} "
-            f"({type(base).__module__}.{type(base).__name__}); load a FLUX model with UNETLoader or CheckpointLoaderSimple"
+            f"FlowTrain trains FLUX.1/FLUX.2 and Z-Image models; the MODEL input is a {kind} "
+            f"({type(base).__module__}.{type(base).__name__}); load a supported model with UNETLoader or "
+            "CheckpointLoaderSimple"
         )
     unet = config.unet_config
     return ArchInfo(
@@ -82,8 +89,8 @@ def _resolve_mode(gradient_checkpointing) -> str:
 def training_model(model_patcher, *, gradient_checkpointing=True, precision: str = "auto",
                    config=None) -> Iterator[BflFlux]:
     """Load ``model_patcher`` fully (its patches, e.g. another LoRA, are merged into the
-    weights by ComfyUI, so training happens on top of them) and yield a ``BflFlux`` over its
-    live ``diffusion_model``.
+    weights by ComfyUI, so training happens on top of them) and yield the family's adapter
+    (``BflFlux``; ``NextDiTZImage`` for Z-Image) over its live ``diffusion_model``.
 
     ``gradient_checkpointing``: bool or a mode from ``CHECKPOINT_MODES``. ``precision``:
     "auto" computes in the dtype ComfyUI runs the model in (``get_dtype_inference()``);
@@ -107,14 +114,19 @@ def training_model(model_patcher, *, gradient_checkpointing=True, precision: str
         base = model_patcher.model
         module = base.diffusion_model
         compute, autocast = _compute_dtypes(base, PRECISIONS[precision])
-        model = BflFlux(
-            module, arch=info.arch, guidance_embed=info.guidance_embed, latent_channels=info.latent_channels,
-            patch_size=info.patch_size, context_tokens=512 if info.arch == "flux2" else None, checkpoint=mode,
-            compute_dtype=compute, autocast_dtype=autocast, precision_fixed=True,
-            training_attention=sdpa_attention,
-        )
+        if info.arch == "zimage":
+            model = NextDiTZImage(module, checkpoint=mode, compute_dtype=compute, autocast_dtype=autocast,
+                                  precision_fixed=True, training_attention=sdpa_attention)
+        else:
+            model = BflFlux(
+                module, arch=info.arch, guidance_embed=info.guidance_embed, latent_channels=info.latent_channels,
+                patch_size=info.patch_size, context_tokens=512 if info.arch == "flux2" else None, checkpoint=mode,
+                compute_dtype=compute, autocast_dtype=autocast, precision_fixed=True,
+                training_attention=sdpa_attention,
+            )
         model.device = mm.get_torch_device()
-        plan = model.plan_memory(config) if config is not None else None  # refuses before loading
+        planner = getattr(model, "plan_memory", None)  # Z-Image: no memory planner yet
+        plan = planner(config) if config is not None and planner is not None else None  # refuses before loading
         model.memory_plan = plan
         own_placement = plan is not None and bool(plan.streamed) and model.device.type != "cpu"
         if own_placement:
@@ -136,7 +148,8 @@ def training_model(model_patcher, *, gradient_checkpointing=True, precision: str
             yield model
         finally:
             mm.in_training = previous
-            model.release_streaming()
+            if hasattr(model, "release_streaming"):
+                model.release_streaming()
             strip_lora_layers(module)
             if own_placement:
                 module.to(model_patcher.offload_device)

@@ -24,9 +24,10 @@ from trainer_core.lora.metadata import RunInfo, run_keys
 
 log = logging.getLogger(__name__)
 
-NETWORK_MODULE = {"flux1": "networks.lora_flux", "flux2": "networks.lora_flux2"}
+NETWORK_MODULE = {"flux1": "networks.lora_flux", "flux2": "networks.lora_flux2", "zimage": "networks.lora_zimage"}
 """``ss_network_module``: kohya's FLUX.1 module is ``networks.lora_flux``; for FLUX.2 no
-kohya value exists, we write ``networks.lora_flux2`` by analogy."""
+kohya value exists, we write ``networks.lora_flux2`` by analogy; Z-Image: musubi-tuner's
+``networks.lora_zimage``."""
 
 
 def save_lora_file(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:

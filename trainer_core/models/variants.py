@@ -40,12 +40,12 @@ from typing import Any, Optional
 
 from torch import nn
 
-FAMILIES = ("flux1", "flux2")
+FAMILIES = ("flux1", "flux2", "zimage")
 
 
 @dataclass(frozen=True)
 class ModelShape:
-    family: str  # "flux1" | "flux2"
+    family: str  # "flux1" | "flux2" | "zimage"
     hidden: int
     double: int
     single: int
@@ -71,8 +71,9 @@ class Variant:
     resolution: int = 1024  # native training resolution (documentation only)
 
 
-_IMPL = {"flux1": "https://github.com/black-forest-labs/flux", "flux2": "https://github.com/black-forest-labs/flux2"}
-"""``modelspec.implementation`` per family (sd-scripts for FLUX.1, musubi-tuner for FLUX.2)."""
+_IMPL = {"flux1": "https://github.com/black-forest-labs/flux", "flux2": "https://github.com/black-forest-labs/flux2",
+         "zimage": "https://github.com/Tongyi-MAI/Z-Image"}
+"""``modelspec.implementation`` per family (sd-scripts for FLUX.1, musubi-tuner for FLUX.2 and Z-Image)."""
 
 
 def implementation(family: str) -> str:
@@ -92,6 +93,10 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
             ModelShape("flux2", 3072, 5, 20, 7680, False)),
     Variant("flux1", "FLUX.1 (unknown size)", "flux1", "flux1", "flux-1-dev/lora"),
     Variant("flux2", "FLUX.2 (unknown size)", "flux2", "flux2", "Flux.2/lora"),
+    # Z-Image (ComfyUI's Lumina2/NextDiT at width 3840): musubi-tuner's names; "double" counts the
+    # main layers, "context" is the Qwen3-4B width
+    Variant("z-image", "Z-Image", "zimage", "z_image", "Z-Image/lora", ModelShape("zimage", 3840, 30, 0, 2560, False)),
+    Variant("zimage", "Z-Image (unknown size)", "zimage", "z_image", "Z-Image/lora"),
 )}
 
 
@@ -148,6 +153,14 @@ def module_shape(module: nn.Module, family: str) -> ModelShape:
                       context=int(txt_in.weight.shape[1]), guidance=bool(guidance))
 
 
+def zimage_shape(module: nn.Module) -> ModelShape:
+    """``ModelShape`` of ComfyUI's NextDiT: width, main layers, caption width (``cap_embedder.1``)."""
+    return ModelShape(family="zimage", hidden=int(module.x_embedder.weight.shape[0]), double=len(module.layers),
+                      single=0, context=int(module.cap_embedder[1].weight.shape[1]), guidance=False)
+
+
 def model_variant(model: Any) -> Detection:
     """The ``Detection`` of a ``FlowModel`` (its ``arch`` is the family)."""
+    if model.arch == "zimage":
+        return detect_variant(zimage_shape(model.module))
     return detect_variant(module_shape(model.module, model.arch))
