@@ -202,7 +202,8 @@ def run_training(model, vae, clip, conditioning, dataset, lora_config, settings:
     result = None
     with bridge.training_model(model, gradient_checkpointing=settings.gradient_checkpointing,
                                precision=settings.precision, config=config) as flow_model:
-        send_text(f"memory: {flow_model.memory_plan.summary()}", node_id)
+        if flow_model.memory_plan is not None:  # None: a family without memory planning (Z-Image)
+            send_text(f"memory: {flow_model.memory_plan.summary()}", node_id)
         # once loaded: before, the weights may still carry a merged LoRA of another MODEL sharing
         # them (e.g. this node's own output, sampled by the previous prompt)
         identity = base_model_identity(model)

@@ -126,6 +126,9 @@ def training_model(model_patcher, *, gradient_checkpointing=True, precision: str
             )
         model.device = mm.get_torch_device()
         planner = getattr(model, "plan_memory", None)  # Z-Image: no memory planner yet
+        if planner is None and config is not None and config.memory.streaming == "all":
+            raise ValueError(f"memory.streaming='all': weight streaming is not available for {info.model_type_name} "
+                             "yet; use 'auto' or 'off'")
         plan = planner(config) if config is not None and planner is not None else None  # refuses before loading
         model.memory_plan = plan
         own_placement = plan is not None and bool(plan.streamed) and model.device.type != "cpu"
