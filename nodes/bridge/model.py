@@ -1,6 +1,7 @@
 """A ComfyUI MODEL → the engine's trainable flow model, in place.
 
-``detect_arch(MODEL)`` says which family a MODEL is; ``training_model(MODEL, ...)`` loads it the
+``detect_arch(MODEL)`` says which family a MODEL is (``FAMILY_OF_MODEL``: ComfyUI model class →
+``trainer_core.models.families`` name; nothing else in the bridge differs by family); ``training_model(MODEL, ...)`` loads it the
 way ComfyUI does, makes its module trainable in place (no second copy of the weights) and
 yields the engine's adapter (see the package docstring for memory and streaming).
 """
@@ -16,8 +17,8 @@ import comfy.model_management
 import torch
 
 from trainer_core.lora.network import strip_lora_layers
-from trainer_core.models.bfl_flux import CHECKPOINT_MODES, GRADIENT_CHECKPOINTING_MODE, BflFlux
-from trainer_core.models.zimage import NextDiTZImage
+from trainer_core.models.bfl_flux import CHECKPOINT_MODES, GRADIENT_CHECKPOINTING_MODE
+from trainer_core.models.families import FAMILIES, Family
 
 from .weights import AutogradSafeWeights, quantized_layers
 
@@ -26,35 +27,45 @@ log = logging.getLogger(__name__)
 PRECISIONS = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+FAMILY_OF_MODEL = {
+    comfy.model_base.Flux: "flux1",  # FLUX.1 dev / schnell / Kontext
+    comfy.model_base.Flux2: "flux2",  # FLUX.2 dev / Klein
+    comfy.model_base.Lumina2: {"ZImage": "zimage"},  # Z-Image (not Lumina 2 itself: Gemma 2, another record)
+}
+"""ComfyUI model class (``MODEL.model``, matched by EXACT type: ``Flux2`` and ``Chroma``
+subclass ``Flux`` but call their module differently) → family name, or → {ComfyUI model
+config class name → family} when one model class serves several (``Lumina2``: Lumina 2 and
+Z-Image). The one place the bridge learns a family; a MODEL of any other class is refused."""
+
+
 @dataclass(frozen=True)
 class ArchInfo:
-    arch: str  # "flux1" | "flux2" | "zimage"
+    arch: str  # the family name (FAMILY_OF_MODEL)
     guidance_embed: bool
     latent_channels: int
     patch_size: int
     model_type_name: str  # ComfyUI model config class: "Flux", "FluxSchnell", "Flux2", ...
 
+    @property
+    def family(self) -> Family:
+        return FAMILIES.get(self.arch)
+
 
 def detect_arch(model_patcher) -> ArchInfo:
-    """Which FLUX a ComfyUI MODEL is. ``Flux2`` subclasses ``Flux``, so it is checked by exact
-    type; other ``Flux`` subclasses (Chroma, LongCat) call their module differently and are refused.
-    Z-Image: ComfyUI's ``Lumina2`` model with the ``ZImage`` config (Lumina 2 itself, the
-    Omni/SigLIP and pixel-space variants are refused)."""
+    """Which family a ComfyUI MODEL is (``FAMILY_OF_MODEL``); a ValueError naming the model
+    and the supported families otherwise."""
     base = getattr(model_patcher, "model", None)
     config = getattr(base, "model_config", None)
-    if type(base) is comfy.model_base.Flux2:
-        arch = "flux2"
-    elif type(base) is comfy.model_base.Flux:
-        arch = "flux1"
-    elif (type(base) is comfy.model_base.Lumina2 and type(config).__name__ == "ZImage"
-          and config.unet_config.get("siglip_feat_dim") is None):
-        arch = "zimage"
-    else:
+    arch = FAMILY_OF_MODEL.get(type(base))
+    if isinstance(arch, dict):
+        arch = arch.get(type(config).__name__)
+    if arch is None:
         kind = type(config).__name__ if config is not None else type(base).__name__
+        names = [n for v in FAMILY_OF_MODEL.values() for n in (v.values() if isinstance(v, dict) else (v,))]
+        supported = ", ".join(FAMILIES.get(a).label for a in dict.fromkeys(names))
         raise ValueError(
-            f"FlowTrain trains FLUX.1/FLUX.2 and Z-Image models; the MODEL input is a {kind} "
-            f"({type(base).__module__}.{type(base).__name__}); load a supported model with UNETLoader or "
-            "CheckpointLoaderSimple"
+            f"FlowTrain trains {supported} models; the MODEL input is a {kind} "
+            f"({type(base).__module__}.{type(base).__name__}); load one of those with UNETLoader or CheckpointLoaderSimple"
         )
     unet = config.unet_config
     return ArchInfo(
@@ -87,10 +98,11 @@ def _resolve_mode(gradient_checkpointing) -> str:
 
 @contextlib.contextmanager
 def training_model(model_patcher, *, gradient_checkpointing=True, precision: str = "auto",
-                   config=None) -> Iterator[BflFlux]:
+                   config=None) -> Iterator:
     """Load ``model_patcher`` fully (its patches, e.g. another LoRA, are merged into the
     weights by ComfyUI, so training happens on top of them) and yield the family's adapter
-    (``BflFlux``; ``NextDiTZImage`` for Z-Image) over its live ``diffusion_model``.
+    (``Family.adapter``: ``BflFlux``, ``NextDiTZImage``) over its
+    live ``diffusion_model``.
 
     ``gradient_checkpointing``: bool or a mode from ``CHECKPOINT_MODES``. ``precision``:
     "auto" computes in the dtype ComfyUI runs the model in (``get_dtype_inference()``);
@@ -114,20 +126,16 @@ def training_model(model_patcher, *, gradient_checkpointing=True, precision: str
         base = model_patcher.model
         module = base.diffusion_model
         compute, autocast = _compute_dtypes(base, PRECISIONS[precision])
-        if info.arch == "zimage":
-            model = NextDiTZImage(module, checkpoint=mode, compute_dtype=compute, autocast_dtype=autocast,
-                                  precision_fixed=True, training_attention=sdpa_attention)
-        else:
-            model = BflFlux(
-                module, arch=info.arch, guidance_embed=info.guidance_embed, latent_channels=info.latent_channels,
-                patch_size=info.patch_size, context_tokens=512 if info.arch == "flux2" else None, checkpoint=mode,
-                compute_dtype=compute, autocast_dtype=autocast, precision_fixed=True,
-                training_attention=sdpa_attention,
-            )
+        model = info.family.adapter_class()(  # BflFlux; NextDiTZImage for Z-Image
+            module, arch=info.arch, guidance_embed=info.guidance_embed, latent_channels=info.latent_channels,
+            patch_size=info.patch_size, context_tokens=info.family.context_tokens, checkpoint=mode,
+            compute_dtype=compute, autocast_dtype=autocast, precision_fixed=True,
+            training_attention=sdpa_attention,
+        )
         model.device = mm.get_torch_device()
-        planner = getattr(model, "plan_memory", None)  # Z-Image: no memory planner yet
+        planner = getattr(model, "plan_memory", None)  # an adapter without one (Z-Image) streams nothing
         if planner is None and config is not None and config.memory.streaming == "all":
-            raise ValueError(f"memory.streaming='all': weight streaming is not available for {info.model_type_name} "
+            raise ValueError(f"memory.streaming='all': weight streaming is not available for {info.family.label} "
                              "yet; use 'auto' or 'off'")
         plan = planner(config) if config is not None and planner is not None else None  # refuses before loading
         model.memory_plan = plan

@@ -25,14 +25,18 @@ Only torch and safetensors are imported at module level; ComfyUI is imported laz
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import sys
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import save_file
+from tiny_zimage import write_tiny_zimage, zimage_detection
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +227,26 @@ def write_tiny_flux(path: str | os.PathLike, arch: str = "flux1", **kw) -> Path:
     return path
 
 
+@dataclass(frozen=True)
+class TinyModel:
+    """A tiny model file of one family: ``write(path)`` writes it (safetensors, real key names)
+    so that ComfyUI's own model detection recognises the family; returns the path."""
+
+    family: str  # a trainer_core.models.families name
+    write: Callable[[Path], Path]
+
+
+TINY_MODELS: dict[str, TinyModel] = {
+    "flux1-dev": TinyModel("flux1", functools.partial(write_tiny_flux, arch="flux1", guidance=True)),
+    "flux1-schnell": TinyModel("flux1", functools.partial(write_tiny_flux, arch="flux1", guidance=False)),
+    "flux2-dev": TinyModel("flux2", functools.partial(write_tiny_flux, arch="flux2", guidance=True)),
+    "klein": TinyModel("flux2", functools.partial(write_tiny_flux, arch="flux2", guidance=False)),
+    "zimage": TinyModel("zimage", write_tiny_zimage),  # loads under zimage_detection (load_flux does)
+}
+"""One entry per tiny test model; every registered family needs at least one (a new family
+adds its builder here, and ``test_families_learn`` trains it automatically)."""
+
+
 QUANT_LAYER = r"(double|single)_blocks\.\d+\..*"
 """Which linears ``quantize_state_dict`` quantizes: the transformer blocks' (as ComfyUI's
 fp8-scaled FLUX releases do; embedders and the final layer stay in full precision)."""
@@ -353,14 +377,16 @@ def load_flux(path: str | os.PathLike, *, dtype: torch.dtype | None = None, infe
 
     ``dtype`` goes to ``model_options["dtype"]`` (e.g. ``torch.float8_e4m3fn`` is what
     UNETLoader's ``weight_dtype=fp8_e4m3fn`` does). ``inference=True`` loads inside
-    ``torch.inference_mode()`` as every node does, so the weights are inference tensors."""
+    ``torch.inference_mode()`` as every node does, so the weights are inference tensors.
+    Tiny Z-Image files load too (``tiny_zimage.zimage_detection``)."""
     import comfy.sd
 
     options = {} if dtype is None else {"dtype": dtype}
-    if inference:
-        with torch.inference_mode():
-            return comfy.sd.load_diffusion_model(str(path), model_options=options)
-    return comfy.sd.load_diffusion_model(str(path), model_options=options)
+    with zimage_detection():
+        if inference:
+            with torch.inference_mode():
+                return comfy.sd.load_diffusion_model(str(path), model_options=options)
+        return comfy.sd.load_diffusion_model(str(path), model_options=options)
 
 
 def load_vae(path: str | os.PathLike):

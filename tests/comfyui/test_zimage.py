@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_zimage import load_zimage, write_tiny_zimage, zimage_state_dict
+from harness import load_flux as load_zimage
+from tiny_zimage import write_tiny_zimage, zimage_state_dict
 
 from trainer_core.config import LoRAConfig
 from trainer_core.flow import interpolate, velocity_target
@@ -63,7 +64,7 @@ def test_detect_arch_refuses_lumina2(comfyui, bridge):
         model = object.__new__(comfy.model_base.Lumina2)
 
     Stub.model.model_config = object.__new__(comfy.supported_models.Lumina2)
-    with pytest.raises(ValueError, match="FLUX.1/FLUX.2 and Z-Image models; the MODEL input is a Lumina2"):
+    with pytest.raises(ValueError, match=r"FlowTrain trains FLUX.1, FLUX.2, .*Z-Image.* models; the MODEL input is a Lumina2"):
         bridge.detect_arch(Stub())
 
 

@@ -17,6 +17,8 @@ adds those same constants (heads = width / 128, so the head dim stays 128) and r
 ComfyUI's ``ZImage`` model config; everything else is ComfyUI's real loader
 (``comfy.sd.load_diffusion_model``: dtype choice, ``model_base.Lumina2``, weight loading,
 ``ModelPatcher``). Width ≥ 256 is needed (Z-Image's adaLN input is 256 wide).
+``harness.load_flux`` (the tests' UNETLoader) loads under it, so these files load like any
+other tiny model (``harness.TINY_MODELS["zimage"]``).
 """
 from __future__ import annotations
 
@@ -127,14 +129,3 @@ def zimage_detection():
         md.model_config_from_unet = original
 
 
-def load_zimage(path: str | os.PathLike, *, dtype: torch.dtype | None = None, inference: bool = True):
-    """A ComfyUI ``ModelPatcher`` for a tiny Z-Image file, loaded like UNETLoader (inside
-    ``torch.inference_mode`` by default) under ``zimage_detection()``."""
-    import comfy.sd
-
-    options = {} if dtype is None else {"dtype": dtype}
-    with zimage_detection():
-        if inference:
-            with torch.inference_mode():
-                return comfy.sd.load_diffusion_model(str(path), model_options=options)
-        return comfy.sd.load_diffusion_model(str(path), model_options=options)

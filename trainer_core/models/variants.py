@@ -10,8 +10,8 @@ weights alone (no file name), as four numbers and a flag (``ModelShape``):
 * ``guidance``: a guidance embedder with weights (``guidance_in``; ComfyUI puts an
   ``nn.Identity`` there when the model has none).
 
-The family (FLUX.1 or FLUX.2) comes from the model adapter (ComfyUI tells them apart by
-FLUX.2's global modulation). The rule (``detect_variant``), with the real shapes
+The family (a ``models.families`` record: FLUX.1, FLUX.2, ...) comes from the model adapter
+(ComfyUI tells them apart by its model class). The rule (``detect_variant``), with the real shapes
 (hidden / double+single / context / guidance):
 
 =============== ======= ========= ======= ======== =============== =================
@@ -28,7 +28,7 @@ Klein 4B         3072    5 + 20    7680    no       4               5/2
 2. Else a shape of the row's family with the row's guidance flag and the same two ratios
    (single/double blocks, context/hidden width) is that variant (``how="ratios"``): a
    scaled-down test model, or a pruned / distilled cousin, keeps its proportions.
-3. Else the family's fallback, ``flux1`` or ``flux2`` ("unknown size", ``how="family"``).
+3. Else the family's fallback variant (``Family.fallback_variant``, "unknown size", ``how="family"``).
    (A FLUX.1-layout model of another size is most likely a fine-tune or a cousin such as
    a pruned Flex; we do not guess dev or schnell for it.)
 """
@@ -40,12 +40,12 @@ from typing import Any, Optional
 
 from torch import nn
 
-FAMILIES = ("flux1", "flux2", "zimage")
+from .families import FAMILIES
 
 
 @dataclass(frozen=True)
 class ModelShape:
-    family: str  # "flux1" | "flux2" | "zimage"
+    family: str  # a models.families name
     hidden: int
     double: int
     single: int
@@ -71,13 +71,9 @@ class Variant:
     resolution: int = 1024  # native training resolution (documentation only)
 
 
-_IMPL = {"flux1": "https://github.com/black-forest-labs/flux", "flux2": "https://github.com/black-forest-labs/flux2",
-         "zimage": "https://github.com/Tongyi-MAI/Z-Image"}
-"""``modelspec.implementation`` per family (sd-scripts for FLUX.1, musubi-tuner for FLUX.2 and Z-Image)."""
-
-
 def implementation(family: str) -> str:
-    return _IMPL[family]
+    """``modelspec.implementation`` of a family (its record's)."""
+    return FAMILIES.get(family).implementation
 
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in (
@@ -93,8 +89,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
             ModelShape("flux2", 3072, 5, 20, 7680, False)),
     Variant("flux1", "FLUX.1 (unknown size)", "flux1", "flux1", "flux-1-dev/lora"),
     Variant("flux2", "FLUX.2 (unknown size)", "flux2", "flux2", "Flux.2/lora"),
-    # Z-Image (ComfyUI's Lumina2/NextDiT at width 3840): musubi-tuner's names; "double" counts the
-    # main layers, "context" is the Qwen3-4B width
+    # Z-Image (``NextDiTZImage.model_shape``): "double" counts the main layers, "context" is the Qwen3-4B width
     Variant("z-image", "Z-Image", "zimage", "z_image", "Z-Image/lora", ModelShape("zimage", 3840, 30, 0, 2560, False)),
     Variant("zimage", "Z-Image (unknown size)", "zimage", "z_image", "Z-Image/lora"),
 )}
@@ -114,8 +109,7 @@ class Detection:
 
 def detect_variant(shape: ModelShape) -> Detection:
     """The variant of ``shape`` by the rule in the module docstring."""
-    if shape.family not in FAMILIES:
-        raise ValueError(f"unknown model family {shape.family!r}; expected one of {list(FAMILIES)}")
+    fallback = FAMILIES.get(shape.family).fallback_variant  # an unknown family raises, naming the known ones
     known = [v for v in VARIANTS.values() if v.shape is not None and v.family == shape.family]
     for v in known:
         if v.shape == shape:
@@ -123,7 +117,7 @@ def detect_variant(shape: ModelShape) -> Detection:
     for v in known:
         if v.shape.guidance == shape.guidance and v.shape.ratios() == shape.ratios():
             return Detection(v, shape, "ratios")
-    return Detection(VARIANTS[shape.family], shape, "family")
+    return Detection(VARIANTS[fallback], shape, "family")
 
 
 def _first(module: nn.Module, *names: str) -> Any:
@@ -153,14 +147,8 @@ def module_shape(module: nn.Module, family: str) -> ModelShape:
                       context=int(txt_in.weight.shape[1]), guidance=bool(guidance))
 
 
-def zimage_shape(module: nn.Module) -> ModelShape:
-    """``ModelShape`` of ComfyUI's NextDiT: width, main layers, caption width (``cap_embedder.1``)."""
-    return ModelShape(family="zimage", hidden=int(module.x_embedder.weight.shape[0]), double=len(module.layers),
-                      single=0, context=int(module.cap_embedder[1].weight.shape[1]), guidance=False)
-
-
 def model_variant(model: Any) -> Detection:
-    """The ``Detection`` of a ``FlowModel`` (its ``arch`` is the family)."""
-    if model.arch == "zimage":
-        return detect_variant(zimage_shape(model.module))
-    return detect_variant(module_shape(model.module, model.arch))
+    """The ``Detection`` of a ``FlowModel`` (its ``arch`` is the family): the adapter's own
+    ``model_shape()`` when it has one (a non-FLUX layout), else ``module_shape``."""
+    own = getattr(model, "model_shape", None)
+    return detect_variant(own() if own is not None else module_shape(model.module, model.arch))

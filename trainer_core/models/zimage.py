@@ -54,23 +54,14 @@ from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_conte
 from ..types import BflSlot, TextBatch
 from .bfl_flux import CHECKPOINT_MODES, GRADIENT_CHECKPOINTING_MODE, _keep_matmuls
 from .common import module_device, module_dtype
+from .families import FAMILIES
+from .variants import ModelShape
 
 log = logging.getLogger(__name__)
 
-ARCH = "zimage"
-LORA_FORMAT = "zimage_diffusion_model"
-VAE_FACTOR = 8  # the FLUX.1 VAE (ComfyUI's latent_formats.Flux: 16 channels)
+ARCH = "zimage"  # the family record (models.families): FLUX.1 VAE latents (16 ch, /8), 2×2 patches,
+# LoRA format, metadata names and target presets (the main layers' qkv/out, + MLP for "all")
 BLOCK_LISTS = ("context_refiner", "noise_refiner", "layers")
-
-_ATTN = r"layers\.\d+\.attention\.(?:qkv|out)"
-_MLP = r"layers\.\d+\.feed_forward\.(?:w1|w2|w3)"
-
-
-def zimage_target_presets() -> dict[str, str]:
-    """Target regexes on ComfyUI's NextDiT names. ``attention``: the main layers' fused
-    ``qkv`` and ``out``; ``all``: those plus the SwiGLU MLP (``w1``/``w2``/``w3``). Like
-    musubi, neither trains the refiners, the ``adaLN_modulation`` layers or the embedders."""
-    return {"attention": _ATTN, "all": f"(?:{_ATTN}|{_MLP})"}
 
 
 def caption_lengths(context: torch.Tensor) -> list[int]:
@@ -84,20 +75,25 @@ def caption_lengths(context: torch.Tensor) -> list[int]:
 class NextDiTZImage:
     """``FlowModel`` over ComfyUI's ``NextDiT`` configured as Z-Image (see the module doc).
 
-    ``checkpoint``: one of ``CHECKPOINT_MODES`` or None (decided by ``prepare_for_training``).
+    ``arch``, ``guidance_embed``, ``latent_channels``, ``patch_size``, ``context_tokens``: what
+    the bridge passes every adapter; checked against the module (Z-Image has no guidance
+    input and no context padding). ``checkpoint``: one of ``CHECKPOINT_MODES`` or None
+    (decided by ``prepare_for_training``).
     ``compute_dtype``: dtype of the module's inputs (ComfyUI's ``get_dtype_inference()``;
     default the first floating parameter's). ``autocast_dtype``: run under ``torch.autocast``
     in this dtype. ``precision_fixed``: ignore ``prepare_for_training``'s dtype.
     ``training_attention``: ``transformer_options["optimized_attention_override"]``.
     """
 
-    arch = ARCH
-    lora_format = LORA_FORMAT
-
     def __init__(
         self,
         module: nn.Module,
         *,
+        arch: str = ARCH,
+        guidance_embed: bool = False,
+        latent_channels: Optional[int] = None,
+        patch_size: Optional[int] = None,
+        context_tokens: Optional[int] = None,
         checkpoint: Optional[str] = None,
         compute_dtype: Optional[torch.dtype] = None,
         autocast_dtype: Optional[torch.dtype] = None,
@@ -109,24 +105,42 @@ class NextDiTZImage:
         for name in ("x_embedder", "cap_embedder", *BLOCK_LISTS):
             if getattr(module, name, None) is None:
                 raise ValueError(f"NextDiTZImage needs ComfyUI's NextDiT module (with '{name}'); got {type(module).__name__}")
+        self.family = FAMILIES.get(arch)
+        if self.family.adapter != f"{__name__}:{type(self).__name__}":
+            raise ValueError(f"NextDiTZImage arch={arch!r}: that family runs through {self.family.adapter}")
+        given = {"guidance_embed": (guidance_embed, False), "context_tokens": (context_tokens, None),
+                 "latent_channels": (latent_channels, int(module.in_channels)),
+                 "patch_size": (patch_size, int(module.patch_size))}
+        for name, (value, actual) in given.items():  # the bridge passes ComfyUI's values: they must agree
+            if value is not None and value != actual:
+                raise ValueError(f"NextDiTZImage {name}={value!r}, but this NextDiT module has {actual!r}")
+        self.arch = arch
         self.module = module
+        self.lora_format = self.family.lora_format
         self.patch_size = int(module.patch_size)
         self.latent_channels = int(module.in_channels)
-        self.pixel_multiple = VAE_FACTOR * self.patch_size
+        self.pixel_multiple = self.family.vae_factor * self.patch_size
         self.checkpoint_setting = checkpoint
         self.checkpoint = checkpoint or GRADIENT_CHECKPOINTING_MODE
         self.compute_dtype = compute_dtype or module_dtype(module)
         self.autocast_dtype = autocast_dtype
         self.precision_fixed = precision_fixed
         self.training_attention = training_attention
-        self.default_targets: dict[str, str] = zimage_target_presets()
+        self.default_targets: dict[str, str] = dict(self.family.target_presets)
         self.device: Optional[torch.device] = None
+        self.memory_plan = None  # no memory planner for NextDiT yet (the engine makes no plan)
 
     # ------------------------------------------------------------------ FlowModel
     def bfl_name(self, module_name: str) -> Optional[BflSlot]:
         """The LoRA file names ComfyUI's own names (``diffusion_model.<name>``, which
         ``comfy.lora.model_lora_keys_unet`` maps for every weight): identity, unfused."""
         return BflSlot(module_name)
+
+    def model_shape(self) -> ModelShape:
+        """For ``models.variants``: width, main layers (as ``double``), caption width."""
+        m = self.module
+        return ModelShape(family=self.arch, hidden=int(m.x_embedder.weight.shape[0]), double=len(m.layers), single=0,
+                          context=int(m.cap_embedder[1].weight.shape[1]), guidance=False)
 
     def image_tokens(self, latent_hw: tuple[int, int]) -> int:
         h, w = latent_hw
