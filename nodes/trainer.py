@@ -71,7 +71,8 @@ def text_encoder(bridge, arch, clip, conditioning, dop: Optional[specs.DopSettin
         return bridge.ClipTextEncoder(clip, arch)
     if conditioning is None:
         raise ValueError("the FlowTrain Trainer needs a text encoder: connect a CLIP (DualCLIPLoader for FLUX.1, "
-                         "CLIPLoader type flux2 for FLUX.2) or a CONDITIONING used for every caption")
+                         "CLIPLoader type flux2 for FLUX.2, type lumina2 with Qwen3-4B for Z-Image) or a CONDITIONING "
+                         "used for every caption")
     if dop is not None and dop.class_conditioning is not None and trigger:
         from trainer_core.data.captions import word_pattern
 
@@ -237,7 +238,7 @@ class FlowTrainTrainer(io.ComfyNode):
                          "it applied, the LoRA, its file path and the loss curve. Re-queueing an unchanged graph "
                          "reuses the finished run."),
             inputs=[
-                io.Model.Input("model", tooltip="The FLUX.1 or FLUX.2 model to train on (UNETLoader / checkpoint loader). "
+                io.Model.Input("model", tooltip="The FLUX.1, FLUX.2 or Z-Image model to train on (UNETLoader / checkpoint loader). "
                                "It is left unchanged."),
                 io.Vae.Input("vae", tooltip="The model's VAE: encodes the dataset once (cached in the run folder)."),
                 Dataset.Input("dataset", tooltip="Training images from FlowTrain Dataset (→ Bucketer → Caption Processor)."),

@@ -1,6 +1,6 @@
-"""A Z-Image LoRA trained by the FlowTrain Trainer node in a real, in-process ComfyUI (the
-FLUX.2 Klein example graph with a tiny Z-Image in its UNETLoader, the FLUX.1 VAE Z-Image uses,
-and test CONDITIONING for Qwen3-4B): the loss on the training images goes down, the saved
+"""The Z-Image example workflow (``zimage_style_lora``) in a real, in-process ComfyUI with a
+tiny Z-Image in its UNETLoader, a tiny FLUX.1 VAE (Z-Image's) and test CONDITIONING for
+Qwen3-4B: the FlowTrain Trainer lowers the loss on the training images, the saved
 file through core LoraLoaderModelOnly equals the Trainer's MODEL with every key loaded, and
 the Sampler Preview node, core KSampler and the in-training previews render.
 
@@ -35,10 +35,7 @@ def _write_toy_dataset(folder) -> None:
 
 
 def _graph(env, output_name: str) -> dict:  # noqa: F811
-    graph = use_test_conditioning(load_api_workflow("flux2_klein_style_lora"), width=CAP_WIDTH, pooled=0)
-    for node in graph.values():
-        if node["class_type"] == "EmptyFlux2LatentImage":  # Z-Image samples 16-channel latents
-            node["class_type"] = "EmptySD3LatentImage"
+    graph = use_test_conditioning(load_api_workflow("zimage_style_lora"), width=CAP_WIDTH, pooled=0)
     graph = shrink(graph, unet=UNET, vae=VAE, dataset=env.input / "zimage_dataset", output_name=output_name,
                    steps=STEPS, preview_every=12)
     graph[nodes_of(graph, "FlowTrainTrainer")[0]]["inputs"].update(learning_rate=1e-2, shift=3.0)
