@@ -13,7 +13,8 @@ weighting) with the LoRA on every linear layer of the blocks, as kohya and ai-to
 Training guidance is 1.0 everywhere: the guidance-distilled models (FLUX.1-dev, FLUX.2-dev)
 train at 1.0 (ai-toolkit, kohya); the others ignore it. Z-Image from musubi-tuner's Z-Image
 documentation (σ shift 2.0 for training, LoRA on every linear of the main layers, which is our
-``all``; rank 16 and lr 1e-4 as for the others). The ``flux1`` / ``flux2`` / ``zimage``
+``all``; rank 16 and lr 1e-4 as for the others). Chroma from kohya's FLUX.1 docs' Chroma
+section (sigmoid σ sampling, guidance 0). The ``flux1`` / ``flux2`` / ``zimage``
 fallbacks (unknown size) have no preset.
 """
 from __future__ import annotations
@@ -53,6 +54,10 @@ PRESETS: dict[str, Preset] = {
     "flux2-dev": Preset(rank=32, dop_every_n_steps=8, **_FLUX2),
     "klein-9b": Preset(rank=16, dop_every_n_steps=4, **_FLUX2),
     "klein-4b": Preset(rank=16, dop_every_n_steps=1, **_FLUX2),
+    # Chroma (added with the families merge): kohya's FLUX.1 values with its Chroma advice,
+    # sigmoid σ sampling and guidance 0 (not guidance-distilled)
+    "chroma": Preset(rank=16, lr=1e-4, targets="all", sigma_scheme="sigmoid", weighting="none", guidance=0.0,
+                     dop_every_n_steps=1),
     "z-image": Preset(rank=16, lr=1e-4, targets="all", sigma_scheme="shift", weighting="none", guidance=1.0,
                       dop_every_n_steps=1, shift=2.0),
 }
