@@ -73,7 +73,8 @@ def text_encoder(bridge, arch, clip, conditioning, dop: Optional[specs.DopSettin
         return bridge.ClipTextEncoder(clip, arch)
     if conditioning is None:
         raise ValueError("the FlowTrain Trainer needs a text encoder: connect a CLIP (DualCLIPLoader for FLUX.1, "
-                         "CLIPLoader type flux2 for FLUX.2, type chroma for Chroma) or a CONDITIONING used for every caption")
+                         "CLIPLoader type flux2 for FLUX.2, type chroma for Chroma, type lumina2 with Qwen3-4B for "
+                         "Z-Image) or a CONDITIONING used for every caption")
     if dop is not None and dop.class_conditioning is not None and trigger:
         from trainer_core.data.captions import word_pattern
 
@@ -227,7 +228,8 @@ def run_training(model, vae, clip, conditioning, dataset, lora_config, settings:
     users = clip_users(prompt, node_id)
     result = None
     with bridge.training_model(model, config) as flow_model:
-        send_text(f"{built.preset_line}\nmemory: {flow_model.memory_plan.summary()}", node_id)
+        plan = flow_model.memory_plan  # None: a family without memory planning (Z-Image)
+        send_text(built.preset_line + (f"\nmemory: {plan.summary()}" if plan is not None else ""), node_id)
         # once loaded: before, the weights may still carry a merged LoRA of another MODEL sharing
         # them (e.g. this node's own output, sampled by the previous prompt)
         identity = base_model_identity(model)

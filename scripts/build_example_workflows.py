@@ -268,12 +268,51 @@ def flux2_klein_subject_dop() -> list[N]:
     return nodes
 
 
+NOTE_ZIMAGE = """## FlowTrain: Z-Image style LoRA
+
+Put the model files here:
+- `models/diffusion_models/z_image_bf16.safetensors` (Z-Image base; train on the base model, not Turbo)
+- `models/text_encoders/qwen_3_4b.safetensors` (Qwen3-4B; CLIPLoader with type `lumina2`)
+- `models/vae/ae.safetensors` (the FLUX.1 VAE)
+
+Put 20-50 images in the style in `input/flowtrain_dataset/` with captions describing the content
+(the trigger word `xyzstyle` is added). Z-Image base samples with CFG (guidance = CFG scale, 3-5).
+The LoRA is saved on ComfyUI's own Z-Image layer names (`diffusion_model.layers.N.attention.qkv`, ...)."""
+
+
+def zimage_style() -> list[N]:
+    nodes = [
+        N(1, "UNETLoader", {"unet_name": "z_image_bf16.safetensors", "weight_dtype": "default"}, pos=(0, 0)),
+        N(2, "CLIPLoader", {"clip_name": "qwen_3_4b.safetensors", "type": "lumina2", "device": "default"}, pos=(0, 160)),
+        N(3, "VAELoader", {"vae_name": "ae.safetensors"}, pos=(0, 360)),
+        N(4, "MarkdownNote", {"text": NOTE_ZIMAGE}, pos=(0, 500), title="Read me"),
+    ]
+    nodes += common_training(5, clip=(2, 0), vae=3, model=1, trigger="xyzstyle", class_word="style",
+                             name="zimage_style", prompt="a lighthouse on a cliff, xyzstyle",
+                             guidance_train=1.0, preview_guidance=4.0, res="512")
+    t = 10
+    nodes += [
+        N(20, "CLIPTextEncode", {"text": "a city street at night, xyzstyle"}, {"clip": (2, 0, "CLIP")},
+          pos=(1180, 480), title="Prompt"),
+        N(22, "CLIPTextEncode", {"text": ""}, {"clip": (2, 0, "CLIP")}, pos=(1180, 820), title="Negative"),
+        N(23, "EmptySD3LatentImage", {"width": 512, "height": 512, "batch_size": 1}, pos=(1180, 960)),
+        N(24, "KSampler", {"seed": 0, "steps": 25, "cfg": 4.0, "sampler_name": "euler", "scheduler": "simple",
+                           "denoise": 1.0},
+          {"model": (t, 0, "MODEL"), "positive": (20, 0, "CONDITIONING"), "negative": (22, 0, "CONDITIONING"),
+           "latent_image": (23, 0, "LATENT")}, pos=(1560, 480), ui_extra=[("seed", "fixed")]),
+        N(25, "VAEDecode", {}, {"samples": (24, 0, "LATENT"), "vae": (3, 0, "VAE")}, pos=(1940, 480)),
+        N(26, "SaveImage", {"filename_prefix": "flowtrain/zimage_style_ksampler"}, {"images": (25, 0, "IMAGE")},
+          pos=(2200, 480)),
+    ]
+    return nodes
+
+
 WORKFLOWS = {"flux1_dev_subject_lora": flux1_dev_subject, "flux2_klein_style_lora": flux2_klein_style,
-             "flux2_klein_subject_dop": flux2_klein_subject_dop}
+             "flux2_klein_subject_dop": flux2_klein_subject_dop, "zimage_style_lora": zimage_style}
 """Workflow id (the API-format file the tests run) → its nodes."""
 
 TITLES = {"flux1_dev_subject_lora": "FLUX.1-dev subject LoRA", "flux2_klein_style_lora": "FLUX.2 Klein style LoRA",
-          "flux2_klein_subject_dop": "FLUX.2 Klein subject LoRA with DOP"}
+          "flux2_klein_subject_dop": "FLUX.2 Klein subject LoRA with DOP", "zimage_style_lora": "Z-Image style LoRA"}
 """Workflow id → the UI file's name, which ComfyUI's template browser shows as the title (and
 the ``<title>.jpg`` beside it as the thumbnail)."""
 

@@ -15,8 +15,10 @@ weighting) with the LoRA on every linear layer of the blocks, as kohya and ai-to
 Chroma from kohya's FLUX.1 documentation for Chroma (the same network on every block linear;
 ``sigmoid`` timestep sampling; not guidance-distilled, the adapter feeds guidance 0).
 Training guidance is 1.0 everywhere: the guidance-distilled models (FLUX.1-dev, FLUX.2-dev)
-train at 1.0 (ai-toolkit, kohya); the others ignore it. The ``flux1`` / ``flux2`` fallbacks
-(unknown size) have no preset.
+train at 1.0 (ai-toolkit, kohya); the others ignore it. Z-Image from musubi-tuner's Z-Image
+documentation (σ shift 2.0 for training, LoRA on every linear of the main layers, which is our
+``all``; rank 16 and lr 1e-4 as for the others). The ``flux1`` / ``flux2`` / ``zimage``
+fallbacks (unknown size) have no preset.
 """
 from __future__ import annotations
 
@@ -58,6 +60,8 @@ PRESETS: dict[str, Preset] = {
     "klein-4b": Preset(rank=16, dop_every_n_steps=1, **_FLUX2),
     "chroma": Preset(rank=16, lr=1e-4, targets="all", sigma_scheme="sigmoid", weighting="none", guidance=1.0,
                      dop_every_n_steps=1),
+    "z-image": Preset(rank=16, lr=1e-4, targets="all", sigma_scheme="shift", weighting="none", guidance=1.0,
+                      dop_every_n_steps=1, shift=2.0),
 }
 """Variant name (``models.variants.VARIANTS``) → its defaults."""
 

@@ -6,8 +6,8 @@ weights in place), ``encoders`` (VAE, CLIP, CONDITIONING), ``lora`` (a LoRA file
 * ``detect_arch(MODEL)``: the model family (``FAMILY_OF_MODEL``, one entry per ComfyUI model
   class), else a ValueError naming the model and the supported families.
 * ``training_model(MODEL, ...)``: a context manager that loads the MODEL the way ComfyUI does,
-  makes its FLUX module trainable in place (no second copy of the weights) and yields a
-  ``BflFlux``. The caller injects and REMOVES the LoRA inside the ``with`` block
+  makes its module trainable in place (no second copy of the weights) and yields the family's
+  adapter (``BflFlux``; ``NextDiTZImage`` for Z-Image, which has no memory plan or streaming). The caller injects and REMOVES the LoRA inside the ``with`` block
   (``LoraNetwork.remove()``, e.g. ``result.network.remove()`` after ``train_lora``), so the
   input MODEL's module is as before afterwards.
 

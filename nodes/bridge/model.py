@@ -18,7 +18,7 @@ import comfy.model_management
 import torch
 
 from trainer_core.lora.network import strip_lora_layers
-from trainer_core.models.bfl_flux import CHECKPOINT_MODES, BflFlux
+from trainer_core.models.bfl_flux import CHECKPOINT_MODES
 from trainer_core.models.families import FAMILIES, Family
 
 from .weights import AutogradSafeWeights, quantized_layers
@@ -32,10 +32,12 @@ FAMILY_OF_MODEL = {
     comfy.model_base.Flux: "flux1",  # FLUX.1 dev / schnell / Kontext
     comfy.model_base.Flux2: "flux2",  # FLUX.2 dev / Klein
     comfy.model_base.Chroma: "chroma",
+    comfy.model_base.Lumina2: {"ZImage": "zimage"},  # Z-Image (not Lumina 2 itself: Gemma 2, another record)
 }
 """ComfyUI model class (``MODEL.model``, matched by EXACT type: ``Flux2`` and ``Chroma``
-subclass ``Flux`` but call their module differently) → family name. The one place the
-bridge learns a family; a MODEL of any other class is refused."""
+subclass ``Flux`` but call their module differently) → family name, or → {ComfyUI model
+config class name → family} when one model class serves several (``Lumina2``: Lumina 2 and
+Z-Image). The one place the bridge learns a family; a MODEL of any other class is refused."""
 
 
 @dataclass(frozen=True)
@@ -57,9 +59,12 @@ def detect_arch(model_patcher) -> ArchInfo:
     base = getattr(model_patcher, "model", None)
     config = getattr(base, "model_config", None)
     arch = FAMILY_OF_MODEL.get(type(base))
+    if isinstance(arch, dict):
+        arch = arch.get(type(config).__name__)
     if arch is None:
         kind = type(config).__name__ if config is not None else type(base).__name__
-        supported = ", ".join(FAMILIES.get(a).label for a in dict.fromkeys(FAMILY_OF_MODEL.values()))
+        names = [n for v in FAMILY_OF_MODEL.values() for n in (v.values() if isinstance(v, dict) else (v,))]
+        supported = ", ".join(FAMILIES.get(a).label for a in dict.fromkeys(names))
         raise ValueError(
             f"FlowTrain trains {supported} models; the MODEL input is a {kind} "
             f"({type(base).__module__}.{type(base).__name__}); load one of those with UNETLoader or CheckpointLoaderSimple"
@@ -85,11 +90,11 @@ def sdpa_attention(default, *args, **kwargs):
 
 
 @contextlib.contextmanager
-def training_model(model_patcher, config=None) -> Iterator[BflFlux]:
+def training_model(model_patcher, config=None) -> Iterator:
     """Load ``model_patcher`` fully (its patches, e.g. another LoRA, are merged into the
     weights by ComfyUI, so training happens on top of them) and yield the family's adapter
-    (``Family.adapter_class()``, e.g. ``BflFlux``) over its live ``diffusion_model``, as
-    ``config`` (a ``TrainingConfig``) says.
+    (``Family.adapter_class()``: ``BflFlux``, ``NextDiTZImage``) over its live
+    ``diffusion_model``, as ``config`` (a ``TrainingConfig``) says.
 
     ``config.train.gradient_checkpointing``: a mode from ``CHECKPOINT_MODES``.
     ``config.train.precision``: "auto" computes in the dtype ComfyUI runs the model in
@@ -120,14 +125,18 @@ def training_model(model_patcher, config=None) -> Iterator[BflFlux]:
         base = model_patcher.model
         module = base.diffusion_model
         compute, autocast = _compute_dtypes(base, PRECISIONS[precision])
-        model = info.family.adapter_class()(  # BflFlux for the FLUX-call families
+        model = info.family.adapter_class()(  # BflFlux; NextDiTZImage for Z-Image
             module, arch=info.arch, guidance_embed=info.guidance_embed, latent_channels=info.latent_channels,
             patch_size=info.patch_size, context_tokens=info.family.context_tokens, checkpoint=mode,
             compute_dtype=compute, autocast_dtype=autocast, precision_fixed=True,
             training_attention=sdpa_attention,
         )
         model.device = mm.get_torch_device()
-        plan = model.plan_memory(config) if config is not None else None  # refuses before loading
+        planner = getattr(model, "plan_memory", None)  # an adapter without one (Z-Image) streams nothing
+        if planner is None and config is not None and config.memory.streaming == "all":
+            raise ValueError(f"memory.streaming='all': weight streaming is not available for {info.family.label} "
+                             "yet; use 'auto' or 'off'")
+        plan = planner(config) if config is not None and planner is not None else None  # refuses before loading
         model.memory_plan = plan
         own_placement = plan is not None and bool(plan.streamed) and model.device.type != "cpu"
         if own_placement:
@@ -149,7 +158,8 @@ def training_model(model_patcher, config=None) -> Iterator[BflFlux]:
             yield model
         finally:
             mm.in_training = previous
-            model.release_streaming()
+            if hasattr(model, "release_streaming"):
+                model.release_streaming()
             strip_lora_layers(module)
             if own_placement:
                 module.to(model_patcher.offload_device)

@@ -38,6 +38,7 @@ from typing import Callable
 
 import torch
 from safetensors.torch import save_file
+from tiny_zimage import write_tiny_zimage, zimage_detection
 
 log = logging.getLogger(__name__)
 
@@ -338,6 +339,7 @@ TINY_MODELS: dict[str, TinyModel] = {
     "flux2-dev": TinyModel("flux2", functools.partial(write_tiny_flux, arch="flux2", guidance=True)),
     "klein": TinyModel("flux2", functools.partial(write_tiny_flux, arch="flux2", guidance=False)),
     "chroma": TinyModel("chroma", write_tiny_chroma),
+    "zimage": TinyModel("zimage", write_tiny_zimage),  # loads under zimage_detection (load_flux does)
 }
 """One entry per tiny test model; every registered family needs at least one (a new family
 adds its builder here, and ``test_families_learn`` trains it automatically)."""
@@ -474,11 +476,12 @@ def load_flux(path: str | os.PathLike, *, dtype: torch.dtype | None = None, infe
 
     ``dtype`` goes to ``model_options["dtype"]`` (e.g. ``torch.float8_e4m3fn`` is what
     UNETLoader's ``weight_dtype=fp8_e4m3fn`` does). ``inference=True`` loads inside
-    ``torch.inference_mode()`` as every node does, so the weights are inference tensors."""
+    ``torch.inference_mode()`` as every node does, so the weights are inference tensors.
+    Tiny Z-Image files load too (``tiny_zimage.zimage_detection``)."""
     import comfy.sd
 
     options = {} if dtype is None else {"dtype": dtype}
-    with chroma_detection(), torch.inference_mode(inference):  # any TINY_MODELS family, a tiny Chroma too
+    with chroma_detection(), zimage_detection(), torch.inference_mode(inference):  # any TINY_MODELS family
         return comfy.sd.load_diffusion_model(str(path), model_options=options)
 
 

@@ -21,6 +21,7 @@ from trainer_core.config import LoRAConfig
 from trainer_core.flow import interpolate, velocity_target
 from trainer_core.lora.network import LoraNetwork
 from trainer_core.models.families import FAMILIES
+from trainer_core.models.variants import model_variant
 from trainer_core.types import TextBatch
 
 MIN_LOSS_DROP = 0.03
@@ -50,7 +51,7 @@ def _inputs(model, seed: int, b: int = 2):
     x0 = torch.randn(b, fam.latent_channels, hw, hw, generator=g)
     noise = torch.randn(b, fam.latent_channels, hw, hw, generator=g)
     sigma = torch.rand(b, generator=g) * 0.8 + 0.1
-    context = torch.randn(b, 7, model.module.txt_in.weight.shape[1], generator=g)
+    context = torch.randn(b, 7, model_variant(model).shape.context, generator=g)  # the text width, any layout
     pooled = torch.randn(b, 32, generator=g) if fam.pooled else None
     return x0, noise, sigma, TextBatch(context, pooled)
 

@@ -18,6 +18,11 @@ Registered formats (``LORA_FORMATS``):
   / ``.alpha`` (scalar fp32, alpha = s · R), as kohya's sd-scripts writes for FLUX.1.
 - ``flux2_diffusion_model``: ``diffusion_model.<bfl name>.lora_A.weight`` / ``.lora_B.weight``,
   no alpha; the scale is folded into B (ComfyUI then uses scale 1), as ai-toolkit writes.
+- ``zimage_diffusion_model``: the same layout on ComfyUI's NextDiT names (fused
+  ``attention.qkv``, ``attention.out``, ``feed_forward.w1|w2|w3``), which
+  ``comfy.lora.model_lora_keys_unet`` maps for every weight of a Lumina2/Z-Image model, so
+  nothing is split. (Diffusers-named files, ``attention.to_q|to_k|to_v``, also load in
+  ComfyUI as slices of ``qkv``; kohya-style ``lora_unet_layers_*`` names do not.)
 """
 
 from __future__ import annotations
@@ -268,6 +273,15 @@ LORA_FORMATS.add(
     LoraFormat(
         "flux2_diffusion_model",
         "diffusion_model.* lora_A/lora_B, scale folded into B (FLUX.2, ComfyUI LoraLoader)",
+        _dm_encode,
+        _dm_decode,
+    ),
+)
+LORA_FORMATS.add(
+    "zimage_diffusion_model",
+    LoraFormat(
+        "zimage_diffusion_model",
+        "diffusion_model.* lora_A/lora_B on ComfyUI's NextDiT names, scale folded into B (Z-Image, ComfyUI LoraLoader)",
         _dm_encode,
         _dm_decode,
     ),

@@ -7,7 +7,8 @@ the algorithm can do so exactly (LoRA, DoRA, LoHa) and refusing otherwise (LoKr)
 
 Key layouts (``encode``):
 - ``flux1_kohya``: ``lora_unet_<bfl name, . → _>.<suffix>``, alpha kept (kohya / LyCORIS).
-- ``flux2_diffusion_model``: ``diffusion_model.<bfl name>.<suffix>``; LoRA/DoRA pairs are
+- ``flux2_diffusion_model`` (and ``zimage_diffusion_model``, on NextDiT names):
+  ``diffusion_model.<bfl name>.<suffix>``; LoRA/DoRA pairs are
   ``lora_A.weight``/``lora_B.weight`` with the scale folded into B and no alpha.
 
 ``decode`` reads those plus the diffusers/peft ``transformer.<diffusers name>`` form (FLUX.1
@@ -101,7 +102,7 @@ def encode(records: dict[str, Record], layout: str, dtype: torch.dtype = torch.f
         rec = dict(rec)
         if layout == "flux1_kohya":
             prefix = kohya_stem(name)
-        elif layout == "flux2_diffusion_model":
+        elif layout in ("flux2_diffusion_model", "zimage_diffusion_model"):
             prefix = f"diffusion_model.{name}"
             if DOWN in rec:  # lora_A/lora_B, scale folded into B, no alpha (as ai-toolkit writes)
                 scale = record_scale(rec)

@@ -121,6 +121,21 @@ FAMILIES.add("chroma", Family(
     fallback_variant="chroma", adapter=_BFL, memory_layout="flux1", text_tokens=256,
 ))
 
+# Z-Image: ComfyUI's Lumina2/NextDiT module at width 3840 (docs/adding-a-model.md; models/zimage.py).
+# Targets like musubi: the main layers' fused qkv/out (+ SwiGLU MLP), no refiners, adaLN or embedders.
+_NEXTDIT_ATTN = r"layers\.\d+\.attention\.(?:qkv|out)"
+_NEXTDIT_MLP = r"layers\.\d+\.feed_forward\.(?:w1|w2|w3)"
+FAMILIES.add("zimage", Family(
+    name="zimage", label="Z-Image", text_encoder="Qwen3-4B (hidden states, no pooled vector)",
+    latent_channels=16, vae_factor=8, patch_size=2, context_tokens=None, pooled=False, guidance="embedder",
+    # musubi-tuner's names (no kohya trainer exists); ss_model_type by analogy with ss_base_model_version
+    lora_format="zimage_diffusion_model", network_module="networks.lora_zimage", kohya_model_type="z_image",
+    sai_model_spec="1.0.0", implementation="https://github.com/Tongyi-MAI/Z-Image",
+    fallback_variant="zimage", adapter="trainer_core.models.zimage:NextDiTZImage",
+    memory_layout="nextdit",  # not estimated yet: the adapter has no plan_memory (no streaming)
+    text_tokens=512, target_presets={"attention": _NEXTDIT_ATTN, "all": f"(?:{_NEXTDIT_ATTN}|{_NEXTDIT_MLP})"},
+))
+
 
 def family(name: str) -> Family:
     """The record of ``name`` (a ValueError listing the registered families otherwise)."""

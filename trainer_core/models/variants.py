@@ -87,6 +87,9 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
             ModelShape("chroma", 3072, 19, 38, 4096, False)),
     Variant("flux1", "FLUX.1 (unknown size)", "flux1", "flux1", "flux-1-dev/lora"),
     Variant("flux2", "FLUX.2 (unknown size)", "flux2", "flux2", "Flux.2/lora"),
+    # Z-Image (``NextDiTZImage.model_shape``): "double" counts the main layers, "context" is the Qwen3-4B width
+    Variant("z-image", "Z-Image", "zimage", "z_image", "Z-Image/lora", ModelShape("zimage", 3840, 30, 0, 2560, False)),
+    Variant("zimage", "Z-Image (unknown size)", "zimage", "z_image", "Z-Image/lora"),
 )}
 
 
@@ -143,5 +146,7 @@ def module_shape(module: nn.Module, family: str) -> ModelShape:
 
 
 def model_variant(model: Any) -> Detection:
-    """The ``Detection`` of a ``FlowModel`` (its ``arch`` is the family)."""
-    return detect_variant(module_shape(model.module, model.arch))
+    """The ``Detection`` of a ``FlowModel`` (its ``arch`` is the family): the adapter's own
+    ``model_shape()`` when it has one (a non-FLUX layout), else ``module_shape``."""
+    own = getattr(model, "model_shape", None)
+    return detect_variant(own() if own is not None else module_shape(model.module, model.arch))
