@@ -71,7 +71,7 @@ def test_velocity_is_what_comfyui_samples_with(comfyui, bridge, chroma_file):
         assert float(conds["guidance"].cond) == 0.0
         kwargs = {k: c.cond for k, c in conds.items()}
         comfy_v = ((x - base.apply_model(x, sigma, **kwargs)) / sigma).float().clone()
-    with bridge.training_model(patcher, gradient_checkpointing=False) as model:
+    with bridge.training_model(patcher, harness.bridge_config(False)) as model:
         assert model.context_tokens is None and not model.family.pooled
         with torch.no_grad():
             ours = model.velocity(x, sigma, TextBatch(context, pooled), guidance=3.5)
@@ -82,7 +82,7 @@ def test_velocity_is_what_comfyui_samples_with(comfyui, bridge, chroma_file):
 
 def test_modulation_network_frozen_unless_targeted(comfyui, bridge, chroma_file):
     patcher = comfyui.load_flux(chroma_file)
-    with bridge.training_model(patcher, gradient_checkpointing=True) as model:
+    with bridge.training_model(patcher, harness.bridge_config(True)) as model:
         before = {n: p.detach().clone() for n, p in model.module.named_parameters() if n.startswith(APPROXIMATOR)}
         for preset in ("attention", "all"):
             net = LoraNetwork.inject(model.module, LoRAConfig(rank=4), model.default_targets[preset])

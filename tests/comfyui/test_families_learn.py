@@ -72,7 +72,7 @@ class Learning:
 def learn(bridge, patcher, *, steps: int = 12, lr: float = 3e-2) -> Learning:
     """A short rank-4 LoRA training on one fixed batch (learnable: memorise it) through
     ``bridge.training_model`` and the engine's adapter; then the output change on other inputs."""
-    with bridge.training_model(patcher, gradient_checkpointing=True) as model:
+    with bridge.training_model(patcher, harness.bridge_config(True)) as model:
         net = LoraNetwork.inject(model.module, LoRAConfig(rank=4, alpha=4.0), model.default_targets["all"])
         try:
             opt = torch.optim.AdamW(net.parameters(), lr=lr)
@@ -118,7 +118,7 @@ def test_lora_sensitivity_matches_flux1(comfyui, bridge, tiny_models, name):
     """One fixed random rank-4 perturbation of the attention layers moves every tiny model's
     output about as much as FLUX.1's (the tiny FLUX.2 used to move ~40× less)."""
     patcher = comfyui.load_flux(tiny_models[name], inference=False)
-    with bridge.training_model(patcher, gradient_checkpointing=False) as model:
+    with bridge.training_model(patcher, harness.bridge_config(False)) as model:
         x0, noise, sigma, text = _inputs(model, seed=2)
         x_t = interpolate(x0, noise, sigma)
         g = torch.Generator().manual_seed(3)

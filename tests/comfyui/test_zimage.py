@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+import harness
 from harness import load_flux as load_zimage
 from tiny_zimage import write_tiny_zimage, zimage_state_dict
 
@@ -102,7 +103,7 @@ def test_zimage_trains_through_the_bridge(comfyui, bridge, zimage_file):
     import comfy.model_management as mm
 
     mp = load_zimage(zimage_file)
-    with bridge.training_model(mp, gradient_checkpointing=True) as model:
+    with bridge.training_model(mp, harness.bridge_config(True)) as model:
         assert isinstance(model, NextDiTZImage) and mm.in_training and model.checkpoint == "blocks"
         net = LoraNetwork.inject(model.module, LoRAConfig(rank=4, alpha=4.0), model.default_targets["all"])
         assert sorted(net.modules_trained()) == [f"layers.0.{n}" for n in (
@@ -122,7 +123,7 @@ def test_zimage_trains_through_the_bridge(comfyui, bridge, zimage_file):
 
 def test_checkpoint_modes_give_equal_gradients(comfyui, bridge, zimage_file):
     mp = load_zimage(zimage_file)
-    with bridge.training_model(mp, gradient_checkpointing="off") as model:
+    with bridge.training_model(mp, harness.bridge_config("off")) as model:
         net = LoraNetwork.inject(model.module, LoRAConfig(rank=4), model.default_targets["all"])
         _randomize(net)
         grads = {}
@@ -145,7 +146,7 @@ def test_saved_lora_loads_in_comfy_and_matches_live_model(comfyui, bridge, zimag
 
     mp = load_zimage(zimage_file)
     x_t, sigma, text, _ = _batch(seed=5)
-    with bridge.training_model(mp, gradient_checkpointing=True) as model:
+    with bridge.training_model(mp, harness.bridge_config(True)) as model:
         net = LoraNetwork.inject(model.module, LoRAConfig(rank=4, alpha=2.0), model.default_targets["all"])
         _randomize(net)
         with torch.no_grad():
