@@ -20,14 +20,18 @@ from .configbase import ConfigError, _build, _names, _Validated, field_help, fie
 class BucketConfig(_Validated):
     _prefix = "data.buckets"
     resolutions: tuple[int, ...] = opt((512,), "Target training resolutions (side of a square of equal area), e.g. 512, 768, 1024. Each image is bucketed at every resolution it is large enough for.", lo=64, hi=4096)
-    step: int = opt(64, "Bucket sides are multiples of this many pixels (16 is the finest FLUX allows).", lo=16, hi=256)
+    step: int = opt(64, "Bucket sides are multiples of this many pixels (16 is the finest every supported model allows).", lo=16, hi=256)
     min_side: int = opt(256, "Smallest allowed bucket side in pixels.", lo=16, hi=8192)
     max_side: int = opt(2048, "Largest allowed bucket side in pixels.", lo=16, hi=8192)
     allow_upscale: bool = opt(False, "Allow upscaling images smaller than a bucket (off: small images are skipped for that resolution, with a warning).")
 
     def check(self) -> None:
-        if self.step % 16:
-            raise ConfigError(f"data.buckets.step={self.step} must be a multiple of 16 (FLUX latents are packed in 16-pixel patches)")
+        from .models.families import common_pixel_multiple, supported_labels  # lazy: families import the LoRA names
+
+        multiple = common_pixel_multiple()
+        if self.step % multiple:
+            raise ConfigError(f"data.buckets.step={self.step} must be a multiple of {multiple} (the models FlowTrain trains, "
+                              f"{supported_labels()}, pack latents in patches of {multiple} pixels or a multiple)")
         if self.min_side > self.max_side:
             raise ConfigError(f"data.buckets.min_side={self.min_side} is larger than data.buckets.max_side={self.max_side}")
 

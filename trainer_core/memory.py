@@ -75,7 +75,7 @@ class ModelShape:
     """What the estimator needs to know about a FLUX transformer."""
 
     name: str
-    arch: str  # "flux1" | "flux2"
+    arch: str  # block layout (``Family.memory_layout``): "flux1" | "flux2"
     hidden: int
     double_blocks: int
     single_blocks: int
@@ -252,6 +252,19 @@ def estimate(shape: ModelShape, run: RunShape, *, checkpoint: str = "blocks",
 
 
 # ---------------------------------------------------------------------------- shapes
+def memory_layout(arch: str) -> tuple[str, int]:
+    """(block layout, typical text tokens) of a family name (``models.families``); a layout
+    name itself passes through."""
+    from .models.families import FAMILIES
+
+    if arch in FAMILIES:
+        fam = FAMILIES.get(arch)
+        return fam.memory_layout, fam.text_tokens
+    if arch not in ("flux1", "flux2"):
+        raise ValueError(f"unknown model family {arch!r}; choose one of: {', '.join(FAMILIES.names())}")
+    return arch, 256 if arch == "flux1" else 512
+
+
 def _flux_linears(arch: str, hidden: int) -> tuple[tuple[LinearShape, ...], tuple[LinearShape, ...]]:
     h, v1 = hidden, arch == "flux1"
     bias = v1
@@ -270,7 +283,10 @@ def _flux_linears(arch: str, hidden: int) -> tuple[tuple[LinearShape, ...], tupl
 
 def flux_shape(name: str, arch: str, hidden: int, double: int, single: int, context: int, *, guidance: bool,
                weight_bytes: float = 2.0) -> ModelShape:
-    """A ``ModelShape`` from FLUX hyper-parameters (layer shapes of ComfyUI's ``Flux`` module)."""
+    """A ``ModelShape`` from FLUX hyper-parameters (layer shapes of ComfyUI's ``Flux`` module).
+    ``arch``: a family name, estimated with its ``memory_layout`` (Chroma as FLUX.1, which
+    over-counts its missing per-block modulation)."""
+    arch, text_tokens = memory_layout(arch)
     h, v1 = hidden, arch == "flux1"
     dl, sl = _flux_linears(arch, h)
     norms = 2 * HEAD_DIM
@@ -288,7 +304,7 @@ def flux_shape(name: str, arch: str, hidden: int, double: int, single: int, cont
     return ModelShape(name=name, arch=arch, hidden=h, double_blocks=double, single_blocks=single,
                       double_linears=dl, single_linears=sl, double_block_bytes=int(d_params * weight_bytes),
                       single_block_bytes=int(s_params * weight_bytes), other_bytes=int(other * weight_bytes),
-                      weight_bytes=weight_bytes, text_tokens=256 if v1 else 512)
+                      weight_bytes=weight_bytes, text_tokens=text_tokens)
 
 
 def _released_shapes() -> dict[str, tuple]:
@@ -334,6 +350,7 @@ def shape_from_module(module, arch: str, name: str = "model", text_tokens: Optio
                                        per_token=not ("mod" in n.split(".")[0] or n.startswith("modulation"))))
         return tuple(out)
 
+    arch, typical_tokens = memory_layout(arch)
     double, single = module.double_blocks, module.single_blocks
     block_total = sum(nbytes(b) for b in double) + sum(nbytes(b) for b in single)
     weights = [p for p in module.parameters() if p.is_floating_point() and p.dim() == 2]
@@ -345,5 +362,5 @@ def shape_from_module(module, arch: str, name: str = "model", text_tokens: Optio
         double_block_bytes=nbytes(double[0]) if len(double) else 0,
         single_block_bytes=nbytes(single[0]) if len(single) else 0,
         other_bytes=nbytes(module) - block_total, weight_bytes=float(elem),
-        text_tokens=text_tokens if text_tokens is not None else (256 if arch == "flux1" else 512),
+        text_tokens=text_tokens if text_tokens is not None else typical_tokens,
         tokens_per_pixel=1 / 256)

@@ -115,7 +115,7 @@ class FlowModel(Protocol):
     counterpart.
     """
 
-    arch: str  # "flux1" | "flux2"
+    arch: str  # a models.families name: "flux1" | "flux2" | ...
     module: nn.Module
     latent_channels: int
     pixel_multiple: int  # bucket sides must be multiples of this (VAE factor × patch)

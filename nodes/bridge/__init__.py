@@ -3,7 +3,8 @@
 By concern: ``model`` (which model a MODEL is; ``training_model``), ``weights`` (autograd-safe
 weights in place), ``encoders`` (VAE, CLIP, CONDITIONING), ``lora`` (a LoRA file → MODEL).
 
-* ``detect_arch(MODEL)``: FLUX.1 (dev/schnell) or FLUX.2, else a ValueError naming the model.
+* ``detect_arch(MODEL)``: the model family (``FAMILY_OF_MODEL``, one entry per ComfyUI model
+  class), else a ValueError naming the model and the supported families.
 * ``training_model(MODEL, ...)``: a context manager that loads the MODEL the way ComfyUI does,
   makes its FLUX module trainable in place (no second copy of the weights) and yields a
   ``BflFlux``. The caller injects and REMOVES the LoRA inside the ``with`` block
@@ -31,12 +32,12 @@ figures pending).
 """
 from .encoders import ClipTextEncoder, FixedConditioningEncoder, VaeCodec, weights_identity
 from .lora import model_with_lora
-from .model import (PRECISIONS, ArchInfo, auto_compute_dtype, detect_arch, sdpa_attention,
+from .model import (FAMILY_OF_MODEL, PRECISIONS, ArchInfo, auto_compute_dtype, detect_arch, sdpa_attention,
                     training_model)
 from .weights import AutogradSafeWeights, quantized_layers
 
 __all__ = [
-    "ArchInfo", "AutogradSafeWeights", "ClipTextEncoder", "FixedConditioningEncoder", "PRECISIONS", "VaeCodec",
+    "ArchInfo", "AutogradSafeWeights", "FAMILY_OF_MODEL", "ClipTextEncoder", "FixedConditioningEncoder", "PRECISIONS", "VaeCodec",
     "auto_compute_dtype", "detect_arch", "model_with_lora", "quantized_layers", "sdpa_attention",
     "training_model", "weights_identity",
 ]

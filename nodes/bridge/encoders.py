@@ -7,6 +7,7 @@ from typing import Callable, Optional
 import torch
 
 from trainer_core.fingerprint import tensor_fingerprint
+from trainer_core.models.families import FAMILIES
 from trainer_core.types import TextEmbedding
 
 
@@ -58,13 +59,12 @@ def _cond_embedding(cond: torch.Tensor, extras: dict, keep_pooled: bool) -> Text
 
 class ClipTextEncoder:
     """``TextEncoder`` over a ComfyUI CLIP: each caption through ``clip.tokenize`` and
-    ``clip.encode_from_tokens(..., return_pooled=True, return_dict=True)``. FLUX.2 has no
-    pooled vector (``pooled`` None)."""
+    ``clip.encode_from_tokens(..., return_pooled=True, return_dict=True)``. The pooled vector
+    is kept only for a family that takes one (``Family.pooled``: FLUX.1; else ``pooled`` None)."""
 
     def __init__(self, clip, arch):
         arch = getattr(arch, "arch", arch)  # an ArchInfo or its arch string
-        if arch not in ("flux1", "flux2"):
-            raise ValueError(f"ClipTextEncoder arch={arch!r}; expected 'flux1' or 'flux2'")
+        self.family = FAMILIES.get(arch)  # an unknown name raises, listing the families
         self.clip, self.arch = clip, arch
         names = f"{type(clip).__name__}/{type(clip.cond_stage_model).__name__}"
         self.identity = f"comfy-clip-{names}-{weights_identity(clip.cond_stage_model.state_dict())}-{arch}"
@@ -76,7 +76,7 @@ class ClipTextEncoder:
         with torch.inference_mode():
             for text in texts:
                 enc = self.clip.encode_from_tokens(self.clip.tokenize(text), return_pooled=True, return_dict=True)
-                out.append(_cond_embedding(enc["cond"], enc, keep_pooled=self.arch == "flux1"))
+                out.append(_cond_embedding(enc["cond"], enc, keep_pooled=self.family.pooled))
         return out
 
     def release(self) -> None:

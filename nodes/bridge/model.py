@@ -1,6 +1,7 @@
 """A ComfyUI MODEL → the engine's trainable flow model, in place.
 
-``detect_arch(MODEL)`` says which family a MODEL is; ``training_model(MODEL, ...)`` loads it the
+``detect_arch(MODEL)`` says which family a MODEL is (``FAMILY_OF_MODEL``: ComfyUI model class →
+``trainer_core.models.families`` name; nothing else in the bridge differs by family); ``training_model(MODEL, ...)`` loads it the
 way ComfyUI does, makes its module trainable in place (no second copy of the weights) and
 yields the engine's adapter (see the package docstring for memory and streaming).
 """
@@ -17,6 +18,7 @@ import torch
 
 from trainer_core.lora.network import strip_lora_layers
 from trainer_core.models.bfl_flux import CHECKPOINT_MODES, GRADIENT_CHECKPOINTING_MODE, BflFlux
+from trainer_core.models.families import FAMILIES, Family
 
 from .weights import AutogradSafeWeights, quantized_layers
 
@@ -25,29 +27,40 @@ log = logging.getLogger(__name__)
 PRECISIONS = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+FAMILY_OF_MODEL = {
+    comfy.model_base.Flux: "flux1",  # FLUX.1 dev / schnell / Kontext
+    comfy.model_base.Flux2: "flux2",  # FLUX.2 dev / Klein
+}
+"""ComfyUI model class (``MODEL.model``, matched by EXACT type: ``Flux2`` and ``Chroma``
+subclass ``Flux`` but call their module differently) → family name. The one place the
+bridge learns a family; a MODEL of any other class is refused."""
+
+
 @dataclass(frozen=True)
 class ArchInfo:
-    arch: str  # "flux1" | "flux2"
+    arch: str  # the family name (FAMILY_OF_MODEL)
     guidance_embed: bool
     latent_channels: int
     patch_size: int
     model_type_name: str  # ComfyUI model config class: "Flux", "FluxSchnell", "Flux2", ...
 
+    @property
+    def family(self) -> Family:
+        return FAMILIES.get(self.arch)
+
 
 def detect_arch(model_patcher) -> ArchInfo:
-    """Which FLUX a ComfyUI MODEL is. ``Flux2`` subclasses ``Flux``, so it is checked by exact
-    type; other ``Flux`` subclasses (Chroma, LongCat) call their module differently and are refused."""
+    """Which family a ComfyUI MODEL is (``FAMILY_OF_MODEL``); a ValueError naming the model
+    and the supported families otherwise."""
     base = getattr(model_patcher, "model", None)
     config = getattr(base, "model_config", None)
-    if type(base) is comfy.model_base.Flux2:
-        arch = "flux2"
-    elif type(base) is comfy.model_base.Flux:
-        arch = "flux1"
-    else:
+    arch = FAMILY_OF_MODEL.get(type(base))
+    if arch is None:
         kind = type(config).__name__ if config is not None else type(base).__name__
+        supported = ", ".join(FAMILIES.get(a).label for a in dict.fromkeys(FAMILY_OF_MODEL.values()))
         raise ValueError(
-            f"FlowTrain trains FLUX.1/FLUX.2 models; the MODEL input is a {kind} "
-            f"({type(base).__module__}.{type(base).__name__}); load a FLUX model with UNETLoader or CheckpointLoaderSimple"
+            f"FlowTrain trains {supported} models; the MODEL input is a {kind} "
+            f"({type(base).__module__}.{type(base).__name__}); load one of those with UNETLoader or CheckpointLoaderSimple"
         )
     unet = config.unet_config
     return ArchInfo(
@@ -109,7 +122,7 @@ def training_model(model_patcher, *, gradient_checkpointing=True, precision: str
         compute, autocast = _compute_dtypes(base, PRECISIONS[precision])
         model = BflFlux(
             module, arch=info.arch, guidance_embed=info.guidance_embed, latent_channels=info.latent_channels,
-            patch_size=info.patch_size, context_tokens=512 if info.arch == "flux2" else None, checkpoint=mode,
+            patch_size=info.patch_size, context_tokens=info.family.context_tokens, checkpoint=mode,
             compute_dtype=compute, autocast_dtype=autocast, precision_fixed=True,
             training_attention=sdpa_attention,
         )

@@ -25,11 +25,14 @@ Only torch and safetensors are imported at module level; ComfyUI is imported laz
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import sys
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import save_file
@@ -221,6 +224,25 @@ def write_tiny_flux(path: str | os.PathLike, arch: str = "flux1", **kw) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(flux_state_dict(arch, **kw), str(path), metadata={"format": "pt", "note": "random FLUX for tests"})
     return path
+
+
+@dataclass(frozen=True)
+class TinyModel:
+    """A tiny model file of one family: ``write(path)`` writes it (safetensors, real key names)
+    so that ComfyUI's own model detection recognises the family; returns the path."""
+
+    family: str  # a trainer_core.models.families name
+    write: Callable[[Path], Path]
+
+
+TINY_MODELS: dict[str, TinyModel] = {
+    "flux1-dev": TinyModel("flux1", functools.partial(write_tiny_flux, arch="flux1", guidance=True)),
+    "flux1-schnell": TinyModel("flux1", functools.partial(write_tiny_flux, arch="flux1", guidance=False)),
+    "flux2-dev": TinyModel("flux2", functools.partial(write_tiny_flux, arch="flux2", guidance=True)),
+    "klein": TinyModel("flux2", functools.partial(write_tiny_flux, arch="flux2", guidance=False)),
+}
+"""One entry per tiny test model; every registered family needs at least one (a new family
+adds its builder here, and ``test_families_learn`` trains it automatically)."""
 
 
 QUANT_LAYER = r"(double|single)_blocks\.\d+\..*"

@@ -87,7 +87,7 @@ def test_detect_arch_refuses_other_models(comfyui, bridge):
         model = object.__new__(comfy.model_base.SDXL)
 
     Stub.model.model_config = object.__new__(comfy.supported_models.SDXL)
-    with pytest.raises(ValueError, match=r"FlowTrain trains FLUX.1/FLUX.2 models; the MODEL input is a SDXL"):
+    with pytest.raises(ValueError, match=r"FlowTrain trains FLUX.1, FLUX.2(, [^;]+)? models; the MODEL input is a SDXL"):
         bridge.detect_arch(Stub())
 
 

@@ -21,12 +21,10 @@ from safetensors.torch import save as st_save
 import trainer_core
 from trainer_core.config import TrainingConfig
 from trainer_core.lora.metadata import RunInfo, run_keys
+from trainer_core.models.families import FAMILIES
 
 log = logging.getLogger(__name__)
 
-NETWORK_MODULE = {"flux1": "networks.lora_flux", "flux2": "networks.lora_flux2"}
-"""``ss_network_module``: kohya's FLUX.1 module is ``networks.lora_flux``; for FLUX.2 no
-kohya value exists, we write ``networks.lora_flux2`` by analogy."""
 
 
 def save_lora_file(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
@@ -105,8 +103,7 @@ def build_metadata(
     bucket resolution; ``extra`` adds further string keys (they may not overwrite the
     standard ones). The ``sshs_*`` hashes are added by ``metadata.with_hashes`` when saving.
     """
-    if arch not in NETWORK_MODULE:
-        raise ValueError(f"unknown arch {arch!r}; use one of {sorted(NETWORK_MODULE)}")
+    fam = FAMILIES.get(arch)  # an unknown arch raises, naming the known families
     res = resolution if resolution is not None else max(config.data.buckets.resolutions)
     md = {
         "flowtrain.format_version": str(trainer_core.FORMAT_VERSION),
@@ -118,7 +115,7 @@ def build_metadata(
         "ss_network_dim": str(config.lora.rank),
         "ss_network_alpha": str(config.lora.alpha),
         "ss_network_dropout": str(config.lora.dropout),
-        "ss_network_module": NETWORK_MODULE[arch],
+        "ss_network_module": fam.network_module,
         "ss_resolution": f"({res}, {res})",
         "ss_steps": str(int(steps)),
         "ss_max_train_steps": str(config.train.steps),

@@ -4,7 +4,7 @@
 ``ss_*`` set; this module adds what sd-scripts writes for FLUX.1 and musubi-tuner for
 FLUX.2 (the names and value formats are theirs; every value is a string):
 
-* per variant (``models.variants``): ``ss_base_model_version`` (``flux1``,
+* per variant (``models.variants``) and family (``models.families``): ``ss_base_model_version`` (``flux1``,
   ``flux_2_dev``, ``flux_2_klein_4b``, ``flux_2_klein_9b``), ``modelspec.architecture``
   (``flux-1-dev/lora``, ``Flux.2-klein-9b/lora``, ...), ``modelspec.implementation`` per family;
 * the run (``RunInfo``): model file name, start / finish time, epoch, dataset facts
@@ -33,7 +33,8 @@ import torch
 from safetensors.torch import save as st_save
 
 from ..config import TrainingConfig
-from ..models.variants import VARIANTS, Detection, Variant, implementation
+from ..models.families import FAMILIES
+from ..models.variants import VARIANTS, Detection, Variant
 
 LEGACY_OFFSET, LEGACY_LENGTH = 0x100000, 0x10000
 
@@ -99,9 +100,7 @@ class RunInfo:
 def variant_of(arch: str, run: Optional[RunInfo]) -> Variant:
     if run is not None and run.variant is not None:
         return run.variant.variant
-    if arch not in VARIANTS:
-        raise ValueError(f"unknown arch {arch!r}; use 'flux1' or 'flux2'")
-    return VARIANTS[arch]
+    return VARIANTS[FAMILIES.get(arch).fallback_variant]
 
 
 def _s(x: Any) -> str:
@@ -112,6 +111,7 @@ def run_keys(config: TrainingConfig, arch: str, steps: int, run: Optional[RunInf
     """The kohya / modelspec keys beyond ``io.build_metadata``'s basic set."""
     run = run or RunInfo()
     variant = variant_of(arch, run)
+    fam = FAMILIES.get(variant.family)
     c, d = config, run.dataset
     accum, batch = c.optim.grad_accum, c.data.batch_size
     per_epoch = max(1, d.batches_per_epoch)
@@ -163,7 +163,7 @@ def run_keys(config: TrainingConfig, arch: str, steps: int, run: Optional[RunInf
                                                           if c.lora.targets == "custom" else {})},
         "ss_training_comment": "trained with FlowTrain",
         # FLUX keys
-        "ss_model_type": "flux",
+        "ss_model_type": fam.kohya_model_type,
         "ss_guidance_scale": c.flow.guidance,
         "ss_timestep_sampling": c.flow.sigma_scheme,
         "ss_sigmoid_scale": 1.0,
@@ -175,9 +175,9 @@ def run_keys(config: TrainingConfig, arch: str, steps: int, run: Optional[RunInf
         # per variant
         "ss_base_model_version": variant.base_model_version,
         "ss_sd_model_name": run.model_name,
-        "modelspec.sai_model_spec": "1.0.1" if variant.family == "flux1" else "1.0.0",
+        "modelspec.sai_model_spec": fam.sai_model_spec,
         "modelspec.architecture": variant.architecture,
-        "modelspec.implementation": implementation(variant.family),
+        "modelspec.implementation": fam.implementation,
         "modelspec.resolution": f"{resolution}x{resolution}",
         "modelspec.date": datetime.now().astimezone().replace(microsecond=0).isoformat(),
         "modelspec.trigger_phrase": c.data.captions.trigger_word,

@@ -57,26 +57,24 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from .. import budget as budget_mod
 from .. import memory
-from ..lora.bfl_names import bfl_identity, bfl_target_presets
+from ..lora.bfl_names import bfl_identity
 from ..streaming import BlockStreamer, block_table
 from ..types import BflSlot, TextBatch
 from .common import module_device, module_dtype
+from .families import FAMILIES
 from .references import check_method, check_references
 
 log = logging.getLogger(__name__)
+
+ADAPTER = f"{__name__}:BflFlux"
+"""``Family.adapter`` of the families this adapter calls."""
 
 CHECKPOINT_MODES = ("off", "blocks", "selective", "auto")
 GRADIENT_CHECKPOINTING_MODE = "blocks"
 """What ``prepare_for_training(gradient_checkpointing=True)`` selects (see the benchmark)."""
 
-ARCHS = {
-    # arch: (VAE downscale, LoRA file format)
-    "flux1": (8, "flux1_kohya"),
-    "flux2": (16, "flux2_diffusion_model"),
-}
 AUTO_MEMORY_FRACTION = 0.5  # of the device's free memory that "auto" lets activations take
 
-FLUX2_CONTEXT_TOKENS = 512  # comfy.model_base.Flux2.extra_conds pads the text to this length
 
 _aten = torch.ops.aten
 _SAVED_OPS = {
@@ -115,9 +113,12 @@ class _CopyResidualsForNorms(TorchFunctionMode):
 class BflFlux:
     """``FlowModel`` over a ComfyUI-style BFL FLUX module (``comfy.ldm.flux.model.Flux``).
 
-    ``arch`` "flux1" | "flux2"; ``guidance_embed``: the module has ``guidance_in`` (FLUX.1-dev);
-    ``latent_channels`` 16 (FLUX.1) / 128 (FLUX.2); ``patch_size`` 2 / 1; ``context_tokens``:
-    left-pad the text context with zeros to this many tokens (512 for FLUX.2, None for FLUX.1).
+    ``arch``: a ``models.families`` name whose module has ComfyUI's BFL call signature
+    ("flux1", "flux2", "chroma"); its record says how the module is fed (pooled vector,
+    guidance input, VAE factor, LoRA format). ``guidance_embed``: the module has ``guidance_in``
+    (FLUX.1-dev, FLUX.2-dev); ``latent_channels`` 16 (FLUX.1) / 128 (FLUX.2); ``patch_size`` 2 / 1
+    (ComfyUI's values for the loaded module); ``context_tokens``: left-pad the text context with
+    zeros to this many tokens (the bridge passes the family's ``context_tokens``; None = no padding).
     ``checkpoint``: one of ``CHECKPOINT_MODES``, or None = decided by
     ``prepare_for_training`` (``GRADIENT_CHECKPOINTING_MODE`` when asked for checkpointing,
     else "off"). ``compute_dtype``: dtype of the inputs given to the module (ComfyUI's
@@ -147,8 +148,9 @@ class BflFlux:
         training_attention: Optional[Callable] = None,
         reference_method: Optional[str] = None,
     ):
-        if arch not in ARCHS:
-            raise ValueError(f"BflFlux arch={arch!r}; expected one of {sorted(ARCHS)}")
+        mine = [n for n in FAMILIES.names() if FAMILIES.get(n).adapter == ADAPTER]
+        if arch not in mine:
+            raise ValueError(f"BflFlux arch={arch!r}; expected one of {mine}")
         if checkpoint is not None and checkpoint not in CHECKPOINT_MODES:
             raise ValueError(f"BflFlux checkpoint={checkpoint!r}; expected None or one of {list(CHECKPOINT_MODES)}")
         for name in ("double_blocks", "single_blocks"):
@@ -156,7 +158,9 @@ class BflFlux:
                 raise ValueError(
                     f"BflFlux needs a ComfyUI/BFL FLUX module with a '{name}' ModuleList; got {type(module).__name__}"
                 )
-        vae_factor, self.lora_format = ARCHS[arch]
+        self.family = FAMILIES.get(arch)
+        self.lora_format = self.family.lora_format
+        vae_factor = self.family.vae_factor
         self.module = module
         self.arch = arch
         self.guidance_embed = bool(guidance_embed)
@@ -173,10 +177,10 @@ class BflFlux:
         self.precision_fixed = precision_fixed
         self.training_attention = training_attention
         self.reference_method = check_method(reference_method)
-        self.supports_references = True
+        self.supports_references = self.family.references
         self.compile_blocks = False
         self._compiled: dict[int, Callable] = {}
-        self.default_targets: dict[str, str] = dict(bfl_target_presets())
+        self.default_targets: dict[str, str] = dict(self.family.target_presets)
         self.streamer: Optional[BlockStreamer] = None
         self.device: Optional[torch.device] = None  # compute device when the weights are not there yet
         self.memory_plan: Optional[budget_mod.MemoryPlan] = None
@@ -242,9 +246,10 @@ class BflFlux:
     ) -> torch.Tensor:
         """Velocity [B, C, h, w] float32 for ``x_t`` [B, C, h, w] at σ [B] in (0, 1).
 
-        ``text.context`` [B, T, D]; ``text.pooled`` [B, P] (FLUX.1; ignored for FLUX.2);
-        ``guidance``: distilled guidance (guidance-embedded models only; None → 1.0);
-        ``references``: clean reference latents, each [B, C, h', w'] (edit models).
+        ``text.context`` [B, T, D]; ``text.pooled`` [B, P] (families with ``pooled``; ignored
+        otherwise); ``guidance``: distilled guidance (guidance-embedded models only; None → 1.0);
+        a family whose guidance input is ``zero`` (Chroma) always gets 0, as ComfyUI passes.
+        ``references``: clean reference latents, each [B, C, h', w'] (edit families).
         """
         b, c, h, w = x_t.shape
         if c != self.latent_channels:
@@ -259,10 +264,12 @@ class BflFlux:
         if self.context_tokens is not None and context.shape[1] < self.context_tokens:
             context = nn.functional.pad(context, (0, 0, self.context_tokens - context.shape[1], 0))
         y = None
-        if self.arch == "flux1" and text.pooled is not None:
+        if self.family.pooled and text.pooled is not None:
             y = text.pooled.to(device=device, dtype=dtype)
         g = None
-        if self.guidance_embed:
+        if self.family.guidance == "zero":
+            g = torch.zeros((b,), device=device, dtype=dtype)
+        elif self.guidance_embed:
             g = torch.full((b,), 1.0 if guidance is None else float(guidance), device=device, dtype=dtype)
         self._mode = self.checkpoint
         if self.checkpoint == "auto":

@@ -10,8 +10,8 @@ weights alone (no file name), as four numbers and a flag (``ModelShape``):
 * ``guidance``: a guidance embedder with weights (``guidance_in``; ComfyUI puts an
   ``nn.Identity`` there when the model has none).
 
-The family (FLUX.1 or FLUX.2) comes from the model adapter (ComfyUI tells them apart by
-FLUX.2's global modulation). The rule (``detect_variant``), with the real shapes
+The family (a ``models.families`` record: FLUX.1, FLUX.2, ...) comes from the model adapter
+(ComfyUI tells them apart by its model class). The rule (``detect_variant``), with the real shapes
 (hidden / double+single / context / guidance):
 
 =============== ======= ========= ======= ======== =============== =================
@@ -28,7 +28,7 @@ Klein 4B         3072    5 + 20    7680    no       4               5/2
 2. Else a shape of the row's family with the row's guidance flag and the same two ratios
    (single/double blocks, context/hidden width) is that variant (``how="ratios"``): a
    scaled-down test model, or a pruned / distilled cousin, keeps its proportions.
-3. Else the family's fallback, ``flux1`` or ``flux2`` ("unknown size", ``how="family"``).
+3. Else the family's fallback variant (``Family.fallback_variant``, "unknown size", ``how="family"``).
    (A FLUX.1-layout model of another size is most likely a fine-tune or a cousin such as
    a pruned Flex; we do not guess dev or schnell for it.)
 """
@@ -40,12 +40,12 @@ from typing import Any, Optional
 
 from torch import nn
 
-FAMILIES = ("flux1", "flux2")
+from .families import FAMILIES
 
 
 @dataclass(frozen=True)
 class ModelShape:
-    family: str  # "flux1" | "flux2"
+    family: str  # a models.families name
     hidden: int
     double: int
     single: int
@@ -71,12 +71,9 @@ class Variant:
     resolution: int = 1024  # native training resolution (documentation only)
 
 
-_IMPL = {"flux1": "https://github.com/black-forest-labs/flux", "flux2": "https://github.com/black-forest-labs/flux2"}
-"""``modelspec.implementation`` per family (sd-scripts for FLUX.1, musubi-tuner for FLUX.2)."""
-
-
 def implementation(family: str) -> str:
-    return _IMPL[family]
+    """``modelspec.implementation`` of a family (its record's)."""
+    return FAMILIES.get(family).implementation
 
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in (
@@ -109,8 +106,7 @@ class Detection:
 
 def detect_variant(shape: ModelShape) -> Detection:
     """The variant of ``shape`` by the rule in the module docstring."""
-    if shape.family not in FAMILIES:
-        raise ValueError(f"unknown model family {shape.family!r}; expected one of {list(FAMILIES)}")
+    fallback = FAMILIES.get(shape.family).fallback_variant  # an unknown family raises, naming the known ones
     known = [v for v in VARIANTS.values() if v.shape is not None and v.family == shape.family]
     for v in known:
         if v.shape == shape:
@@ -118,7 +114,7 @@ def detect_variant(shape: ModelShape) -> Detection:
     for v in known:
         if v.shape.guidance == shape.guidance and v.shape.ratios() == shape.ratios():
             return Detection(v, shape, "ratios")
-    return Detection(VARIANTS[shape.family], shape, "family")
+    return Detection(VARIANTS[fallback], shape, "family")
 
 
 def _first(module: nn.Module, *names: str) -> Any:
