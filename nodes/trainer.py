@@ -71,7 +71,7 @@ def text_encoder(bridge, arch, clip, conditioning, dop: Optional[specs.DopSettin
         return bridge.ClipTextEncoder(clip, arch)
     if conditioning is None:
         raise ValueError("the FlowTrain Trainer needs a text encoder: connect a CLIP (DualCLIPLoader for FLUX.1, "
-                         "CLIPLoader type flux2 for FLUX.2) or a CONDITIONING used for every caption")
+                         "CLIPLoader type flux2 for FLUX.2, type chroma for Chroma) or a CONDITIONING used for every caption")
     if dop is not None and dop.class_conditioning is not None and trigger:
         from trainer_core.data.captions import word_pattern
 
@@ -228,15 +228,16 @@ class FlowTrainTrainer(io.ComfyNode):
     @classmethod
     def define_schema(cls):
         from trainer_core.flow import SIGMA_SCHEMES, WEIGHTINGS
+        from trainer_core.models.families import supported_labels
         from trainer_core.optim import OPTIMIZERS, SCHEDULES
 
         return io.Schema(
             node_id="FlowTrainTrainer", display_name="FlowTrain Trainer", category=CATEGORY, is_output_node=True,
-            description=("Trains a LoRA on the loaded FLUX.1/FLUX.2 MODEL (no second copy) and outputs the MODEL with "
+            description=(f"Trains a LoRA on the loaded MODEL ({supported_labels()}; no second copy) and outputs the MODEL with "
                          "it applied, the LoRA, its file path and the loss curve. Re-queueing an unchanged graph "
                          "reuses the finished run."),
             inputs=[
-                io.Model.Input("model", tooltip="The FLUX.1 or FLUX.2 model to train on (UNETLoader / checkpoint loader). "
+                io.Model.Input("model", tooltip=f"The model to train on ({supported_labels()}; UNETLoader / checkpoint loader). "
                                "It is left unchanged."),
                 io.Vae.Input("vae", tooltip="The model's VAE: encodes the dataset once (cached in the run folder)."),
                 Dataset.Input("dataset", tooltip="Training images from FlowTrain Dataset (→ Bucketer → Caption Processor)."),

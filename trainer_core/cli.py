@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--init-from", type=Path, help="continue from this LoRA file (lora.init_from)")
     est = sub.add_parser("estimate", help="memory a training run needs, by component, and the plan for a budget")
     est.add_argument("--model", default="flux1-dev",
-                     help="a released shape (flux1-dev, flux1-schnell, klein-4b, klein-9b, flux2-dev), a FLUX "
+                     help="a released shape (flux1-dev, flux1-schnell, klein-4b, klein-9b, flux2-dev, chroma), a FLUX "
                           ".safetensors file or a diffusers folder")
     est.add_argument("--resolution", type=int, nargs="+", default=[512, 1024], help="training resolutions")
     est.add_argument("--batch", type=int, default=1)

@@ -253,16 +253,11 @@ def estimate(shape: ModelShape, run: RunShape, *, checkpoint: str = "blocks",
 
 # ---------------------------------------------------------------------------- shapes
 def memory_layout(arch: str) -> tuple[str, int]:
-    """(block layout, typical text tokens) of a family name (``models.families``); a layout
-    name itself passes through."""
+    """(block layout "flux1" | "flux2", typical text tokens) of a family name (``models.families``)."""
     from .models.families import FAMILIES
 
-    if arch in FAMILIES:
-        fam = FAMILIES.get(arch)
-        return fam.memory_layout, fam.text_tokens
-    if arch not in ("flux1", "flux2"):
-        raise ValueError(f"unknown model family {arch!r}; choose one of: {', '.join(FAMILIES.names())}")
-    return arch, 256 if arch == "flux1" else 512
+    fam = FAMILIES.get(arch)  # an unknown name raises, listing the families
+    return fam.memory_layout, fam.text_tokens
 
 
 def _flux_linears(arch: str, hidden: int) -> tuple[tuple[LinearShape, ...], tuple[LinearShape, ...]]:

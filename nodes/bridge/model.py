@@ -30,6 +30,7 @@ PRECISIONS = {"auto": None, "bf16": torch.bfloat16, "fp16": torch.float16, "fp32
 FAMILY_OF_MODEL = {
     comfy.model_base.Flux: "flux1",  # FLUX.1 dev / schnell / Kontext
     comfy.model_base.Flux2: "flux2",  # FLUX.2 dev / Klein
+    comfy.model_base.Chroma: "chroma",
 }
 """ComfyUI model class (``MODEL.model``, matched by EXACT type: ``Flux2`` and ``Chroma``
 subclass ``Flux`` but call their module differently) → family name. The one place the

@@ -25,9 +25,11 @@ Only torch and safetensors are imported at module level; ComfyUI is imported laz
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
+import re
 import sys
 import uuid
 from dataclasses import dataclass
@@ -161,15 +163,30 @@ def _linear(sd: dict, name: str, out_f: int, in_f: int, bias: bool, g: torch.Gen
         sd[f"{name}.bias"] = torch.randn(out_f, generator=g) * std
 
 
+FLUX2_MOD_STD = 0.055
+"""Init std of a tiny FLUX.2's embedders and modulation layers. FLUX.2 has no biases, so its
+blocks' gates come only from the timestep vector through two bias-free layers: at std 0.02
+they are ~0.003 (FLUX.1's, carried by its biases, ~0.015), and with FLUX.2's larger output and
+the 512-token text padding a LoRA moved the output ~40× less than FLUX.1's (relative output
+change under one random rank-4 perturbation of the attention layers: FLUX.1 8.7e-4, FLUX.2-dev
+2.4e-5, Klein 1.9e-5). At 0.055: FLUX.2-dev 1.9e-3, Klein 8.2e-4
+(``test_families_learn.test_lora_sensitivity_matches_flux1``)."""
+MODULATION_PATH = re.compile(r"(time_in|guidance_in|double_stream_modulation_img|double_stream_modulation_txt"
+                             r"|single_stream_modulation|final_layer\.adaLN_modulation)\.")
+
+
 def flux_state_dict(arch: str = "flux1", *, guidance: bool = True, hidden: int = 128, depth: int = 1,
                     depth_single: int = 1, context_dim: int = 64, vec_dim: int = 32, seed: int = 0,
-                    std: float = 0.02, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+                    std: float = 0.02, dtype: torch.dtype = torch.float32,
+                    mod_std: float | None = None) -> dict[str, torch.Tensor]:
     """Every weight of ComfyUI's ``comfy.ldm.flux.model.Flux`` for a FLUX layout, BFL names.
 
     ``flux1``: patch 2, 16 latent channels (img_in 64 wide), MLP 4·H GELU, biases, per-block
     modulation, ``vector_in`` for the pooled CLIP vector. ``flux2``: patch 1, 128 channels,
     gated-SiLU MLP (first linear 2·3·H wide), no biases, global modulation, no ``vector_in``.
-    Weights N(0, std²); RMSNorm scales 1.
+    Weights N(0, std²); RMSNorm scales 1; the timestep/guidance embedders and the modulation
+    layers (``MODULATION_PATH``) N(0, mod_std²), by default std for FLUX.1 and
+    ``FLUX2_MOD_STD`` for FLUX.2 (see there).
     """
     if hidden % HEAD_DIM:
         raise ValueError(f"hidden={hidden} must be a multiple of {HEAD_DIM} (ComfyUI fixes the FLUX head dim)")
@@ -215,6 +232,12 @@ def flux_state_dict(arch: str = "flux1", *, guidance: bool = True, hidden: int =
         _linear(sd, "double_stream_modulation_img.lin", 6 * h, h, False, g, std)
         _linear(sd, "double_stream_modulation_txt.lin", 6 * h, h, False, g, std)
         _linear(sd, "single_stream_modulation.lin", 3 * h, h, False, g, std)
+    mod_std = mod_std if mod_std is not None else (std if v1 else FLUX2_MOD_STD)
+    if mod_std != std:
+        g2 = torch.Generator().manual_seed(seed + 7)
+        for k in list(sd):
+            if MODULATION_PATH.match(k):
+                sd[k] = torch.randn(sd[k].shape, generator=g2) * mod_std
     return {k: v.to(dtype).contiguous() for k, v in sd.items()}
 
 
@@ -224,6 +247,70 @@ def write_tiny_flux(path: str | os.PathLike, arch: str = "flux1", **kw) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(flux_state_dict(arch, **kw), str(path), metadata={"format": "pt", "note": "random FLUX for tests"})
     return path
+
+
+CHROMA_DROPPED = re.compile(r".*(_mod\.lin|modulation\.lin|adaLN_modulation\.1)\.(weight|bias)|(time_in|vector_in|guidance_in)\..*")
+"""FLUX.1 keys Chroma does not have: its modulation comes from ``distilled_guidance_layer``."""
+
+
+def chroma_state_dict(*, approximator_hidden: int = 64, approximator_layers: int = 2, seed: int = 0,
+                      std: float = 0.02, dtype: torch.dtype = torch.float32, **kw) -> dict[str, torch.Tensor]:
+    """Every weight of ComfyUI's ``comfy.ldm.chroma.model.Chroma``: the FLUX.1 blocks (qkv
+    biases, GELU MLP, no per-block modulation), no ``time_in``/``vector_in``/``guidance_in``,
+    a final layer without adaLN, and the modulation network ``distilled_guidance_layer``
+    (``in_proj`` 64 → A, ``layers.i.in_layer/out_layer`` A → A, RMSNorm ``norms.i.scale``,
+    ``out_proj`` A → hidden). ``kw`` as ``flux_state_dict`` (hidden, depth, context_dim...).
+    Load the file with ``load_model`` (ComfyUI fixes the approximator widths, see
+    ``chroma_detection``)."""
+    sd = {k: v for k, v in flux_state_dict("flux1", guidance=False, seed=seed, std=std, **kw).items()
+          if not CHROMA_DROPPED.fullmatch(k)}
+    h = sd["img_in.weight"].shape[0]
+    g = torch.Generator().manual_seed(seed + 1)
+    a, p = approximator_hidden, "distilled_guidance_layer"
+    _linear(sd, f"{p}.in_proj", a, 64, True, g, std)
+    for i in range(approximator_layers):
+        _linear(sd, f"{p}.layers.{i}.in_layer", a, a, True, g, std)
+        _linear(sd, f"{p}.layers.{i}.out_layer", a, a, True, g, std)
+        sd[f"{p}.norms.{i}.scale"] = torch.ones(a)
+    _linear(sd, f"{p}.out_proj", h, a, True, g, std)
+    return {k: v.to(dtype).contiguous() for k, v in sd.items()}
+
+
+def write_tiny_chroma(path: str | os.PathLike, **kw) -> Path:
+    """Write ``chroma_state_dict(**kw)`` to ``path`` (safetensors); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(chroma_state_dict(**kw), str(path), metadata={"format": "pt", "note": "random Chroma for tests"})
+    return path
+
+
+@contextlib.contextmanager
+def chroma_detection():
+    """ComfyUI's model detection, with the Chroma approximator's widths read from the file.
+
+    ``comfy.model_detection`` recognises Chroma by its ``distilled_guidance_layer`` keys but
+    then fixes the approximator to the released model's sizes (in 64, hidden 5120, 5 layers,
+    out 3072 = the model width), so any smaller Chroma fails to load. Inside this block the
+    detected config keeps everything ComfyUI decided and takes ``hidden_dim``, ``out_dim`` and
+    ``n_layers`` from the weights (identical for a released file)."""
+    import comfy.model_detection as md
+
+    original = md.detect_unet_config
+
+    def detect(state_dict, key_prefix, metadata=None):
+        config = original(state_dict, key_prefix, metadata=metadata)
+        if config is not None and config.get("image_model") == "chroma":
+            p = f"{key_prefix}distilled_guidance_layer."
+            config["hidden_dim"] = int(state_dict[f"{p}in_proj.weight"].shape[0])
+            config["out_dim"] = int(state_dict[f"{p}out_proj.weight"].shape[0])
+            config["n_layers"] = md.count_blocks(list(state_dict.keys()), f"{p}layers." + "{}.")
+        return config
+
+    md.detect_unet_config = detect
+    try:
+        yield
+    finally:
+        md.detect_unet_config = original
 
 
 @dataclass(frozen=True)
@@ -240,6 +327,7 @@ TINY_MODELS: dict[str, TinyModel] = {
     "flux1-schnell": TinyModel("flux1", functools.partial(write_tiny_flux, arch="flux1", guidance=False)),
     "flux2-dev": TinyModel("flux2", functools.partial(write_tiny_flux, arch="flux2", guidance=True)),
     "klein": TinyModel("flux2", functools.partial(write_tiny_flux, arch="flux2", guidance=False)),
+    "chroma": TinyModel("chroma", write_tiny_chroma),
 }
 """One entry per tiny test model; every registered family needs at least one (a new family
 adds its builder here, and ``test_families_learn`` trains it automatically)."""
@@ -379,10 +467,8 @@ def load_flux(path: str | os.PathLike, *, dtype: torch.dtype | None = None, infe
     import comfy.sd
 
     options = {} if dtype is None else {"dtype": dtype}
-    if inference:
-        with torch.inference_mode():
-            return comfy.sd.load_diffusion_model(str(path), model_options=options)
-    return comfy.sd.load_diffusion_model(str(path), model_options=options)
+    with chroma_detection(), torch.inference_mode(inference):  # any TINY_MODELS family, a tiny Chroma too
+        return comfy.sd.load_diffusion_model(str(path), model_options=options)
 
 
 def load_vae(path: str | os.PathLike):

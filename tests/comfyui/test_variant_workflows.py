@@ -53,7 +53,7 @@ def test_algorithm_workflow_then_continue_from_its_file(env, name, algorithm, ca
     assert not bad and len(from_file.patches) > 0
     y_trained, y_file = denoise(trained_model, case), denoise(from_file, case)
     assert rel_diff(y_file, y_trained) <= 1e-3
-    assert rel_diff(y_trained, denoise(base, case)) > 1e-7
+    assert rel_diff(y_trained, denoise(base, case)) > 3e-5  # LoKr FLUX.1 ~2.8e-4, DoRA Klein ~3.6e-4
 
     # continue from the file in models/loras (its name, as LoraLoader lists it)
     graph2, ex2 = run(env, name, f"{output_name}_more", algorithm, existing_lora=f"{output_name}.safetensors", steps=2)

@@ -116,8 +116,9 @@ def test_example_workflow_trains_and_samples(env, name, caplog):
     y_file = denoise(from_file, case)
     y_base = denoise(base, case)
     assert rel_diff(y_file, y_trained) <= 1e-3
-    # FLUX.1 changes by ~1e-2 here; the tiny FLUX.2 only by ~1e-5 after 3 steps (see docs/nodes.md)
-    assert rel_diff(y_trained, y_base) > 1e-7, "the trained LoRA does not change the output"
+    # FLUX.1-dev changes by ~1.2e-3 here, Klein by ~2.9e-4 (it was ~1e-5 before the tiny FLUX.2's
+    # init was fixed, see docs/nodes.md)
+    assert rel_diff(y_trained, y_base) > 3e-5, "the trained LoRA does not change the output"
     assert rel_diff(y_base, reference) <= 1e-6
     names = [type(m).__name__.lower() for m in base.model.diffusion_model.modules()]
     assert not any("lora" in n for n in names) and comfy.model_management.in_training is False

@@ -115,6 +115,16 @@ FAMILIES.add("flux2", Family(
     fallback_variant="flux2", adapter=_BFL, memory_layout="flux2", text_tokens=512, references=True,
 ))
 
+FAMILIES.add("chroma", Family(
+    name="chroma", label="Chroma", text_encoder="T5-XXL only (no pooled vector, no padding)",
+    # FLUX.1-schnell blocks without per-block modulation: a "distilled_guidance_layer" network makes
+    # every block's shift/scale/gate from (σ, guidance slot, slot index); left out of the presets.
+    latent_channels=16, vae_factor=8, patch_size=2, context_tokens=None, pooled=False, guidance="zero",
+    lora_format="flux1_kohya", network_module="networks.lora_flux", kohya_model_type="chroma",
+    sai_model_spec="1.0.1", implementation="https://huggingface.co/lodestones/Chroma",
+    fallback_variant="chroma", adapter=_BFL, memory_layout="flux1", text_tokens=256,
+))
+
 
 def family(name: str) -> Family:
     """The record of ``name`` (a ValueError listing the registered families otherwise)."""

@@ -1,4 +1,4 @@
-"""Which FLUX model a module is: FLUX.1-dev, FLUX.1-schnell, FLUX.2-dev, Klein 4B, Klein 9B.
+"""Which model a module is: FLUX.1-dev, FLUX.1-schnell, FLUX.2-dev, Klein 4B, Klein 9B, Chroma.
 
 The variant is what LoRA metadata, the model card and the logs report. It is read from the
 weights alone (no file name), as four numbers and a flag (``ModelShape``):
@@ -22,6 +22,7 @@ FLUX.1-schnell   3072    19 + 38   4096    no       2               4/3
 FLUX.2-dev       6144    8 + 48    15360   yes      6               5/2
 Klein 9B         4096    8 + 24    12288   no       3               3
 Klein 4B         3072    5 + 20    7680    no       4               5/2
+Chroma           3072    19 + 38   4096    no       2               4/3
 =============== ======= ========= ======= ======== =============== =================
 
 1. A shape equal to a row (all four numbers and the flag) is that variant (``how="exact"``).
@@ -71,11 +72,6 @@ class Variant:
     resolution: int = 1024  # native training resolution (documentation only)
 
 
-def implementation(family: str) -> str:
-    """``modelspec.implementation`` of a family (its record's)."""
-    return FAMILIES.get(family).implementation
-
-
 VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("flux1-dev", "FLUX.1-dev", "flux1", "flux1", "flux-1-dev/lora",
             ModelShape("flux1", 3072, 19, 38, 4096, True)),
@@ -87,6 +83,8 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
             ModelShape("flux2", 4096, 8, 24, 12288, False)),
     Variant("klein-4b", "FLUX.2 Klein 4B", "flux2", "flux_2_klein_4b", "Flux.2-klein-4b/lora",
             ModelShape("flux2", 3072, 5, 20, 7680, False)),
+    Variant("chroma", "Chroma", "chroma", "chroma", "chroma/lora",
+            ModelShape("chroma", 3072, 19, 38, 4096, False)),
     Variant("flux1", "FLUX.1 (unknown size)", "flux1", "flux1", "flux-1-dev/lora"),
     Variant("flux2", "FLUX.2 (unknown size)", "flux2", "flux2", "Flux.2/lora"),
 )}
