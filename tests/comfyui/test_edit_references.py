@@ -34,9 +34,13 @@ its input (references move its output by ~2e-5 relative), which would let a drop
 
 
 @pytest.fixture(scope="module")
-def edit_files(comfy_nodes, tmp_path_factory):
+def edit_files(comfyui, tmp_path_factory):
     import harness
+    from workflow_harness import comfy_env
 
+    # ComfyUI's nodes, loaded the way the workflow tests load them (with FlowTrain as a custom node
+    # pack): nodes load once per process, so loading them without the pack here would break those tests
+    comfy_env(tmp_path_factory.mktemp("comfy"))
     root = tmp_path_factory.mktemp("tiny_edit")
     return {name: harness.write_tiny_flux(root / f"{name}.safetensors", name[:5], guidance=name != "flux2",
                                           seed=i, std=STD[name[:5]])
