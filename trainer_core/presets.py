@@ -10,6 +10,8 @@ and dev should avoid it; σ scheme ``balanced`` with ``bell_shaped`` weighting; 
 1-2 steps on Klein 4B, 4 on Klein 9B, 8 on dev). FLUX.1 (dev, schnell) from kohya's
 FLUX.1 documentation (dim 16, lr 1e-4, guidance 1.0, ``shift`` 3.1582, no extra
 weighting) with the LoRA on every linear layer of the blocks, as kohya and ai-toolkit do.
+Chroma from kohya's FLUX.1 documentation for Chroma (the same network on every block linear;
+``sigmoid`` timestep sampling; not guidance-distilled, the adapter feeds guidance 0).
 Training guidance is 1.0 everywhere: the guidance-distilled models (FLUX.1-dev, FLUX.2-dev)
 train at 1.0 (ai-toolkit, kohya); the others ignore it. The ``flux1`` / ``flux2`` fallbacks
 (unknown size) have no preset.
@@ -51,6 +53,8 @@ PRESETS: dict[str, Preset] = {
     "flux2-dev": Preset(rank=32, dop_every_n_steps=8, **_FLUX2),
     "klein-9b": Preset(rank=16, dop_every_n_steps=4, **_FLUX2),
     "klein-4b": Preset(rank=16, dop_every_n_steps=1, **_FLUX2),
+    "chroma": Preset(rank=16, lr=1e-4, targets="all", sigma_scheme="sigmoid", weighting="none", guidance=1.0,
+                     dop_every_n_steps=1),
 }
 """Variant name (``models.variants.VARIANTS``) → its defaults."""
 

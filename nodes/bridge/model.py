@@ -96,7 +96,8 @@ def _resolve_mode(gradient_checkpointing) -> str:
 def training_model(model_patcher, *, gradient_checkpointing=True, precision: str = "auto",
                    config=None) -> Iterator[BflFlux]:
     """Load ``model_patcher`` fully (its patches, e.g. another LoRA, are merged into the
-    weights by ComfyUI, so training happens on top of them) and yield a ``BflFlux`` over its
+    weights by ComfyUI, so training happens on top of them) and yield the family's adapter
+    (``Family.adapter_class()``, e.g. ``BflFlux``) over its
     live ``diffusion_model``.
 
     ``gradient_checkpointing``: bool or a mode from ``CHECKPOINT_MODES``. ``precision``:
@@ -121,7 +122,7 @@ def training_model(model_patcher, *, gradient_checkpointing=True, precision: str
         base = model_patcher.model
         module = base.diffusion_model
         compute, autocast = _compute_dtypes(base, PRECISIONS[precision])
-        model = BflFlux(
+        model = info.family.adapter_class()(  # BflFlux for the FLUX-call families
             module, arch=info.arch, guidance_embed=info.guidance_embed, latent_channels=info.latent_channels,
             patch_size=info.patch_size, context_tokens=info.family.context_tokens, checkpoint=mode,
             compute_dtype=compute, autocast_dtype=autocast, precision_fixed=True,

@@ -122,8 +122,8 @@ def test_lora_from_quantized_model_loads_in_comfy_and_matches(comfyui, bridge, q
         with torch.no_grad():
             base = model.velocity(*batch[:3], 1.0)
             g = torch.Generator().manual_seed(1)
-            for p in net.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.15)
+            for p in net.parameters():  # ΔW about W's size: ComfyUI requantizes W + ΔW (stochastic
+                p.copy_(torch.randn(p.shape, generator=g) * 0.08)  # rounding), an error that grows with ΔW
             live = model.velocity(*batch[:3], 1.0)
         tensors = LORA_FORMATS.get(model.lora_format).to_tensors(net, model)
         trained = len(net.modules_trained())
