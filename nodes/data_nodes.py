@@ -21,13 +21,15 @@ class FlowTrainDataset(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="FlowTrainDataset", display_name="FlowTrain Dataset", category=CATEGORY,
-            description=("A folder of training images with same-name caption files. Reports what it found, "
-                         "including unreadable images (skipped) and ignored files."),
+            description=("A folder of training images with same-name caption files (for an edit LoRA: with "
+                         "same-name reference images in control/ folders). Reports what it found, including "
+                         "unreadable images (skipped) and ignored files."),
             inputs=[
                 io.String.Input("folder", default="flowtrain_dataset", tooltip=(
                     "Absolute path, or a subfolder of ComfyUI's input folder. " + tip(DataConfig, "path"))),
                 io.String.Input("caption_extension", default=".txt", tooltip=tip(CaptionConfig, "caption_extension")),
                 io.Boolean.Input("strict", default=False, tooltip=tip(DataConfig, "strict")),
+                io.Boolean.Input("control_images", default=False, tooltip=tip(DataConfig, "control_images")),
             ],
             outputs=[Dataset.Output(display_name="dataset", tooltip=(
                 "The scanned folder (images, captions, repeats): into Bucketer → Caption Processor → Trainer."))],
@@ -36,7 +38,7 @@ class FlowTrainDataset(io.ComfyNode):
         )
 
     @classmethod
-    def fingerprint_inputs(cls, folder, caption_extension, strict=False):
+    def fingerprint_inputs(cls, folder, caption_extension, strict=False, control_images=False):
         """Re-scan when files in the folder change (ComfyUI's cache only sees the widgets)."""
         import folder_paths
         from trainer_core.control import folder_snapshot
@@ -49,12 +51,12 @@ class FlowTrainDataset(io.ComfyNode):
         return hashlib.sha256(repr(sorted(snap.items())).encode()).hexdigest()
 
     @classmethod
-    def execute(cls, folder, caption_extension, strict=False) -> io.NodeOutput:
+    def execute(cls, folder, caption_extension, strict=False, control_images=False) -> io.NodeOutput:
         import folder_paths
 
         path = specs.resolve_dataset_path(folder, folder_paths.get_input_directory())
         ext = caption_extension if caption_extension.startswith(".") else "." + caption_extension
-        spec = specs.dataset_spec(path, ext, strict)
+        spec = specs.dataset_spec(path, ext, strict, control_images)
         text = f"{path}: {spec.describe()}"
         send_text(spec.describe(), cls.hidden.unique_id)
         return io.NodeOutput(spec, ui=ui.PreviewText(text))

@@ -8,6 +8,10 @@ re-queue or a resume encodes none of them again and rendering needs no CLIP: the
 reads them from the run's embeddings. Each is rendered with and without the trigger word
 from the same seed.
 
+Edit LoRAs (``data.control_images``): each prompt edits the held reference image the engine
+picks (``trainer_core.previews.edit_reference``) with the LoRA and without it, at that image's
+size: ``p{i}_edit_lora.png`` and ``p{i}_edit_base.png`` (its reference as ``reference.png``).
+
 ``preview_callback`` wires the renderer into the engine's ``trainer_core.previews.PreviewCallback``.
 """
 from __future__ import annotations
@@ -95,8 +99,13 @@ def comfy_renderer(model_patcher, vae, conditionings: Conditionings, settings: P
     ``p{i}_plain.png`` per prompt; ``conditionings(state)`` gives the prompts' conditioning."""
 
     def render(state, folder: Path) -> list[Path]:
+        from trainer_core.previews import edit_reference
+
         paths: list[Path] = []
         pairs, negative = conditionings(state)
+        edit = edit_reference(state)
+        if edit is not None:
+            return render_edit(state, folder, pairs, negative, edit)
         with sampling_mode():
             for i, pair in enumerate(pairs):
                 for kind, positive in zip(("trigger", "plain"), pair):
@@ -105,6 +114,25 @@ def comfy_renderer(model_patcher, vae, conditionings: Conditionings, settings: P
                                          sampler_name=sampler_name, scheduler=scheduler,
                                          width=settings.width, height=settings.height)
                     paths.append(Path(save_png(image, Path(folder) / f"p{i}_{kind}.png")))
+        return paths
+
+    def render_edit(state, folder: Path, pairs, negative, edit) -> list[Path]:
+        latents, _source, (h, w) = edit
+        ratio = vae.spacial_compression_encode()
+        paths: list[Path] = []
+        with sampling_mode():
+            raw = [model_patcher.model.process_latent_out(r.clone()) for r in latents]
+            image = vae.decode(raw[0])
+            paths.append(Path(save_png(image.reshape(-1, *image.shape[-3:])[:1].float().clamp(0, 1).cpu(),
+                                       Path(folder) / "reference.png")))
+            for i, (positive, _plain) in enumerate(pairs):
+                for kind in ("lora", "base"):
+                    with state.network.disabled() if kind == "base" else contextlib.nullcontext():
+                        image = sample_image(model_patcher, vae, positive, negative, seed=settings.seed,
+                                             steps=settings.steps, guidance=settings.guidance,
+                                             sampler_name=sampler_name, scheduler=scheduler, width=w * ratio,
+                                             height=h * ratio, references=raw)
+                    paths.append(Path(save_png(image, Path(folder) / f"p{i}_edit_{kind}.png")))
         return paths
 
     return render

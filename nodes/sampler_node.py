@@ -63,6 +63,16 @@ def prompt_conditionings(clip, positive, prompts: tuple[str, ...], trigger: str,
     return [conds[t] for t in texts], negative if negative is not None else conds[""]
 
 
+def reference_latents(vae, image=None, latent=None) -> list:
+    """Raw VAE latents of the reference inputs (first image of a batch each), in input order."""
+    refs = []
+    if image is not None:
+        refs.append(vae.encode(image[:1, :, :, :3]))
+    if latent is not None:
+        refs.append(latent["samples"][:1])
+    return refs
+
+
 class FlowTrainSamplerPreview(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -102,6 +112,13 @@ class FlowTrainSamplerPreview(io.ComfyNode):
                     "Negative CONDITIONING for CFG models (default: the empty prompt, or zeros without a CLIP).")),
                 io.LoraModel.Input("lora", optional=True, tooltip=(
                     "A LORA_MODEL applied to 'model' (strength 1 in images mode, each column's strength in grid mode).")),
+                io.Image.Input("reference_image", optional=True, tooltip=(
+                    "Edit LoRAs (FLUX.1 Kontext, FLUX.2): the image to edit, encoded with 'vae' and given to the "
+                    "model as a reference latent (what ReferenceLatent does). The samples then have its size "
+                    "(width/height are ignored).")),
+                io.Latent.Input("reference", optional=True, tooltip=(
+                    "Edit LoRAs: a reference LATENT (e.g. VAE Encode of the image to edit; after reference_image when "
+                    "both are given). The samples have the first reference's size.")),
             ],
             outputs=[io.Image.Output(display_name="images", tooltip=(
                 "The sampled images: each prompt at each strength (images mode) or one labelled grid (grid mode)."))],
@@ -110,7 +127,8 @@ class FlowTrainSamplerPreview(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, vae, prompts, trigger_word, seed, steps, guidance, sampler_name, scheduler, width, height,
-                mode, strengths, clip=None, positive=None, negative=None, lora=None) -> io.NodeOutput:
+                mode, strengths, clip=None, positive=None, negative=None, lora=None, reference_image=None,
+                reference=None) -> io.NodeOutput:
         from . import bridge
 
         arch = bridge.detect_arch(model)
@@ -119,8 +137,12 @@ class FlowTrainSamplerPreview(io.ComfyNode):
             raise ValueError("FlowTrain Sampler Preview: grid mode needs the 'lora' input (columns are its strengths)")
         conds, negative = prompt_conditionings(clip, positive, specs.parse_prompts(prompts), trigger,
                                                pairs=mode != "grid", arch=arch, negative=negative)
+        refs = reference_latents(vae, reference_image, reference)
+        if refs:
+            ratio = vae.spacial_compression_encode()
+            height, width = refs[0].shape[-2] * ratio, refs[0].shape[-1] * ratio
         kw = dict(seed=seed, steps=steps, guidance=guidance, sampler_name=sampler_name, scheduler=scheduler,
-                  width=width, height=height)
+                  width=width, height=height, references=refs)
         if mode == "grid":
             columns = [model if s == 0 else bridge.model_with_lora(model, lora, s)
                        for s in specs.parse_float_list(strengths, "strengths")]

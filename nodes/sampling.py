@@ -46,6 +46,15 @@ def with_guidance(conditioning: Conditioning, guidance: float) -> Conditioning:
     return [[context, {**extra, "guidance": guidance}] for context, extra in conditioning]
 
 
+def with_references(conditioning: Conditioning, references) -> Conditioning:
+    """Copy of ``conditioning`` carrying raw VAE ``references`` latents ([1, C, h, w] each),
+    as a chain of ReferenceLatent nodes sets them (edit models: FLUX.1 Kontext, FLUX.2)."""
+    if not references:
+        return conditioning
+    return [[context, {**extra, "reference_latents": list(extra.get("reference_latents", [])) + list(references)}]
+            for context, extra in conditioning]
+
+
 def has_guidance_embed(model_patcher) -> bool:
     config = getattr(model_patcher.model, "model_config", None)
     return bool(getattr(config, "unet_config", {}).get("guidance_embed", False))
@@ -60,12 +69,15 @@ def guidance_and_cfg(model_patcher, positive: Conditioning, guidance: float) -> 
 
 def sample_image(model_patcher, vae, positive: Conditioning, negative: Optional[Conditioning], *, seed: int,
                  steps: int, guidance: float, sampler_name: str, scheduler: str, width: int,
-                 height: int) -> torch.Tensor:
-    """One image [1, H, W, 3] in [0, 1] from empty latents, ComfyUI's sampler and ``vae``."""
+                 height: int, references=None) -> torch.Tensor:
+    """One image [1, H, W, 3] in [0, 1] from empty latents, ComfyUI's sampler and ``vae``;
+    ``references``: raw VAE latents of reference images (edit models), given to the positive and
+    the negative (``with_references``)."""
     import comfy.sample
 
     positive, cfg = guidance_and_cfg(model_patcher, positive, guidance)
     negative = negative if negative is not None else zero_conditioning(positive)
+    positive, negative = with_references(positive, references), with_references(negative, references)
     ratio = vae.spacial_compression_encode()
     latent = torch.zeros([1, vae.latent_channels, height // ratio, width // ratio])
     latent = comfy.sample.fix_empty_latent_channels(model_patcher, latent)

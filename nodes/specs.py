@@ -66,7 +66,9 @@ class DatasetSpec:
     ``image_count``: usable images found; ``caption_count``: of those, how many have a
     caption file; ``samples_per_epoch``: images weighted by their ``N_name`` folder repeats;
     ``unreadable_count``: images skipped as unreadable; ``ignored_count``: other files and
-    folders left out (other formats, animations, lonely captions, links out, 0_ folders)."""
+    folders left out (other formats, animations, lonely captions, links out, 0_ folders);
+    ``control_images``: an edit dataset (targets paired with reference images in control
+    folders), ``reference_count``: its reference images."""
 
     path: str
     image_count: int
@@ -78,6 +80,8 @@ class DatasetSpec:
     unreadable_count: int = 0
     ignored_count: int = 0
     strict: bool = False
+    control_images: bool = False
+    reference_count: int = 0
 
     def with_buckets(self, buckets: BucketConfig) -> "DatasetSpec":
         return dataclasses.replace(self, buckets=buckets)
@@ -88,12 +92,14 @@ class DatasetSpec:
 
     def data_config(self, batch_size: int) -> DataConfig:
         return DataConfig(path=self.path, batch_size=batch_size, buckets=self.buckets, captions=self.captions,
-                          strict=self.strict)
+                          strict=self.strict, control_images=self.control_images)
 
     def describe(self) -> str:
         missing = self.image_count - self.caption_count
         text = (f"{self.image_count} images, {self.caption_count} captions, "
                 f"{self.samples_per_epoch} samples per epoch (with repeats)")
+        if self.control_images:
+            text += f", {self.reference_count} reference images (edit pairs)"
         if missing:
             text += f"; {missing} without a caption (they train on the trigger/class word)"
         if self.unreadable_count:
@@ -130,17 +136,20 @@ def summarize_records(records: Iterable[Any]) -> tuple[int, int, int]:
     return (len(records), sum(r.caption is not None for r in records), sum(r.repeats for r in records))
 
 
-def dataset_spec(path: Path, caption_extension: str, strict: bool = False) -> DatasetSpec:
+def dataset_spec(path: Path, caption_extension: str, strict: bool = False,
+                 control_images: bool = False) -> DatasetSpec:
     """Survey ``path`` (headers only; the scan's warnings are logged) into a ``DatasetSpec``.
-    Raises like training would: no usable image, or an unreadable one with ``strict``."""
+    Raises like training would: no usable image, no edit pair (``control_images``), or an
+    unreadable image with ``strict``."""
     from trainer_core.data.survey import survey
 
-    found = survey(path, caption_extension, strict=strict)
+    found = survey(path, caption_extension, strict=strict, controls=control_images)
     images, captions, samples = summarize_records(found.records)
     return DatasetSpec(path=str(path), image_count=images, caption_count=captions, samples_per_epoch=samples,
                        caption_extension=caption_extension, captions=CaptionConfig(caption_extension=caption_extension),
                        unreadable_count=len(found.unreadable), ignored_count=len(found.scan.skipped_files()),
-                       strict=strict)
+                       strict=strict, control_images=control_images,
+                       reference_count=sum(len(r.references) for r in found.records))
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -376,7 +385,7 @@ def _settings_groups():
 
 
 NODE_WIDGETS: dict[str, tuple[str, ...]] = {
-    "FlowTrainDataset": ("folder", "caption_extension", "strict"),
+    "FlowTrainDataset": ("folder", "caption_extension", "strict", "control_images"),
     "FlowTrainBucketer": ("resolutions", "step", "min_side", "max_side", "allow_upscale"),
     "FlowTrainCaptions": ("trigger_word", "class_word", "keep_tokens", "separator", "shuffle", "caption_dropout"),
     "FlowTrainLoraConfig": ("rank", "alpha", "dropout", "targets", "target_regex", "dtype", "algorithm", "lokr_factor",

@@ -20,7 +20,7 @@ OUTPUT_TYPES = {
     "UNETLoader": ["MODEL"], "DualCLIPLoader": ["CLIP"], "CLIPLoader": ["CLIP"], "VAELoader": ["VAE"],
     "CLIPTextEncode": ["CONDITIONING"], "FluxGuidance": ["CONDITIONING"], "EmptySD3LatentImage": ["LATENT"],
     "EmptyFlux2LatentImage": ["LATENT"], "KSampler": ["LATENT"], "VAEDecode": ["IMAGE"], "SaveImage": [],
-    "PreviewImage": [],
+    "PreviewImage": [], "LoadImage": ["IMAGE", "MASK"], "VAEEncode": ["LATENT"], "ReferenceLatent": ["CONDITIONING"],
     "FlowTrainDataset": ["FLOWTRAIN_DATASET"], "FlowTrainBucketer": ["FLOWTRAIN_DATASET"],
     "FlowTrainCaptions": ["FLOWTRAIN_DATASET"], "FlowTrainLoraConfig": ["FLOWTRAIN_LORA_CONFIG"],
     "FlowTrainPreviewSettings": ["FLOWTRAIN_PREVIEW"], "FlowTrainDopSettings": ["FLOWTRAIN_DOP"],
@@ -121,10 +121,11 @@ def ui_format(nodes: list[N]) -> dict:
 
 def common_training(first: int, *, clip: tuple, vae: int, model: int, trigger: str, class_word: str, name: str,
                     prompt: str, guidance_train: float, preview_guidance: float, res: str, x0: int = 420,
-                    validation_every: int = 0) -> list[N]:
+                    validation_every: int = 0, folder: str = "flowtrain_dataset", edit: bool = False) -> list[N]:
     d, b, c, l, p, t, s, sp, si = range(first, first + 9)
     return [
-        N(d, "FlowTrainDataset", {"folder": "flowtrain_dataset", "caption_extension": ".txt", "strict": False}, pos=(x0, 0)),
+        N(d, "FlowTrainDataset", {"folder": folder, "caption_extension": ".txt", "strict": False,
+                                  "control_images": edit}, pos=(x0, 0)),
         N(b, "FlowTrainBucketer", {"resolutions": res, "step": 64, "min_side": 256, "max_side": 2048,
                                    "allow_upscale": False}, {"dataset": (d, 0, "FLOWTRAIN_DATASET")}, pos=(x0, 180)),
         N(c, "FlowTrainCaptions", {"trigger_word": trigger, "class_word": class_word, "keep_tokens": 1, "separator": ",",
@@ -307,12 +308,73 @@ def zimage_style() -> list[N]:
     return nodes
 
 
+NOTE_KONTEXT = """## FlowTrain: FLUX.1 Kontext edit LoRA (paired images)
+
+Put the model files here:
+- `models/diffusion_models/flux1-dev-kontext_fp8_scaled.safetensors` (FLUX.1 Kontext dev; ComfyUI loads it as FLUX.1)
+- `models/text_encoders/clip_l.safetensors` and `models/text_encoders/t5xxl_fp16.safetensors`
+- `models/vae/ae.safetensors`
+
+Dataset (`input/flowtrain_edit/`, the Dataset node's `control_images` is on): each edited image
+(the *target*) with a caption that states the edit, and the original under the same name in a
+`control/` folder beside it:
+
+    flowtrain_edit/a.png, a.txt ("make it a watercolor painting"), control/a.png
+
+(several references: `control_1/`, `control_2/`; in kohya `N_name` folders the `control/` goes
+inside each). Training shows the model the reference the way ReferenceLatent does at inference.
+Previews edit a held reference image with and without the LoRA (`previews/*/p0_edit_lora.png`,
+`p0_edit_base.png`). Put an image to edit as `input/flowtrain_edit_input.png`: the Sampler Preview
+renders its edit at LoRA strengths 0 and 1, and the KSampler chain below is the usual Kontext graph
+(Load Image → VAE Encode → ReferenceLatent) on the trained MODEL. See docs/edit-loras.md."""
+
+
+def flux1_kontext_edit() -> list[N]:
+    nodes = [
+        N(1, "UNETLoader", {"unet_name": "flux1-dev-kontext_fp8_scaled.safetensors", "weight_dtype": "default"},
+          pos=(0, 0)),
+        N(2, "DualCLIPLoader", {"clip_name1": "clip_l.safetensors", "clip_name2": "t5xxl_fp16.safetensors",
+                                "type": "flux", "device": "default"}, pos=(0, 160)),
+        N(3, "VAELoader", {"vae_name": "ae.safetensors"}, pos=(0, 360)),
+        N(4, "MarkdownNote", {"text": NOTE_KONTEXT}, pos=(0, 500), title="Read me"),
+    ]
+    nodes += common_training(5, clip=(2, 0), vae=3, model=1, trigger="", class_word="", name="flux1_kontext_edit",
+                             prompt="make it a watercolor painting", guidance_train=2.5, preview_guidance=2.5,
+                             res="512", folder="flowtrain_edit", edit=True)
+    t = 10
+    sampler = next(n for n in nodes if n.type == "FlowTrainSamplerPreview")
+    sampler.widgets.update(mode="grid", strengths="0, 1.0")
+    sampler.links = {"model": (1, 0, "MODEL"), "vae": (3, 0, "VAE"), "clip": (2, 0, "CLIP"),
+                     "lora": (t, 1, "LORA_MODEL"), "reference_image": (30, 0, "IMAGE")}
+    nodes += [
+        N(30, "LoadImage", {"image": "flowtrain_edit_input.png"}, pos=(1180, 1100), title="Image to edit",
+          ui_extra=[("image", "image")]),
+        N(31, "VAEEncode", {}, {"pixels": (30, 0, "IMAGE"), "vae": (3, 0, "VAE")}, pos=(1180, 1300)),
+        N(20, "CLIPTextEncode", {"text": "make it a watercolor painting"}, {"clip": (2, 0, "CLIP")},
+          pos=(1180, 480), title="Edit instruction"),
+        N(32, "ReferenceLatent", {}, {"conditioning": (20, 0, "CONDITIONING"), "latent": (31, 0, "LATENT")},
+          pos=(1180, 680)),
+        N(21, "FluxGuidance", {"guidance": 2.5}, {"conditioning": (32, 0, "CONDITIONING")}, pos=(1180, 780)),
+        N(22, "CLIPTextEncode", {"text": ""}, {"clip": (2, 0, "CLIP")}, pos=(1180, 880), title="Negative (unused at cfg 1)"),
+        N(24, "KSampler", {"seed": 0, "steps": 20, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
+                           "denoise": 1.0},
+          {"model": (t, 0, "MODEL"), "positive": (21, 0, "CONDITIONING"), "negative": (22, 0, "CONDITIONING"),
+           "latent_image": (31, 0, "LATENT")}, pos=(1560, 480), ui_extra=[("seed", "fixed")]),
+        N(25, "VAEDecode", {}, {"samples": (24, 0, "LATENT"), "vae": (3, 0, "VAE")}, pos=(1940, 480)),
+        N(26, "SaveImage", {"filename_prefix": "flowtrain/flux1_kontext_edit_ksampler"}, {"images": (25, 0, "IMAGE")},
+          pos=(2200, 480)),
+    ]
+    return nodes
+
+
 WORKFLOWS = {"flux1_dev_subject_lora": flux1_dev_subject, "flux2_klein_style_lora": flux2_klein_style,
-             "flux2_klein_subject_dop": flux2_klein_subject_dop, "zimage_style_lora": zimage_style}
+             "flux2_klein_subject_dop": flux2_klein_subject_dop, "zimage_style_lora": zimage_style,
+             "flux1_kontext_edit_lora": flux1_kontext_edit}
 """Workflow id (the API-format file the tests run) → its nodes."""
 
 TITLES = {"flux1_dev_subject_lora": "FLUX.1-dev subject LoRA", "flux2_klein_style_lora": "FLUX.2 Klein style LoRA",
-          "flux2_klein_subject_dop": "FLUX.2 Klein subject LoRA with DOP", "zimage_style_lora": "Z-Image style LoRA"}
+          "flux2_klein_subject_dop": "FLUX.2 Klein subject LoRA with DOP", "zimage_style_lora": "Z-Image style LoRA",
+          "flux1_kontext_edit_lora": "FLUX.1 Kontext edit LoRA"}
 """Workflow id → the UI file's name, which ComfyUI's template browser shows as the title (and
 the ``<title>.jpg`` beside it as the thumbnail)."""
 

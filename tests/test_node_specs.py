@@ -47,6 +47,9 @@ CORE_WIDGETS = {
     "KSampler": ("seed", "+control", "steps", "cfg", "sampler_name", "scheduler", "denoise"),
     "VAEDecode": (),
     "SaveImage": ("filename_prefix",),
+    "LoadImage": ("image", "+upload"),
+    "VAEEncode": (),
+    "ReferenceLatent": (),
 }
 
 
@@ -254,12 +257,14 @@ def test_workflow_formats_are_in_step(name):
         u = ui_nodes[nid]
         assert u["type"] == node["class_type"]
         names = _widget_names(u["type"])
-        expected = [node["inputs"][n] if n != "+control" else None for n in names]
+        expected = [node["inputs"][n] if not n.startswith("+") else None for n in names]
         got = u["widgets_values"]
         assert len(got) == len(expected), (nid, u["type"], got, names)
         for n, e, g in zip(names, expected, got):
             if n == "+control":
                 assert g in ("fixed", "increment", "decrement", "randomize")
+            elif n == "+upload":  # LoadImage's upload button keeps the value "image"
+                assert g == "image"
             else:
                 assert e == g, (nid, u["type"], n)
         sockets = {k: v for k, v in node["inputs"].items() if isinstance(v, list)}

@@ -175,4 +175,5 @@ def run_shape(config, *, compute_bytes: int, casts_weights: bool = False) -> Run
     targets = config.lora.target_regex if config.lora.targets == "custom" else config.lora.targets
     return RunShape(resolution=max(config.data.buckets.resolutions), batch=config.data.batch_size,
                     rank=config.lora.rank, targets=targets, lora_bytes=lora_bytes, optimizer=config.optim.optimizer,
-                    compute_bytes=compute_bytes, casts_weights=casts_weights)
+                    compute_bytes=compute_bytes, casts_weights=casts_weights,
+                    references=1 if config.data.control_images else 0)

@@ -78,6 +78,13 @@ class DataConfig(_Validated):
     buckets: BucketConfig = field(default_factory=BucketConfig)
     captions: CaptionConfig = field(default_factory=CaptionConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    control_images: bool = opt(False, "Edit LoRA (FLUX.1 Kontext, FLUX.2): pair each image with the same-name reference image(s) in a 'control' folder beside it ('control_1', 'control_2', ... for several; inside each N_name repeat folder); the caption describes the edit. Training, validation, DOP and previews condition the model on the references; images without one are left out (warned).")
+
+    def check(self) -> None:
+        if self.control_images and (self.augment.random_crop or self.augment.color_jitter):
+            raise ConfigError("data.augment.random_crop / color_jitter do not combine with data.control_images: the "
+                              "target would be cropped or recoloured without its reference image; turn them off "
+                              "(data.augment.flip works: it mirrors target and references together)")
 
 
 @dataclass(frozen=True)

@@ -125,7 +125,8 @@ def _rows(x: Any, rows: slice) -> Any:
 def slice_batch(batch: Batch, rows: slice) -> Batch:
     """The samples ``rows`` of ``batch`` (text keeps the global batch's padding length)."""
     return Batch(latents=batch.latents[rows], text=_rows(batch.text, rows), captions=batch.captions[rows],
-                 sources=batch.sources[rows], extras={k: _rows(v, rows) for k, v in batch.extras.items()})
+                 sources=batch.sources[rows], extras={k: _rows(v, rows) for k, v in batch.extras.items()},
+                 references=[r[rows] for r in batch.references])
 
 
 # --------------------------------------------------------------------------- single process

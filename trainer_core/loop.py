@@ -75,11 +75,17 @@ class StepContext:
     _main: Optional[torch.Tensor] = None
 
     def predict(self, text: Optional[TextBatch] = None) -> torch.Tensor:
-        """Velocity on ``x_t``; with no ``text`` the batch's caption (computed once)."""
+        """Velocity on ``x_t``; with no ``text`` the batch's caption (computed once). Every
+        prediction is conditioned on the batch's reference latents (edit data), if any."""
         if text is None:
             if self._main is None:
-                self._main = self.model.velocity(self.x_t, self.sigma, self.batch.text, self.guidance)
+                self._main = self._velocity(self.batch.text)
             return self._main
+        return self._velocity(text)
+
+    def _velocity(self, text: TextBatch) -> torch.Tensor:
+        if self.batch.references:  # only edit data passes the argument (any FlowModel takes the call)
+            return self.model.velocity(self.x_t, self.sigma, text, self.guidance, references=self.batch.references)
         return self.model.velocity(self.x_t, self.sigma, text, self.guidance)
 
 

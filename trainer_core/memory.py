@@ -123,6 +123,7 @@ class RunShape:
     compute_bytes: int = 2
     casts_weights: bool = False
     tokens: Optional[int] = None  # image + text tokens per sample, instead of resolution + shape.text_tokens
+    references: int = 0  # reference images per sample (edit LoRAs), each as many tokens as the target
 
     def replace(self, **kw) -> "RunShape":
         return dataclasses.replace(self, **kw)
@@ -186,7 +187,9 @@ def lora_params(shape: ModelShape, run: RunShape) -> int:
 
 # ---------------------------------------------------------------------------- activations
 def _tokens(shape: ModelShape, run: RunShape) -> int:
-    return run.tokens if run.tokens is not None else shape.image_tokens(run.resolution) + shape.text_tokens
+    if run.tokens is not None:
+        return run.tokens
+    return shape.image_tokens(run.resolution) * (1 + run.references) + shape.text_tokens
 
 
 def block_activation_bytes(shape: ModelShape, run: RunShape, kind: str, mode: str) -> int:

@@ -17,6 +17,12 @@ Previews live apart from the checkpoints (``PREVIEW_DIR``): neither the cleanup 
 incomplete checkpoints on resume nor the pruning of old ones (``train.keep_checkpoints``)
 touches them, and a resumed run adds its previews next to the earlier ones.
 
+Edit LoRAs (``data.control_images``): the previews edit one *held* reference image
+(``edit_reference``: the first held-out validation image's references, else the first
+training image's) with the LoRA and without it (``network.disabled()``), from the same
+noise, at that image's bucket size: ``p{i}_edit_lora.png`` and ``p{i}_edit_base.png``, with the
+reference itself in ``reference.png``.
+
 ``demo_renderer`` is the engine-only renderer (demo, tests, command line). Prompt
 embeddings: a host passes ``prompt_texts(...)`` to ``train_lora(prompts=...)``; they are
 encoded with the captions through the content-keyed text cache, so a resume or a re-run
@@ -24,6 +30,7 @@ encodes none of them again, and renderers read them from ``run_embeddings(state)
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -107,6 +114,16 @@ def run_embeddings(state: RunState) -> dict:
     return getattr(state.data, "embeddings", None) or {}
 
 
+def edit_reference(state: RunState) -> tuple[list[torch.Tensor], str, tuple[int, int]] | None:
+    """``(reference latents [1, C, h, w] each, its target's file, latent (h, w))`` that edit
+    previews use, or None for ordinary data (see the module docstring)."""
+    for data in (state.extra.get("validation_data"), state.data):
+        for entry in getattr(data, "entries", None) or ():
+            if entry.references:
+                return [r[None].float() for r in entry.references], str(entry.source), tuple(entry.latent.shape[-2:])
+    return None
+
+
 def save_png(image: torch.Tensor, path: Path) -> Path:
     """``[3, H, W]`` in [-1, 1] → an RGB PNG."""
     x = ((image.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
@@ -129,12 +146,27 @@ def demo_renderer(codec, text_encoder, prompts: Sequence[str], trigger: str, see
 
     def render(state: RunState, folder: Path) -> list[Path]:
         texts = EmbeddingLookup(run_embeddings(state), fallback=text_encoder)  # cached when passed as prompts
+        edit = edit_reference(state)
+        if edit is not None:
+            return render_edit(state, folder, edit, texts)
         paths = []
         for i, pair in enumerate(pairs):
             for kind, prompt in zip(("trigger", "plain"), pair):  # one call each: the same noise
                 image = sample_images(state.model, codec, texts, [prompt], seed=seed, steps=steps,
                                       size=size, guidance=state.config.preview.guidance)[0]
                 paths.append(save_png(image, Path(folder) / f"p{i}_{kind}.png"))
+        return paths
+
+    def render_edit(state: RunState, folder: Path, edit, texts) -> list[Path]:
+        refs, _source, (h, w) = edit
+        edit_size = (h * codec.downscale, w * codec.downscale)
+        paths = [save_png(codec.decode(refs[0])[0], Path(folder) / "reference.png")]
+        for i, (prompt, _plain) in enumerate(pairs):
+            for kind in ("lora", "base"):
+                with (state.network.disabled() if kind == "base" else contextlib.nullcontext()):
+                    image = sample_images(state.model, codec, texts, [prompt], seed=seed, steps=steps, size=edit_size,
+                                          guidance=state.config.preview.guidance, references=refs)[0]
+                paths.append(save_png(image, Path(folder) / f"p{i}_edit_{kind}.png"))
         return paths
 
     return render

@@ -21,7 +21,7 @@ import torch
 
 from . import FORMAT_VERSION, assemble, distributed, modelcard
 from .checkpoint import Checkpoint, CheckpointCallback, StepSeedCallback, latest_checkpoint, restore
-from .config import TrainingConfig
+from .config import ConfigError, TrainingConfig
 from .control import ControlCallback, DatasetWatchCallback, folder_snapshot
 from .data.dataset import prepare_dataset
 from .data.holdout import split_validation
@@ -214,6 +214,9 @@ def train_lora(
         phase("done")
         return result
     init = check_adapter(config, model)  # refuses an unsaveable algorithm or a mismatched init_from before any work
+    if config.data.control_images and not getattr(model, "supports_references", False):
+        raise ConfigError(f"data.control_images trains an edit LoRA, but this model ({type(model).__name__}, "
+                          f"{model.arch}) takes no reference images; use a FLUX.1 Kontext or FLUX.2 model")
     prepare = getattr(model, "prepare_for_training", None)
     if prepare is not None:
         prepare(dtype=DTYPES.get(config.train.precision), gradient_checkpointing=config.train.gradient_checkpointing)

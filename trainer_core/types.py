@@ -56,7 +56,9 @@ class Batch:
 
     ``latents``: [B, C, h, w] clean model-space latents x0. ``text``: the (processed)
     caption conditioning. ``extras`` carries per-term inputs, e.g. ``"class_text"`` for
-    preservation losses.
+    preservation losses. ``references``: the clean model-space latents of the reference
+    (control) images of an edit dataset, one [B, C, h', w'] tensor per reference slot
+    (empty for ordinary data); every prediction of the step is conditioned on them.
     """
 
     latents: torch.Tensor
@@ -64,6 +66,7 @@ class Batch:
     captions: list[str]
     sources: list[str]
     extras: dict[str, Any] = field(default_factory=dict)
+    references: list[torch.Tensor] = field(default_factory=list)
 
 
 @runtime_checkable
@@ -103,7 +106,10 @@ class FlowModel(Protocol):
     ``module`` is the ``nn.Module`` LoRA layers are injected into. ``velocity`` takes
     unpacked latents [B, C, h, w] and σ [B] in (0, 1) and returns the raw velocity
     prediction [B, C, h, w] in float32; packing, position ids and padding are the
-    adapter's business. ``lora_format`` names the file format (``trainer_core.lora``)
+    adapter's business. ``references`` (edit models): clean reference latents, one
+    [B, C, h', w'] per reference, conditioning the prediction the way the model does at
+    inference; the output covers the target tokens only. ``supports_references``: whether
+    the adapter accepts them (absent = False). ``lora_format`` names the file format (``trainer_core.lora``)
     and ``bfl_name`` maps a ``module`` submodule name to its BFL (ComfyUI) name plus the
     output-row slice it occupies inside a fused BFL weight, or None when it has no BFL
     counterpart.
@@ -124,6 +130,7 @@ class FlowModel(Protocol):
         sigma: torch.Tensor,
         text: TextBatch,
         guidance: Optional[float] = None,
+        references: Optional[list[torch.Tensor]] = None,
     ) -> torch.Tensor: ...
 
     def bfl_name(self, module_name: str) -> Optional["BflSlot"]: ...

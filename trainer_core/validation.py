@@ -7,6 +7,7 @@ on the same inputs every time, so its curve shows learning (and over-fitting) di
   out of ``data.path``, or the images of ``validation.path``; never trained on. Every entry
   (one image at one bucket) is used, with its first cached caption variant (the base
   caption: no shuffle, no dropout; with shuffle/tag-dropout on it is the first variant drawn);
+  an edit dataset's entries bring their reference latents, which condition every prediction;
 * σ: ``validation.sigmas``; noise: drawn once from ``step_generator(seed, 0, VALIDATION_STREAM)``,
   never from the training generators or the global RNG;
 * loss per σ: ``mean((v̂(x_t, σ) - (ε - x0))²)`` over images and elements, plain MSE (no
@@ -87,7 +88,9 @@ class ValidationSet:
         for entry, noise, text in zip(self.entries, self.noise, self.texts):
             x0 = entry.latent.float().unsqueeze(0).expand_as(noise)
             x_t = interpolate(x0, noise, self.sigmas)
-            pred = model.velocity(x_t, self.sigmas, text, guidance).float().cpu()
+            refs = [r.float().unsqueeze(0).expand(len(self.sigmas), *r.shape) for r in entry.references]
+            kwargs = {"references": refs} if refs else {}
+            pred = model.velocity(x_t, self.sigmas, text, guidance, **kwargs).float().cpu()
             total += ((pred - velocity_target(x0, noise)) ** 2).flatten(1).mean(1)
         return total / len(self.entries)
 

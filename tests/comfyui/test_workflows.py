@@ -177,6 +177,8 @@ def test_node_schemas_match_the_widget_lists(env):
                     auto = name in ("seed", "noise_seed") and kind == "INT"
                     if opts.get("control_after_generate", auto):
                         names.append("+control")
+                    if opts.get("image_upload"):  # the UI's upload button stores a widget value too
+                        names.append("+upload")
                 if node_id.startswith("FlowTrain"):
                     assert opts.get("tooltip"), f"{node_id}.{name} has no tooltip"
         assert tuple(names) == tuple(expected), node_id

@@ -12,6 +12,12 @@ switch to *live* encoding: the un-augmented latents are still cached (for valida
 but every batch is re-encoded from augmented pixels, so the codec must stay loaded
 (``dataset.needs_codec``; the caller must not free it).
 
+Edit data (``data.control_images``, ``pairs.py``): each entry also holds the latents of its
+reference images, cover-cropped into the *target's* bucket (so a batch stacks them, and a
+reference is encoded and cached per bucket like a target, keyed by its own content); a
+flipped sample mirrors its references too. Batches group entries by bucket and number of
+references; ``Batch.references`` carries them.
+
 One *entry* is one image at one resolution (an image large enough for three
 resolutions gives three entries, like ai-toolkit's per-resolution datasets); an epoch
 visits every entry ``repeats`` times.
@@ -39,6 +45,7 @@ from .notices import text_sources, warn_heavy_crops, warn_overlong
 from .images import image_to_tensor, load_image
 from .scan import ImageRecord, listing, scan
 from .survey import probe, settle, undecodable
+from .references import reference_jobs, reference_plan, stack_references, undecodable_references
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +63,8 @@ class Entry:
     """One image at one bucket: ``latent`` [C, h, w], its caption variants (keys into the
     dataset's embeddings), the source file and how often an epoch visits it. ``flipped``:
     the mirrored image's latent (cached flip), ``flip_ok``: whether it may be flipped,
-    ``size``: the upright source size (live encoding re-crops from it)."""
+    ``size``: the upright source size (live encoding re-crops from it); ``references`` /
+    ``flipped_references``: latents [C, h, w] of the reference images (edit data)."""
 
     latent: torch.Tensor
     bucket: tuple[int, int]
@@ -66,6 +74,13 @@ class Entry:
     flipped: torch.Tensor | None = None
     flip_ok: bool = False
     size: tuple[int, int] = (0, 0)
+    references: tuple[torch.Tensor, ...] = ()
+    flipped_references: tuple[torch.Tensor, ...] = ()
+
+    @property
+    def group(self) -> tuple[tuple[int, int], int]:
+        """What samples of one batch share: bucket and number of references."""
+        return self.bucket, len(self.references)
 
 
 @dataclass(frozen=True)
@@ -75,6 +90,7 @@ class _Planned:
     bucket: tuple[int, int]
     key: str
     flip_key: str | None = None
+    refs: tuple[tuple[Path, tuple[int, int], str, str | None], ...] = ()  # (file, size, key, flip key)
 
 
 def check_bucket_step(buckets: BucketConfig, pixel_multiple: int) -> None:
@@ -93,7 +109,8 @@ def _pixels(path: Path, size: tuple[int, int], bucket: tuple[int, int], flip: bo
     return x.flip(-1) if flip else x
 
 
-def _plan(records, sizes, buckets: BucketConfig, codec_identity: str, flips: set[Path] = frozenset()):
+def _plan(records, sizes, buckets: BucketConfig, codec_identity: str, flips: set[Path] = frozenset(),
+          ref_sizes: Mapping[Path, tuple[int, int]] | None = None):
     planned, skipped = [], []
     for rec, size in zip(records, sizes):
         for res in resolutions_for(*size, buckets.resolutions, buckets.allow_upscale):
@@ -105,7 +122,8 @@ def _plan(records, sizes, buckets: BucketConfig, codec_identity: str, flips: set
             _, box = cover_crop_box(size, bucket)
             key = LatentCache.key(rec.content_hash, bucket, box, codec_identity, flip=False)
             flip_key = LatentCache.key(rec.content_hash, bucket, box, codec_identity, flip=True) if rec.path in flips else None
-            planned.append(_Planned(rec, size, bucket, key, flip_key))
+            refs = reference_plan(rec, ref_sizes or {}, bucket, codec_identity, rec.path in flips)
+            planned.append(_Planned(rec, size, bucket, key, flip_key, refs))
     return planned, skipped
 
 
@@ -115,9 +133,10 @@ def _drop_undecodable(planned: list[_Planned], latent_cache: LatentCache, unread
     file at once (skip + one warning, or stop); returns ``planned`` without them."""
     misses = [p.record.path for p in planned if not latent_cache.path(p.key).is_file()
               or (p.flip_key is not None and not latent_cache.path(p.flip_key).is_file())]
-    unreadable += undecodable(misses)
+    bad_refs = undecodable_references(planned, latent_cache)
+    unreadable += undecodable(misses) + bad_refs
     bad = {f for f, _ in unreadable}
-    kept = [p for p in planned if str(p.record.path) not in bad]
+    kept = [p for p in planned if str(p.record.path) not in bad and not any(str(r[0]) in bad for r in p.refs)]
     settle(root, unreadable, strict=strict, usable=len({p.record.path for p in kept}))
     return kept
 
@@ -149,7 +168,7 @@ def prepare_dataset(
     """
     extra_captions = dict(extra_captions or {})
     check_bucket_step(cfg.buckets, pixel_multiple)
-    found = probe(scan(cfg.path, cfg.captions.caption_extension))
+    found = probe(scan(cfg.path, cfg.captions.caption_extension, cfg.control_images))
     found.scan.log_warnings()
     if not found.records:
         settle(cfg.path, found.unreadable, strict=cfg.strict, usable=0)
@@ -158,7 +177,8 @@ def prepare_dataset(
     aug = cfg.augment
     live = needs_live_encoding(aug)
     flip_ok = {r.path for r in records if aug.flip and flip_allowed(policy.base_caption(r.caption), aug.flip_opt_out_words)}
-    planned, skipped = _plan(records, sizes, cfg.buckets, codec.identity, set() if live else flip_ok)
+    planned, skipped = _plan(records, sizes, cfg.buckets, codec.identity, set() if live else flip_ok,
+                             found.reference_sizes)
     latent_cache = LatentCache(cache_dir)
     if planned:
         planned = _drop_undecodable(planned, latent_cache, found.unreadable, cfg.path, cfg.strict)
@@ -186,6 +206,7 @@ def prepare_dataset(
             for p in planned]
     jobs += [LatentJob(p.flip_key, p.bucket, partial(_pixels, p.record.path, p.size, p.bucket, True),
                        f"{p.record.path} (mirrored)") for p in planned if p.flip_key is not None]
+    jobs += reference_jobs(planned)
     latents = latent_cache.get_or_encode(jobs, codec, batch_size=latent_batch_size, progress=progress)
 
     texts, extras = _texts_to_encode(variants, policy, cfg.captions.caption_dropout > 0, extra_captions)
@@ -200,7 +221,9 @@ def prepare_dataset(
                  len(text_cache.cached) - prompt_hits, prompt_hits)
 
     entries = [Entry(latents[p.key], p.bucket, variants[p.record.path], p.record.path, p.record.repeats,
-                     flipped=latents.get(p.flip_key), flip_ok=p.record.path in flip_ok, size=p.size) for p in planned]
+                     flipped=latents.get(p.flip_key), flip_ok=p.record.path in flip_ok, size=p.size,
+                     references=tuple(latents[r[2]] for r in p.refs),
+                     flipped_references=tuple(latents[r[3]] for r in p.refs if r[3] is not None)) for p in planned]
     if live:
         log.warning("data.augment random_crop/color_jitter: training latents cannot be cached, every batch is "
                     "encoded from augmented pixels (slower; the image encoder stays loaded)")
@@ -218,6 +241,7 @@ def prepare_dataset(
         "texts": len(texts),
         "prompts": len(prompts),
         "augment": {"flip_images": len(flip_ok & used), "live_encoding": live},
+        "references": dict(sorted(_count(len(r.references) for r in records if r.path in used).items())),
         "cache": {"latent_hits": latent_cache.hits, "latent_misses": latent_cache.misses,
                   "text_hits": text_cache.hits, "text_misses": text_cache.misses, "prompt_hits": prompt_hits},
     }
@@ -283,7 +307,7 @@ class CachedDataset:
         self.caption_dropout_warmup = caption_dropout_warmup
         self.flip = flip
         self.augmenter, self.codec = augmenter, codec
-        per_bucket = _count(e.bucket for e in entries for _ in range(e.repeats))
+        per_bucket = _count(e.group for e in entries for _ in range(e.repeats))
         self.batches_per_epoch = sum(math.ceil(n / batch_size) for n in per_bucket.values())
         self._plan_cache: tuple[int, list[list[int]]] = (-1, [])
 
@@ -323,9 +347,9 @@ class CachedDataset:
             return self._plan_cache[1]
         g = torch.Generator().manual_seed(derive_seed("epoch", self.seed, epoch))
         samples = [i for i, e in enumerate(self.entries) for _ in range(e.repeats)]
-        by_bucket: dict[tuple[int, int], list[int]] = {}
+        by_bucket: dict[tuple, list[int]] = {}
         for j in torch.randperm(len(samples), generator=g).tolist():
-            by_bucket.setdefault(self.entries[samples[j]].bucket, []).append(samples[j])
+            by_bucket.setdefault(self.entries[samples[j]].group, []).append(samples[j])
         chunks = [ids[i : i + self.batch_size] for b in sorted(by_bucket) for ids in [by_bucket[b]]
                   for i in range(0, len(ids), self.batch_size)]
         plan = [chunks[k] for k in torch.randperm(len(chunks), generator=g).tolist()]
@@ -356,6 +380,7 @@ class CachedDataset:
             captions=texts,
             sources=[str(self.entries[i].source) for i in ids],
             extras={name: TextBatch.collate([self.embeddings[t] for t in ts]) for name, ts in extra_texts.items()},
+            references=stack_references([self.entries[i] for i in ids], flips),
         )
 
     def _latents(self, ids: list[int], flips: list[bool], generator: torch.Generator) -> torch.Tensor:

@@ -13,6 +13,10 @@ visited once, so a link cycle cannot hang the scan. Links that stay inside work.
 
 Which files are images is decided by ``formats.image_extensions()``; every other file,
 and every caption file without an image, is listed in one warning (``FolderScan``).
+
+Edit datasets (``controls=True``, ``data.control_images``): images in ``control/`` or
+``control_N/`` folders are the reference images of the same-stem targets beside them
+(``pairs.py``); each record carries its references.
 """
 from __future__ import annotations
 
@@ -25,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .formats import image_extensions, why_ignored
+from .pairs import (in_control_folder, no_pairs_message, ordinary_controls_warning, pair, split_controls,
+                    unpaired_warning)
 
 log = logging.getLogger(__name__)
 _REPEAT_FOLDER = re.compile(r"^(\d+)_(.+)$")
@@ -52,6 +58,8 @@ class ImageRecord:
     repeats: int
     content_hash: str
     caption_path: Path | None = None
+    references: tuple[Path, ...] = ()
+    reference_hashes: tuple[str, ...] = ()
 
 
 @dataclass
@@ -59,7 +67,9 @@ class FolderScan:
     """What ``scan`` found: the usable ``records`` and everything it left out, each with
     a reason (``ignored``: (file, reason); ``outside_links``: "link -> target";
     ``zero_repeats``: folder -> images not used; ``caption_fallbacks``: caption files read
-    as Windows-1252)."""
+    as Windows-1252; ``unpaired``: targets of an edit dataset without a reference image;
+    ``ordinary_controls``: images in control folders trained as targets because
+    ``controls`` was off)."""
 
     root: Path
     records: list[ImageRecord]
@@ -67,6 +77,8 @@ class FolderScan:
     outside_links: list[str] = field(default_factory=list)
     zero_repeats: dict[str, int] = field(default_factory=dict)
     caption_fallbacks: list[str] = field(default_factory=list)
+    unpaired: list[str] = field(default_factory=list)
+    ordinary_controls: list[str] = field(default_factory=list)
 
     def skipped_files(self) -> list[dict[str, str]]:
         """Every file or folder not used, with the reason (for training_state.json)."""
@@ -75,6 +87,7 @@ class FolderScan:
                 for link in self.outside_links]
         out += [{"file": d, "reason": f"folder with 0 repeats ({n} image(s) not used)"}
                 for d, n in self.zero_repeats.items()]
+        out += [{"file": f, "reason": "no reference image (control/ folder) for this target"} for f in self.unpaired]
         return out
 
     def log_warnings(self) -> None:
@@ -90,6 +103,10 @@ class FolderScan:
         if self.ignored:
             log.warning("%d file(s) in %s are not used (images are %s):%s", len(self.ignored), self.root,
                         " ".join(image_extensions()), listing(f"{f}: {r}" for f, r in self.ignored))
+        if self.unpaired:
+            log.warning("%s%s", unpaired_warning(self.unpaired, self.root), listing(self.unpaired))
+        if self.ordinary_controls:
+            log.warning("%s%s", ordinary_controls_warning(len(self.ordinary_controls)), listing(self.ordinary_controls))
         if self.caption_fallbacks:
             log.warning("%d caption file(s) are not UTF-8 or UTF-16; they were read as Windows-1252 (check the "
                         "accents, and re-save them as UTF-8):%s", len(self.caption_fallbacks),
@@ -232,8 +249,10 @@ def _caption_ext(caption_extension: str) -> str:
     return caption_extension if caption_extension.startswith(".") else "." + caption_extension
 
 
-def scan(path: Path | str, caption_extension: str = ".txt") -> FolderScan:
+def scan(path: Path | str, caption_extension: str = ".txt", controls: bool = False) -> FolderScan:
     """All usable images under ``path`` (recursive, sorted by path) and what was left out.
+    ``controls``: pair each target with the images of the control folders beside it and
+    leave out targets without one (``pairs.py``).
 
     Raises ValueError naming the folder when it does not exist or holds no usable image
     (listing what was left out), and naming both files for duplicate stems.
@@ -247,7 +266,14 @@ def scan(path: Path | str, caption_extension: str = ".txt") -> FolderScan:
     files = walk_files(root, result.outside_links, result.ignored)
     ext = _caption_ext(caption_extension)
     allowed = set(image_extensions())
+    references: dict[Path, tuple[Path, ...]] = {}
+    if controls:
+        files, control_files = split_controls(files, root, allowed, result.ignored)
     images = sorted(f for f in files if f.suffix.lower() in allowed)
+    if controls:
+        references = pair(images, control_files, result.ignored)
+    else:
+        result.ordinary_controls = [str(f) for f in images if in_control_folder(f, root)]
     stems = {(f.parent, f.stem) for f in images}
     for f in files:
         suffix = f.suffix.lower()
@@ -264,18 +290,25 @@ def scan(path: Path | str, caption_extension: str = ".txt") -> FolderScan:
             folder = str(repeat_folder(image, root))
             result.zero_repeats[folder] = result.zero_repeats.get(folder, 0) + 1
             continue
+        if controls and image not in references:
+            result.unpaired.append(str(image))
+            continue
         caption_file = image.with_suffix(ext)
         has_caption = caption_file in present
         caption = read_caption(caption_file, result.caption_fallbacks) if has_caption else None
+        refs = references.get(image, ())
         result.records.append(ImageRecord(image, caption, repeats, file_sha256(image),
-                                          caption_file if has_caption else None))
+                                          caption_file if has_caption else None, refs,
+                                          tuple(file_sha256(r) for r in refs)))
+    if controls and not result.records and result.unpaired:
+        raise ValueError(no_pairs_message(root))
     if not result.records:
         raise no_images(root, "contains no supported images", result)  # it lists what was left out
     return result
 
 
-def scan_folder(path: Path | str, caption_extension: str = ".txt") -> list[ImageRecord]:
+def scan_folder(path: Path | str, caption_extension: str = ".txt", controls: bool = False) -> list[ImageRecord]:
     """``scan(...).records``, with its warnings logged."""
-    result = scan(path, caption_extension)
+    result = scan(path, caption_extension, controls)
     result.log_warnings()
     return result.records

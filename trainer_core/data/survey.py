@@ -4,7 +4,9 @@ An unreadable image (0 bytes, truncated, not an image despite its extension, a d
 error) never stops a run that still has usable images: it is skipped, and one warning
 names every such file with its reason. The run stops when no usable image is left, or
 when ``data.strict`` is on (then the error names every bad file). Animations are left
-out like any other ignored file (``FolderScan.ignored``, one warning).
+out like any other ignored file (``FolderScan.ignored``, one warning). An edit dataset's
+reference image that cannot be read (or is an animation) leaves its target out the same
+way, the reference file named with the reason.
 """
 from __future__ import annotations
 
@@ -23,12 +25,14 @@ _FIX = "re-export them (e.g. save them again as PNG or JPEG) or delete them from
 @dataclass
 class Survey:
     """A ``FolderScan`` narrowed to the images whose header reads: ``records`` with their
-    upright ``sizes``; ``unreadable``: (file, reason) of every image left out as broken."""
+    upright ``sizes``; ``unreadable``: (file, reason) of every image left out as broken;
+    ``reference_sizes``: upright size of every reference image of the kept records."""
 
     scan: FolderScan
     records: list[ImageRecord]
     sizes: list[tuple[int, int]]
     unreadable: list[tuple[str, str]] = field(default_factory=list)
+    reference_sizes: dict[Path, tuple[int, int]] = field(default_factory=dict)
 
     def skipped_files(self) -> list[dict[str, str]]:
         """Every file not used, with its reason (what ``training_state.json`` lists)."""
@@ -48,6 +52,16 @@ def probe(result: FolderScan) -> Survey:
         except ImageError as e:
             survey.unreadable.append((str(rec.path), e.reason))
             continue
+        ref_sizes = {}
+        for ref in rec.references:
+            try:
+                ref_sizes[ref] = image_size(ref)
+            except ImageError as e:  # AnimationError included: a reference is one still image
+                survey.unreadable.append((str(ref), f"{e.reason} (reference image of {rec.path}, left out with it)"))
+                break
+        if len(ref_sizes) < len(rec.references):
+            continue
+        survey.reference_sizes.update(ref_sizes)
         survey.records.append(rec)
         survey.sizes.append(size)
     if not survey.records and not survey.unreadable:
@@ -83,10 +97,11 @@ def settle(root: Path | str, bad: list[tuple[str, str]], *, strict: bool, usable
                 "to stop instead). To use them, %s:%s", len(bad), usable, _FIX, names)
 
 
-def survey(path: Path | str, caption_extension: str = ".txt", *, strict: bool = False) -> Survey:
+def survey(path: Path | str, caption_extension: str = ".txt", *, strict: bool = False,
+           controls: bool = False) -> Survey:
     """``scan`` + ``probe`` + ``settle`` (headers only, nothing decoded), with the scan's
     warnings logged: what the Dataset node reports before any model is loaded."""
-    result = probe(scan(path, caption_extension))
+    result = probe(scan(path, caption_extension, controls))
     result.scan.log_warnings()
     settle(path, result.unreadable, strict=strict, usable=len(result.records))
     return result

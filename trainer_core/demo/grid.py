@@ -44,13 +44,15 @@ def sample_images(
     size: tuple[int, int] = (128, 128),
     guidance: float = 1.0,
     shift: Optional[float] = None,
+    references: Optional[list[torch.Tensor]] = None,
 ) -> torch.Tensor:
     """Euler-sample one image per prompt: ``[N, 3, H, W]`` float32 in [-1, 1] on the CPU.
 
     ``size`` is (height, width) in pixels, multiples of ``model.pixel_multiple``. The
     noise depends only on ``seed`` and the shape, so "before" and "after" grids with the
     same seed and prompts start from the same noise. ``shift`` defaults to
-    ``default_shift`` of the image's token count.
+    ``default_shift`` of the image's token count. ``references``: clean reference latents
+    [1, C, h', w'] each (edit models), used for every prompt.
     """
     if not prompts:
         raise ValueError("sample_images needs at least one prompt")
@@ -67,7 +69,9 @@ def sample_images(
     noise = torch.randn(len(prompts), model.latent_channels, h, w, generator=g).to(device)
     with torch.no_grad():
         text = TextBatch.collate(text_encoder.encode(prompts)).to(device, dtype)
-        fn = lambda x, s: model.velocity(x, s, text, guidance)  # noqa: E731
+        refs = [r.to(device).expand(len(prompts), *r.shape[1:]) for r in references or ()]
+        kwargs = {"references": refs} if refs else {}
+        fn = lambda x, s: model.velocity(x, s, text, guidance, **kwargs)  # noqa: E731
         x0 = euler_sample(fn, noise, sampling_sigmas(steps, shift).to(device))
         pixels = codec.decode(x0)
     return pixels.float().clamp(-1, 1).cpu()

@@ -14,6 +14,10 @@ does (``comfy/model_base.py`` ``BaseModel._apply_model``, ``Flux.extra_conds``,
 * FLUX.2 text context is left-padded with zeros to 512 tokens (``context_tokens``).
 * ``BaseModel.apply_model`` returns x0 = x - σ·v; the module itself returns v = ε - x0,
   which is ``trainer_core.flow.velocity_target``'s convention.
+* reference latents (edit models: FLUX.1 Kontext, FLUX.2) go to the module as ``ref_latents``
+  (what ``Flux.extra_conds`` makes of ``ReferenceLatent`` conditioning), with
+  ``ref_latents_method`` only when one is chosen; the module places their tokens
+  (``models/references.py``) and returns the target tokens only.
 
 Training through ComfyUI's blocks. They update their residual inputs in place
 (``img += ...``, ``comfy/ldm/flux/layers.py``), after a LayerNorm saved that same tensor
@@ -58,6 +62,7 @@ from ..streaming import BlockStreamer, block_table
 from ..types import BflSlot, TextBatch
 from .common import module_device, module_dtype
 from .families import FAMILIES
+from .references import check_method, check_references
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +125,8 @@ class BflFlux:
     ``get_dtype_inference()``; default the first floating parameter's dtype).
     ``autocast_dtype``: run the module under ``torch.autocast`` in this dtype (weights are
     never cast). ``precision_fixed``: ignore ``prepare_for_training``'s dtype.
+    ``reference_method``: ``ref_latents_method`` for reference latents ("offset", "index",
+    "uxo"); None = the module's own default (what ComfyUI uses when no node sets one).
     ``training_attention``: passed to the module as
     ``transformer_options["optimized_attention_override"]`` (ComfyUI calls it as
     ``fn(default_attention, q, k, v, heads, ...)``); the bridge uses it to train with SDPA.
@@ -139,6 +146,7 @@ class BflFlux:
         autocast_dtype: Optional[torch.dtype] = None,
         precision_fixed: bool = False,
         training_attention: Optional[Callable] = None,
+        reference_method: Optional[str] = None,
     ):
         mine = [n for n in FAMILIES.names() if FAMILIES.get(n).adapter == ADAPTER]
         if arch not in mine:
@@ -168,6 +176,8 @@ class BflFlux:
         self.autocast_dtype = autocast_dtype
         self.precision_fixed = precision_fixed
         self.training_attention = training_attention
+        self.reference_method = check_method(reference_method)
+        self.supports_references = self.family.references
         self.compile_blocks = False
         self._compiled: dict[int, Callable] = {}
         self.default_targets: dict[str, str] = dict(self.family.target_presets)
@@ -238,12 +248,14 @@ class BflFlux:
         sigma: torch.Tensor,
         text: TextBatch,
         guidance: Optional[float] = None,
+        references: Optional[list[torch.Tensor]] = None,
     ) -> torch.Tensor:
         """Velocity [B, C, h, w] float32 for ``x_t`` [B, C, h, w] at σ [B] in (0, 1).
 
         ``text.context`` [B, T, D]; ``text.pooled`` [B, P] (families with ``pooled``; ignored
         otherwise); ``guidance``: distilled guidance (guidance-embedded models only; None → 1.0);
         a family whose guidance input is ``zero`` (Chroma) always gets 0, as ComfyUI passes.
+        ``references``: clean reference latents, each [B, C, h', w'] (edit families).
         """
         b, c, h, w = x_t.shape
         if c != self.latent_channels:
@@ -252,6 +264,7 @@ class BflFlux:
             raise ValueError(f"latent {h}×{w} is not a multiple of the patch size {self.patch_size}")
         if text.context.shape[0] != b or sigma.shape != (b,):
             raise ValueError(f"batch sizes disagree: latents {b}, context {text.context.shape[0]}, sigma {tuple(sigma.shape)}")
+        refs = check_references(references, b, c, self.patch_size)
         dtype, device = self.compute_dtype, module_device(self.module)
         context = text.context.to(device=device, dtype=dtype)
         if self.context_tokens is not None and context.shape[1] < self.context_tokens:
@@ -266,8 +279,13 @@ class BflFlux:
             g = torch.full((b,), 1.0 if guidance is None else float(guidance), device=device, dtype=dtype)
         self._mode = self.checkpoint
         if self.checkpoint == "auto":
-            self._mode = self._fitting_mode(b, self.image_tokens((h, w)) + context.shape[1], device)
-        options = {}
+            tokens = sum(self.image_tokens(tuple(t.shape[2:])) for t in [x_t, *refs])
+            self._mode = self._fitting_mode(b, tokens + context.shape[1], device)
+        options, extra = {}, {}
+        if refs:
+            extra["ref_latents"] = [r.to(device=device, dtype=dtype) for r in refs]
+            if self.reference_method is not None:
+                extra["ref_latents_method"] = self.reference_method
         if torch.is_grad_enabled() or self.streamer is not None:  # streamed blocks fetch in the hook
             options["patches_replace"] = {"dit": self._block_patches()}
         if self.training_attention is not None:  # also without grad: a prior/validation pass matches
@@ -280,6 +298,7 @@ class BflFlux:
             y=y,
             guidance=g,
             transformer_options=options,
+            **extra,
         )
         if self.autocast_dtype is not None:
             with torch.autocast(device.type, dtype=self.autocast_dtype):

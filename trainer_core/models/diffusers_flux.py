@@ -11,6 +11,10 @@ transformer takes and back:
 * the timestep is σ ∈ (0, 1); the transformer multiplies timestep and guidance by 1000.
 * the guidance vector is passed only to guidance-distilled models (``guidance_embeds``,
   FLUX.1-dev); schnell has no guidance input.
+* reference latents (FLUX.1 Kontext edits) are packed the same way and appended after the
+  target tokens with ids ``(index, row + h_offset, col + w_offset)`` from
+  ``references.reference_placements`` (ComfyUI's "offset" method by default: index 1, as
+  diffusers' ``FluxKontextPipeline``); the output is cut back to the target tokens.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from torch import nn
 from ..lora.bfl_names import diffusers_flux1_to_bfl, flux_target_presets
 from ..types import BflSlot, TextBatch
 from .common import module_device, module_dtype
+from .references import check_method, check_references, reference_placements
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +57,14 @@ def unpack_latents(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return x.reshape(b, d // 4, h, w)
 
 
-def image_ids(h: int, w: int, *, device=None, dtype=torch.float32) -> torch.Tensor:
-    """Position ids ``[(h/2)·(w/2), 3]`` of the packed tokens: ``(0, row, col)``, row-major."""
-    rows = torch.arange(h // 2, device=device, dtype=dtype)
-    cols = torch.arange(w // 2, device=device, dtype=dtype)
+def image_ids(h: int, w: int, *, device=None, dtype=torch.float32, index: float = 0.0,
+              h_offset: int = 0, w_offset: int = 0) -> torch.Tensor:
+    """Position ids ``[(h/2)·(w/2), 3]`` of the packed tokens: ``(index, row, col)``,
+    row-major; offsets in latent pixels (rounded to tokens like ComfyUI's ``process_img``)."""
+    rows = torch.arange(h // 2, device=device, dtype=dtype) + (h_offset + 1) // 2
+    cols = torch.arange(w // 2, device=device, dtype=dtype) + (w_offset + 1) // 2
     ids = torch.zeros(h // 2, w // 2, 3, device=device, dtype=dtype)
+    ids[..., 0] = index
     ids[..., 1] = rows[:, None]
     ids[..., 2] = cols[None, :]
     return ids.reshape(-1, 3)
@@ -81,6 +89,7 @@ class DiffusersFlux1:
         *,
         gradient_checkpointing: bool = False,
         dtype: Optional[torch.dtype] = None,
+        reference_method: str = "offset",
     ):
         config = getattr(module, "config", None)
         if config is None or not hasattr(config, "in_channels") or not hasattr(config, "guidance_embeds"):
@@ -102,6 +111,8 @@ class DiffusersFlux1:
         first = singles[0] if singles else None
         self.mlp_hidden_dim = int(getattr(first, "mlp_hidden_dim", 4 * self.inner_dim))
         self.dtype = dtype
+        self.reference_method = check_method(reference_method)
+        self.supports_references = True
         self.default_targets: dict[str, str] = dict(flux_target_presets())
         if gradient_checkpointing:
             module.enable_gradient_checkpointing()
@@ -120,12 +131,14 @@ class DiffusersFlux1:
         sigma: torch.Tensor,
         text: TextBatch,
         guidance: Optional[float] = None,
+        references: Optional[list[torch.Tensor]] = None,
     ) -> torch.Tensor:
         """Velocity ``[B, 16, h, w]`` float32 for ``x_t`` [B, 16, h, w] at σ [B] in (0, 1).
 
         ``text.context`` [B, T, D_t5] and ``text.pooled`` [B, D_clip] (required).
         ``guidance`` is the distilled guidance value (dev only; ignored for schnell;
-        1.0 when a dev model is given None).
+        1.0 when a dev model is given None). ``references``: clean reference latents
+        [B, 16, h', w'] (Kontext-style edits).
         """
         b, c, h, w = x_t.shape
         if c != self.latent_channels:
@@ -137,9 +150,17 @@ class DiffusersFlux1:
                 f"batch sizes disagree: latents {b}, context {text.context.shape[0]}, "
                 f"pooled {text.pooled.shape[0]}, sigma {tuple(sigma.shape)}"
             )
+        refs = check_references(references, b, c, PATCH)
         dtype = self.compute_dtype
         device = module_device(self.module)
         hidden = pack_latents(x_t.to(device=device, dtype=dtype))
+        ids = image_ids(h, w, device=device, dtype=dtype)
+        targets = hidden.shape[1]
+        places = reference_placements((h, w), [tuple(r.shape[2:]) for r in refs], self.reference_method, patch=PATCH)
+        for r, (index, h_off, w_off) in zip(refs, places):
+            hidden = torch.cat([hidden, pack_latents(r.to(device=device, dtype=dtype))], dim=1)
+            ids = torch.cat([ids, image_ids(*r.shape[2:], device=device, dtype=dtype, index=index,
+                                            h_offset=h_off, w_offset=w_off)])
         context = text.context.to(device=device, dtype=dtype)
         g = None
         if self.has_guidance:
@@ -150,12 +171,12 @@ class DiffusersFlux1:
             encoder_hidden_states=context,
             pooled_projections=text.pooled.to(device=device, dtype=dtype),
             timestep=sigma.to(device=device, dtype=dtype),
-            img_ids=image_ids(h, w, device=device, dtype=dtype),
+            img_ids=ids,
             txt_ids=torch.zeros(context.shape[1], 3, device=device, dtype=dtype),
             guidance=g,
             return_dict=False,
         )[0]
-        return unpack_latents(out, h, w).float()
+        return unpack_latents(out[:, :targets], h, w).float()
 
     def bfl_name(self, module_name: str) -> Optional[BflSlot]:
         """BFL (ComfyUI) name and fused-weight slice of a diffusers submodule name."""

@@ -46,6 +46,9 @@ class Family:
     submodule names). ``adapter``: ``"module:Class"`` of the ``FlowModel`` adapter (imported on
     use, so this module stays light). ``memory_layout``: which block layout the memory estimator
     (``trainer_core.memory``) assumes. ``text_tokens``: a typical text length for estimates.
+    ``references``: the module takes clean reference latents (edit models: FLUX.1 Kontext loads
+    as FLUX.1, FLUX.2 dev/Klein edit natively), so ``data.control_images`` can train edit LoRAs
+    (``models/references.py``).
     """
 
     name: str
@@ -67,6 +70,7 @@ class Family:
     memory_layout: str
     text_tokens: int
     target_presets: Mapping[str, str] = field(default_factory=bfl_target_presets)
+    references: bool = False
 
     def __post_init__(self):
         if self.guidance not in GUIDANCE_INPUTS:
@@ -100,7 +104,7 @@ FAMILIES.add("flux1", Family(
     latent_channels=16, vae_factor=8, patch_size=2, context_tokens=None, pooled=True, guidance="embedder",
     lora_format="flux1_kohya", network_module="networks.lora_flux", kohya_model_type="flux",
     sai_model_spec="1.0.1", implementation="https://github.com/black-forest-labs/flux",
-    fallback_variant="flux1", adapter=_BFL, memory_layout="flux1", text_tokens=256,
+    fallback_variant="flux1", adapter=_BFL, memory_layout="flux1", text_tokens=256, references=True,
 ))
 FAMILIES.add("flux2", Family(
     name="flux2", label="FLUX.2", text_encoder="Mistral 3 / Qwen3 (no pooled vector)",
@@ -108,7 +112,7 @@ FAMILIES.add("flux2", Family(
     # ss_network_module: no kohya value exists for FLUX.2; networks.lora_flux2 by analogy
     lora_format="flux2_diffusion_model", network_module="networks.lora_flux2", kohya_model_type="flux",
     sai_model_spec="1.0.0", implementation="https://github.com/black-forest-labs/flux2",
-    fallback_variant="flux2", adapter=_BFL, memory_layout="flux2", text_tokens=512,
+    fallback_variant="flux2", adapter=_BFL, memory_layout="flux2", text_tokens=512, references=True,
 ))
 
 FAMILIES.add("chroma", Family(
