@@ -107,7 +107,7 @@ ENGINE_ONLY: dict[str, str] = {
 # the other nodes' widgets → config fields (the Trainer's are in specs.TRAINER_WIDGET_FIELDS)
 NODE_FIELDS: dict[str, dict[str, str]] = {
     "FlowTrainDataset": {"folder": "data.path", "caption_extension": "data.captions.caption_extension",
-                         "strict": "data.strict"},
+                         "strict": "data.strict", "control_images": "data.control_images"},
     "FlowTrainBucketer": {n: f"data.buckets.{n}" for n in ("resolutions", "step", "min_side", "max_side",
                                                            "allow_upscale")},
     "FlowTrainCaptions": {n: f"data.captions.{n}" for n in ("trigger_word", "class_word", "keep_tokens", "separator",

@@ -14,6 +14,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import harness
+
 from trainer_core.types import TextBatch
 
 CASES = [  # (tiny file, method or None = the model's default, reference latent sizes)
@@ -102,7 +104,7 @@ def test_adapter_references_match_comfyui(bridge, edit_files, name, method, ref_
     without = comfy_velocity(patcher, x, sigma, ctx, pooled, [], None, guidance)
     with torch.inference_mode():
         refs = [patcher.model.process_latent_in(r).clone() for r in raw_refs]  # what the engine caches
-    with bridge.training_model(patcher, gradient_checkpointing=False, precision="fp32") as model, torch.no_grad():
+    with bridge.training_model(patcher, harness.bridge_config(False, precision="fp32")) as model, torch.no_grad():
         model.reference_method = method
         got = model.velocity(x, torch.tensor([sigma]), TextBatch(ctx, pooled), guidance, references=refs)
         model.reference_method = None
@@ -137,7 +139,7 @@ def test_training_with_references_lowers_the_loss(bridge, edit_files, name):
     sigma = torch.tensor([0.4, 0.7])
     text = TextBatch(torch.randn(2, 7, 64, generator=g), torch.randn(2, 32, generator=g) if arch == "flux1" else None)
     x_t, target = interpolate(x0, noise, sigma), velocity_target(x0, noise)
-    with bridge.training_model(patcher, gradient_checkpointing=True, precision="fp32") as model:
+    with bridge.training_model(patcher, harness.bridge_config(True, precision="fp32")) as model:
         net = LoraNetwork.inject(model.module, LoRAConfig(rank=4, alpha=4.0), model.default_targets["all"])
         opt = torch.optim.AdamW(net.parameters(), lr=5e-2)
         losses = []
