@@ -90,6 +90,12 @@ def training_model(model_patcher, *, gradient_checkpointing=True, precision: str
     "bf16"/"fp16"/"fp32" compute in that dtype (see ``_compute_dtypes``). The stored weights
     are never cast or copied; fp8 weights stay fp8 (ComfyUI's layers cast them per forward).
 
+    The MODEL is loaded (and unloaded) inside inference mode, as every node does, so its
+    weights stay inference tensors and ``AutogradSafeWeights`` swaps them for the run. Loaded
+    outside it, ComfyUI's quantized layers (``_quantized_apply``) turn the weights into normal
+    ``QuantizedTensor``s, which the next node's ``unpatch_model`` (in inference mode) cannot
+    wrap in a Parameter ("Cannot set version_counter for inference tensor").
+
     Inside the block: inference mode off, grad on, ``comfy.model_management.in_training``
     True (ComfyUI's fused rope has no backward otherwise). Everything is restored on exit,
     also on errors and interrupts. The caller must ``LoraNetwork.remove()`` before leaving.
@@ -123,9 +129,11 @@ def training_model(model_patcher, *, gradient_checkpointing=True, precision: str
                     f"{plan.summary()}: weight streaming needs ComfyUI's classic model loading, but this MODEL uses "
                     "dynamic VRAM; start ComfyUI with --disable-dynamic-vram, or set memory_budget to 'unlimited' "
                     "if the model fits your GPU")
-            model_patcher.patch_model(device_to=model_patcher.offload_device)
-        else:
-            mm.load_models_gpu([model_patcher], force_full_load=True)
+        with torch.inference_mode():  # load as nodes do (see the docstring: quantized weights)
+            if own_placement:
+                model_patcher.patch_model(device_to=model_patcher.offload_device)
+            else:
+                mm.load_models_gpu([model_patcher], force_full_load=True)
         weights = AutogradSafeWeights(module)
         try:
             converted = weights.apply()
@@ -138,11 +146,10 @@ def training_model(model_patcher, *, gradient_checkpointing=True, precision: str
             mm.in_training = previous
             model.release_streaming()
             strip_lora_layers(module)
-            if own_placement:
-                module.to(model_patcher.offload_device)
             weights.restore()
             if own_placement:
-                model_patcher.unpatch_model(device_to=model_patcher.offload_device)
+                with torch.inference_mode():
+                    model_patcher.unpatch_model(device_to=model_patcher.offload_device)
 
 
 LOW_PRECISION_WEIGHTS = {torch.bfloat16, getattr(torch, "float8_e4m3fn", None), getattr(torch, "float8_e5m2", None)}

@@ -139,3 +139,24 @@ def test_lora_from_quantized_model_loads_in_comfy_and_matches(comfyui, bridge, q
     effect = (live - base).abs().max()
     assert effect > 0.1 * live.abs().max()
     assert (from_file - live).abs().max() <= 0.1 * effect, ((from_file - live).abs().max(), effect)
+
+
+def test_quantized_model_comes_back_as_nodes_load_it(comfyui, bridge, quant_files):
+    """A MODEL not yet on its device (the Trainer is often the first node to load it) is
+    loaded by ``training_model`` as every node loads it, inside inference mode: after
+    training its weights are inference tensors again, so the next node (a sampler, in
+    inference mode) can move and patch them. Loaded outside inference mode, ComfyUI's
+    quantized layers turn their weights into normal tensors, and ``nn.Parameter`` of such a
+    ``QuantizedTensor`` inside inference mode fails ("Cannot set version_counter for
+    inference tensor") when the sampler's ``unpatch_model`` moves the model."""
+    mp = comfyui.load_flux(quant_files["flux2"])  # as UNETLoader leaves it: not loaded yet
+    dm = mp.model.diffusion_model
+    before = {n: p.is_inference() for n, p in dm.named_parameters()}
+    assert all(before.values()) and _quantized(dm)
+    with bridge.training_model(mp, gradient_checkpointing=True, precision="bf16") as model:
+        losses = _train(model, steps=2)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert {n: p.is_inference() for n, p in dm.named_parameters()} == before
+    with torch.inference_mode():
+        mp.model.to(mp.offload_device)  # what the next node's load does first (unpatch_model)
+    assert all(w.is_inference() for w in _quantized(dm).values())
