@@ -160,3 +160,55 @@ def test_quantized_model_comes_back_as_nodes_load_it(comfyui, bridge, quant_file
     with torch.inference_mode():
         mp.model.to(mp.offload_device)  # what the next node's load does first (unpatch_model)
     assert all(w.is_inference() for w in _quantized(dm).values())
+
+
+@pytest.mark.parametrize("name", ["flux1_dev", "flux2"])
+def test_streamed_training_of_quantized_weights_is_the_same(comfyui, bridge, quant_files, name):
+    """memory.streaming='all' on a ``comfy_quant`` model (storage and compute both the CPU):
+    the streamer copies each block's ``QuantizedTensor`` weights (still quantized) around
+    its use, the LoRA trains to bitwise the same losses and weights as without streaming,
+    the ledger stays within the plan's weight limit and ends at the resident bytes, and the
+    MODEL's quantized weights are the same objects and values afterwards."""
+    from comfy.quant_ops import QuantizedTensor
+
+    from trainer_core.config import MemoryConfig, TrainingConfig
+
+    results = {}
+    for streaming in ("off", "all"):
+        mp = _load(comfyui, quant_files[name])
+        dm = mp.model.diffusion_model
+        before = {n: (w, w._qdata.clone()) for n, w in _quantized(dm).items()}
+        config = TrainingConfig(memory=MemoryConfig(streaming=streaming))
+        with bridge.training_model(mp, gradient_checkpointing="blocks", precision="bf16", config=config) as model:
+            plan = model.memory_plan
+            torch.manual_seed(0)
+            net = LoraNetwork.inject(model.module, LoRAConfig(rank=4, alpha=4.0), model.default_targets["all"])
+            model.apply_memory_plan(plan)
+            copied = []
+            if model.streamer is not None:  # what the streamer puts in the slots: quantized copies
+                block = model.streamer.blocks[plan.streamed[0]]
+                with model.streamer.use(plan.streamed[0]):
+                    copied = [m.weight._qdata.dtype for m in block.modules()
+                              if isinstance(getattr(m, "weight", None), QuantizedTensor)]
+            opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+            batch, losses = _batch(model.arch), []
+            for _ in range(3):
+                loss = _loss(model, batch)
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+                losses.append(loss.item())
+            ledger = (model.streamer.ledger.peak, model.streamer.ledger.current, model.streamer._resident,
+                      model.streamer.fetches) if model.streamer is not None else None
+            lora = {k: v.detach().clone() for k, v in net.state_dict().items()}
+            net.remove()
+        results[streaming] = (losses, lora, plan, ledger, copied)
+        after = _quantized(dm)
+        for n, (w, data) in before.items():
+            assert after[n] is w and torch.equal(w._qdata.view(torch.uint8), data.view(torch.uint8)), n
+    losses, lora, plan, (peak, current, resident, fetches), copied = results["all"]
+    assert len(plan.streamed) == plan.blocks and results["off"][2].streamed == ()
+    assert copied and set(copied) == {torch.float8_e4m3fn}
+    assert fetches >= 3 * plan.blocks * 2 and 0 < peak <= plan.weight_limit and current == resident
+    assert losses == results["off"][0] and all(torch.isfinite(torch.tensor(losses)))
+    assert all(torch.equal(lora[k], results["off"][1][k]) for k in lora)
