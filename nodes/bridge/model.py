@@ -17,6 +17,7 @@ import torch
 
 from trainer_core.lora.network import strip_lora_layers
 from trainer_core.models.bfl_flux import CHECKPOINT_MODES, GRADIENT_CHECKPOINTING_MODE, BflFlux
+from trainer_core.models.rope import apply_rope
 
 from .weights import AutogradSafeWeights, quantized_layers
 
@@ -67,6 +68,30 @@ def sdpa_attention(default, *args, **kwargs):
     from comfy.ldm.modules.attention import attention_pytorch
 
     return attention_pytorch(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def training_rope() -> Iterator[None]:
+    """While training (``in_training``), FLUX's attention rotates q and k with
+    ``trainer_core.models.rope.apply_rope``: the same fp32 rotation as ComfyUI's training path,
+    with a backward that is the transposed rotation instead of autograd's broadcast reductions
+    (about half the time). ComfyUI has no hook for RoPE, so ``comfy.ldm.flux.math.apply_rope``
+    (which its ``attention`` calls) is swapped for the block and put back after; outside
+    training (previews) ComfyUI's own function runs."""
+    import comfy.ldm.flux.math as flux_math
+
+    inference_rope = flux_math.apply_rope
+
+    def rope(xq, xk, freqs_cis):
+        if comfy.model_management.in_training:
+            return apply_rope(xq, xk, freqs_cis)
+        return inference_rope(xq, xk, freqs_cis)
+
+    flux_math.apply_rope = rope
+    try:
+        yield
+    finally:
+        flux_math.apply_rope = inference_rope
 
 
 def _resolve_mode(gradient_checkpointing) -> str:
@@ -141,7 +166,8 @@ def training_model(model_patcher, *, gradient_checkpointing=True, precision: str
                      info.arch, info.model_type_name, converted, compute, autocast, mode,
                      f", {plan.summary()}" if plan is not None else "")
             mm.in_training = True
-            yield model
+            with training_rope():
+                yield model
         finally:
             mm.in_training = previous
             model.release_streaming()

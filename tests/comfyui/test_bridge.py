@@ -368,3 +368,33 @@ def test_training_attends_with_sdpa(comfyui, bridge, tiny_files):
         with Record():
             _train(model, steps=1)
     assert len(seen) == 2  # 1 double + 1 single block
+
+
+def test_training_uses_the_rope_with_the_transposed_backward(comfyui, bridge, tiny_files):
+    """Inside ``training_model`` FLUX's attention rotates with ``trainer_core``'s RoPE while
+    training (ComfyUI's own function outside: previews), with the same forward values as
+    ComfyUI's training path; afterwards ComfyUI's function is back."""
+    import comfy.ldm.flux.math as flux_math
+    import comfy.model_management as mm
+
+    original = flux_math.apply_rope
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 2, 6, 8, generator=g), torch.randn(1, 2, 6, 8, generator=g)
+    pe = flux_math.rope(torch.arange(6.0).reshape(1, 6), 8, 10000).unsqueeze(1)
+    mp = _load(comfyui, tiny_files["flux1_dev"])
+    calls = []
+    with bridge.training_model(mp, gradient_checkpointing=False) as model:
+        assert flux_math.apply_rope is not original
+        comfy_q, comfy_k = flux_math._apply_rope(q, k, pe)  # ComfyUI's training path
+        ours_q, ours_k = flux_math.apply_rope(q, k, pe)
+        assert torch.equal(ours_q, comfy_q) and torch.equal(ours_k, comfy_k)
+        import trainer_core.models.rope as rope_mod
+
+        real = rope_mod.RotaryEmbedding.apply
+        rope_mod.RotaryEmbedding.apply = lambda *a: calls.append(1) or real(*a)
+        try:
+            _loss(model, _batch(model.arch))
+        finally:
+            rope_mod.RotaryEmbedding.apply = real
+    assert len(calls) == 2  # one joint attention per block (1 double + 1 single)
+    assert flux_math.apply_rope is original and mm.in_training is False
