@@ -149,11 +149,7 @@ def training_model(model_patcher, *, gradient_checkpointing=True, precision: str
         model.memory_plan = plan
         own_placement = plan is not None and bool(plan.streamed) and model.device.type != "cpu"
         if own_placement:
-            if getattr(model_patcher, "is_dynamic", lambda: False)():
-                raise ValueError(
-                    f"{plan.summary()}: weight streaming needs ComfyUI's classic model loading, but this MODEL uses "
-                    "dynamic VRAM; start ComfyUI with --disable-dynamic-vram, or set memory_budget to 'unlimited' "
-                    "if the model fits your GPU")
+            refuse_streaming(model_patcher, module, plan)
         with torch.inference_mode():  # load as nodes do (see the docstring: quantized weights)
             if own_placement:
                 model_patcher.patch_model(device_to=model_patcher.offload_device)
@@ -176,6 +172,31 @@ def training_model(model_patcher, *, gradient_checkpointing=True, precision: str
             if own_placement:
                 with torch.inference_mode():
                     model_patcher.unpatch_model(device_to=model_patcher.offload_device)
+
+
+def refuse_streaming(model_patcher, module, plan) -> None:
+    """Raise (before anything is loaded) when this MODEL's weights cannot be streamed by
+    FlowTrain on a GPU, saying why and the exact fix.
+
+    * ComfyUI's dynamic VRAM (``ModelPatcherDynamic``, its default on NVIDIA GPUs) owns where
+      every weight lives: it stages each layer's weights on the GPU per forward through its
+      own virtual-memory buffers, which it may evict at any time, and it refuses to be
+      patched outside its loader (``patch_model`` asserts ``load_weights=False``). Block
+      streaming needs the classic patcher, which ComfyUI only gives by reloading the file
+      (a second copy of the weights), so FlowTrain asks for the classic loader instead.
+    * Quantized ``comfy_quant`` weights (``QuantizedTensor``) stream on the CPU (tested) but
+      their GPU placement (pinned inner tensors, side-stream copies) has not run yet."""
+    if getattr(model_patcher, "is_dynamic", lambda: False)():
+        raise ValueError(
+            f"{plan.summary()}: FlowTrain streams weights only on a MODEL loaded by ComfyUI's classic loader, but "
+            "this one uses ComfyUI's dynamic VRAM (the default on NVIDIA GPUs). Fix: restart ComfyUI with "
+            "--disable-dynamic-vram (e.g. python main.py --disable-dynamic-vram), or set the Trainer's "
+            "memory_budget to 'unlimited' (memory.streaming='off') if the model fits your GPU")
+    if quantized_layers(module):
+        raise ValueError(
+            f"{plan.summary()}: streaming a quantized (comfy_quant fp8-scaled) model on a GPU is not supported yet. "
+            "Fix: load a bf16 file with UNETLoader weight_dtype 'fp8_e4m3fn' (plain fp8 weights stream), or set "
+            "memory_budget to 'unlimited' if the quantized model fits your GPU")
 
 
 LOW_PRECISION_WEIGHTS = {torch.bfloat16, getattr(torch, "float8_e4m3fn", None), getattr(torch, "float8_e5m2", None)}

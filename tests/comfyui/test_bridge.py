@@ -398,3 +398,31 @@ def test_training_uses_the_rope_with_the_transposed_backward(comfyui, bridge, ti
             rope_mod.RotaryEmbedding.apply = real
     assert len(calls) == 2  # one joint attention per block (1 double + 1 single)
     assert flux_math.apply_rope is original and mm.in_training is False
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "quantized"])
+def test_gpu_streaming_refusals_name_the_fix_before_loading(comfyui, bridge, tiny_files, tmp_path, monkeypatch, kind):
+    """On a GPU, streaming refuses a MODEL on ComfyUI's dynamic VRAM (its patcher cannot be
+    patched outside its own loader) and a comfy_quant model (GPU placement of quantized
+    tensors has not run), naming the exact fix, before the model is loaded or touched.
+    The GPU is emulated: ComfyUI's device says CUDA, nothing reaches CUDA before the refusal."""
+    import comfy.model_management as mm
+
+    from trainer_core.config import MemoryConfig, TrainingConfig
+
+    if kind == "quantized":
+        path = comfyui.write_tiny_flux_quantized(tmp_path / "q.safetensors", "flux2", guidance=False)
+        mp, fix = comfyui.load_flux(path), "fp8_e4m3fn"
+    else:
+        mp, fix = comfyui.load_flux(tiny_files["flux1_dev"]), "--disable-dynamic-vram"
+        monkeypatch.setattr(mp, "is_dynamic", lambda: True)
+    monkeypatch.setattr(mm, "get_torch_device", lambda: torch.device("cuda", 0))
+    dm = mp.model.diffusion_model
+    before = {n: p for n, p in dm.named_parameters()}
+    config = TrainingConfig(memory=MemoryConfig(budget_gb=48.0, streaming="all"))
+    with pytest.raises(ValueError, match=fix) as err:
+        with bridge.training_model(mp, gradient_checkpointing="blocks", config=config):
+            pass
+    assert "blocks streamed" in str(err.value)
+    assert not any(m.model is mp for m in mm.current_loaded_models) and mm.in_training is False
+    assert all(p is before[n] and p.is_inference() for n, p in dm.named_parameters())
