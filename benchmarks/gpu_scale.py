@@ -61,8 +61,14 @@ TOY_SHAPES = {  # name: (arch, hidden, double, single, context, guidance)
 }
 
 
-def init_comfyui(comfy_path: str, cpu: bool):
-    """Import ComfyUI from ``comfy_path`` (no nodes, no server), classic model loading."""
+def init_comfyui(comfy_path: str, cpu: bool, placeholders: tuple[str, ...] = ()):
+    """Import ComfyUI from ``comfy_path`` (no nodes, no server), classic model loading.
+    Packages ComfyUI imports but this script never calls get placeholders where missing
+    (``device_imports``; ``placeholders`` forces them, e.g. to test without them)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import device_imports
+
+    device_imports.install(force=placeholders)
     sys.path.insert(0, str(Path(comfy_path).resolve()))
     try:
         import comfyui_tv_shim  # a dev-venv shim for CPU torch + CUDA torchvision; optional
@@ -312,6 +318,8 @@ def main(argv=None) -> int:
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak for MFU (H200: 989)")
     p.add_argument("--time-limit", type=float, default=450.0, help="skip rows once this many seconds have passed")
     p.add_argument("--json", type=Path, help="write the rows here as JSON (also after each row)")
+    p.add_argument("--placeholders", default="", help="comma list of optional packages (av, scipy, PIL, torchsde) to "
+                   "replace by placeholders even if installed: proves the run needs none of them")
     args = p.parse_args(argv)
     args.steps = args.steps if args.steps is not None else (5 if args.quick else 8)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -319,7 +327,7 @@ def main(argv=None) -> int:
     if not comfy_path:
         print("set COMFYUI_PATH to a ComfyUI checkout", file=sys.stderr)
         return 2
-    bridge = init_comfyui(comfy_path, cpu=args.toy)
+    bridge = init_comfyui(comfy_path, cpu=args.toy, placeholders=tuple(filter(None, args.placeholders.split(","))))
     import torch
 
     device = "cpu" if args.toy else "cuda"
