@@ -1,10 +1,11 @@
 """Placeholders for packages ComfyUI imports at module level but the GPU benchmark never uses.
 
 A device machine may lack some of ComfyUI's requirements and has no internet; the big ones
-(PyAV, SciPy, Pillow: 5-35 MB wheels each, built per Python version) do not fit the 64 MiB
-that travels with a run. ``gpu_scale.py`` loads a FLUX model from a state dict, trains it
+(PyAV, SciPy, Pillow, torchvision, torchaudio: 3-35 MB wheels each, built per Python and
+torch version) do not fit the 64 MiB that travels with a run. ``gpu_scale.py`` loads a FLUX model from a state dict, trains it
 and runs the built-in Train LoRA node: none of that calls into these packages, ComfyUI only
-imports them (video types, the beta scheduler, image helpers, SDE noise). ``install`` puts
+imports them (video types, the beta scheduler, image helpers, SDE noise, other model
+families' layers). ``install`` puts
 an empty placeholder module in place of each *missing* one (a present package is never
 replaced, unless ``force`` names it, which the CPU test uses to prove the path needs none of
 them). Using a placeholder (calling it, or reading anything but module plumbing from it)
@@ -21,7 +22,7 @@ import types
 
 log = logging.getLogger("gpu_scale")
 
-OPTIONAL = ("av", "scipy", "PIL", "torchsde")
+OPTIONAL = ("av", "scipy", "PIL", "torchsde", "torchvision", "torchaudio")
 
 
 class _Missing:

@@ -318,7 +318,7 @@ def main(argv=None) -> int:
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak for MFU (H200: 989)")
     p.add_argument("--time-limit", type=float, default=450.0, help="skip rows once this many seconds have passed")
     p.add_argument("--json", type=Path, help="write the rows here as JSON (also after each row)")
-    p.add_argument("--placeholders", default="", help="comma list of optional packages (av, scipy, PIL, torchsde) to "
+    p.add_argument("--placeholders", default="", help="comma list of optional packages (device_imports.OPTIONAL) to "
                    "replace by placeholders even if installed: proves the run needs none of them")
     args = p.parse_args(argv)
     args.steps = args.steps if args.steps is not None else (5 if args.quick else 8)

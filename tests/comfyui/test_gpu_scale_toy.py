@@ -21,10 +21,10 @@ def test_gpu_scale_toy_runs_every_row(tmp_path):
     out = tmp_path / "rows.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # -30 GB maps below "every block streamed": a refused row, which must not stop the table;
-    # the packages a device may lack (PyAV, SciPy, Pillow, torchsde) are placeholders here
+    # the packages a device may lack (PyAV, SciPy, Pillow, torchsde, torchvision, torchaudio) are placeholders
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_scale.py"), "--toy", "--models", "toy-flux2",
                            "--budgets", "none,8,-30", "--steps", "1", "--warmup", "1", "--builtin", "--json", str(out),
-                           "--placeholders", "av,scipy,PIL,torchsde"],
+                           "--placeholders", "av,scipy,PIL,torchsde,torchvision,torchaudio"],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())
