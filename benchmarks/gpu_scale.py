@@ -1,9 +1,13 @@
 """Real-size LoRA training under memory budgets on one GPU: FLUX.1-dev, Klein 9B, FLUX.2-dev.
 
-    COMFYUI_PATH=/path/to/ComfyUI python benchmarks/gpu_scale.py            # the full run (< 8 min, H200)
+    COMFYUI_PATH=/path/to/ComfyUI python benchmarks/gpu_scale.py            # the full plan (< 8 min, H200)
+    COMFYUI_PATH=/path/to/ComfyUI python benchmarks/gpu_scale.py --quick    # the short plan (~4 min)
     COMFYUI_PATH=/path/to/ComfyUI python benchmarks/gpu_scale.py --toy      # same code path, CPU, seconds
 
-For each model (``--models``), random weights with the real layer shapes are made directly
+The rows run are a plan (``PLANS``: model, weights, resolution, budgets, built-in node or
+not), "full" by default, "quick" with ``--quick``; ``--models``/``--weights``/
+``--resolutions``/``--budgets`` instead run every combination of the given lists. For each
+model, random weights with the real layer shapes are made directly
 on the GPU (``torch.empty(...).normal_``), loaded through ComfyUI's loader
 (``comfy.sd.load_diffusion_model_state_dict`` with ``dtype`` bf16 or fp8_e4m3fn, like
 UNETLoader), and trained through the Trainer's own path (``nodes/bridge.training_model``
@@ -14,7 +18,10 @@ With ``--builtin`` ComfyUI's own Train LoRA node runs on the same model (offload
 on). Each row prints s/it (median after ``--warmup``), peak allocated GPU memory, the
 estimate and estimate/measured, and MFU (3 × forward matmul+attention FLOPs per step over
 ``--peak-tflops``). ``--toy`` uses tiny shapes on the CPU (no peak memory there).
-``--time-limit`` skips the rows left once that many seconds have passed.
+``--time-limit`` skips the rows left once that many seconds have passed. A row (or a model
+load) that fails prints ``error: ...`` in its plan column and the table goes on.
+``--compile`` is the Trainer's ``train.compile`` ("auto": compiled blocks on CUDA with
+Triton; the warmup steps absorb the compile time).
 """
 from __future__ import annotations
 
@@ -32,14 +39,37 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 log = logging.getLogger("gpu_scale")
+# plan name -> rows (model, weights, resolution, budgets in GB (None = unconstrained), built-in node rows)
+PLANS = {
+    "full": [
+        ("flux1-dev", "bf16", 512, (None, 8, 12, 16, 24), True),
+        ("flux1-dev", "bf16", 1024, (None, 8, 16, 24), True),
+        ("flux1-dev", "fp8", 512, (None, 8), False),
+        ("klein-9b", "bf16", 1024, (None, 12, 16), False),
+        ("flux2-dev", "fp8", 1024, (None, 16, 24), False),
+        ("flux2-dev", "bf16", 1024, (24,), False),
+    ],
+    "quick": [
+        ("flux1-dev", "bf16", 512, (None, 8), True),
+        ("flux1-dev", "bf16", 1024, (None,), False),
+        ("klein-9b", "bf16", 1024, (12,), False),
+        ("flux2-dev", "fp8", 1024, (24,), False),
+    ],
+}
 TOY_SHAPES = {  # name: (arch, hidden, double, single, context, guidance)
     "toy-flux1": ("flux1", 256, 2, 3, 64, True),
     "toy-flux2": ("flux2", 256, 2, 3, 64, False),
 }
 
 
-def init_comfyui(comfy_path: str, cpu: bool):
-    """Import ComfyUI from ``comfy_path`` (no nodes, no server), classic model loading."""
+def init_comfyui(comfy_path: str, cpu: bool, placeholders: tuple[str, ...] = ()):
+    """Import ComfyUI from ``comfy_path`` (no nodes, no server), classic model loading.
+    Packages ComfyUI imports but this script never calls get placeholders where missing
+    (``device_imports``; ``placeholders`` forces them, e.g. to test without them)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import device_imports
+
+    device_imports.install(force=placeholders)
     sys.path.insert(0, str(Path(comfy_path).resolve()))
     try:
         import comfyui_tv_shim  # a dev-venv shim for CPU torch + CUDA torchvision; optional
@@ -140,6 +170,7 @@ def run_ours(bridge, mp, shape, context: int, resolution: int, budget_gb, args) 
     from trainer_core.config import LoRAConfig, MemoryConfig, TrainingConfig
     from trainer_core.flow import interpolate, velocity_target
     from trainer_core.lora.network import LoraNetwork
+    from trainer_core.models.common import resolve_compile
 
     memory = MemoryConfig() if budget_gb is None else MemoryConfig(budget_gb=budget_gb, margin_gb=args.margin)
     config = TrainingConfig(memory=memory).replace(lora=LoRAConfig(rank=16, alpha=16.0, targets="attention"))
@@ -151,6 +182,7 @@ def run_ours(bridge, mp, shape, context: int, resolution: int, budget_gb, args) 
         plan = model.memory_plan
         net = LoraNetwork.inject(model.module, config.lora, model.default_targets["attention"])
         model.apply_memory_plan(plan)
+        model.set_compile(resolve_compile(args.compile, model.device), fallback=args.compile == "auto")
         opt = torch.optim.AdamW(net.parameters(), lr=1e-4)
         g = torch.Generator().manual_seed(1)
         for _ in range(args.warmup + args.steps):
@@ -167,8 +199,9 @@ def run_ours(bridge, mp, shape, context: int, resolution: int, budget_gb, args) 
             times.append(time.perf_counter() - t0)
             losses.append(loss.item())
         ledger = model.streamer.ledger.peak if model.streamer is not None else None
+        compiled = model.compile_blocks
         net.remove()
-    return {"plan": plan.summary(), "s_it": statistics.median(times[args.warmup:]), "est_gb": plan.estimate.total / 2**30,
+    return {"plan": plan.summary() + (", compiled" if compiled else ""), "s_it": statistics.median(times[args.warmup:]), "est_gb": plan.estimate.total / 2**30,
             "ledger_gb": None if ledger is None else ledger / 2**30, "loss": [losses[0], losses[-1]]}
 
 
@@ -252,79 +285,125 @@ def _reset(budget_gb) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
+def plan_rows(args) -> list[tuple]:
+    """(model, weights, resolution, budgets, builtin) rows: the named plan, or every
+    combination of the lists given on the command line (``--toy``: the toy models)."""
+    custom = any(x is not None for x in (args.models, args.weights, args.resolutions, args.budgets))
+    if not custom and not args.toy:
+        return PLANS["quick" if args.quick else "full"]
+    models = (args.models or ("toy-flux1,toy-flux2" if args.toy else "flux1-dev,klein-9b,flux2-dev")).split(",")
+    resolutions = [int(r) for r in (args.resolutions or ("128" if args.toy else "512,1024")).split(",")]
+    budgets = tuple(None if b == "none" else float(b) for b in (args.budgets or "none,8,12,16,24").split(","))
+    return [(m, w, r, budgets, args.builtin) for m in models for w in (args.weights or "bf16").split(",")
+            for r in resolutions]
+
+
+def _error(e: BaseException) -> str:
+    log.debug("row failed", exc_info=e)
+    first = (str(e).splitlines() or [""])[0]
+    return f"error: {type(e).__name__}: {first}"[:120]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--toy", action="store_true", help="tiny shapes on the CPU: the same code path in seconds")
-    p.add_argument("--models", default=None, help="comma list (default flux1-dev,klein-9b,flux2-dev; toy: toy-flux1,toy-flux2)")
-    p.add_argument("--weights", default="bf16", help="comma list of bf16, fp8")
+    p.add_argument("--quick", action="store_true", help="the short plan (~4 min on an H200) instead of the full one")
+    p.add_argument("--models", default=None, help="comma list (flux1-dev, klein-9b, flux2-dev; toy: toy-flux1, toy-flux2)")
+    p.add_argument("--weights", default=None, help="comma list of bf16, fp8 (with --models etc.; default bf16)")
     p.add_argument("--resolutions", default=None, help="comma list (default 512,1024; toy 128)")
-    p.add_argument("--budgets", default="none,8,12,16,24", help="comma list of GB; none = unconstrained")
-    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--budgets", default=None, help="comma list of GB; none = unconstrained (default none,8,12,16,24)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per row (default 8; quick 5)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--margin", type=float, default=0.5, help="memory.margin_gb for budget rows")
-    p.add_argument("--builtin", action="store_true", help="also run ComfyUI's Train LoRA node (offloading off, on)")
+    p.add_argument("--builtin", action="store_true", help="with --models etc.: also ComfyUI's Train LoRA node")
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"], help="train.compile for our rows")
     p.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak for MFU (H200: 989)")
     p.add_argument("--time-limit", type=float, default=450.0, help="skip rows once this many seconds have passed")
-    p.add_argument("--json", type=Path, help="write the rows here as JSON")
+    p.add_argument("--json", type=Path, help="write the rows here as JSON (also after each row)")
+    p.add_argument("--placeholders", default="", help="comma list of optional packages (device_imports.OPTIONAL) to "
+                   "replace by placeholders even if installed: proves the run needs none of them")
     args = p.parse_args(argv)
+    args.steps = args.steps if args.steps is not None else (5 if args.quick else 8)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     comfy_path = os.environ.get("COMFYUI_PATH")
     if not comfy_path:
         print("set COMFYUI_PATH to a ComfyUI checkout", file=sys.stderr)
         return 2
-    bridge = init_comfyui(comfy_path, cpu=args.toy)
-    import comfy.sd
+    bridge = init_comfyui(comfy_path, cpu=args.toy, placeholders=tuple(filter(None, args.placeholders.split(","))))
     import torch
 
     device = "cpu" if args.toy else "cuda"
-    models = (args.models or ("toy-flux1,toy-flux2" if args.toy else "flux1-dev,klein-9b,flux2-dev")).split(",")
-    resolutions = [int(r) for r in (args.resolutions or ("128" if args.toy else "512,1024")).split(",")]
-    budgets = [None if b == "none" else float(b) for b in args.budgets.split(",")]
     start, rows = time.perf_counter(), []
     print(f"{'model':<12}{'weights':<8}{'res':>6} {'budget':>9}  {'plan':<62}{'s/it':>8}{'peak GB':>9}"
-          f"{'est GB':>8}{'est/meas':>9}{'MFU':>7}")
-    for name in models:
-        shape, context, guidance = model_shape(name)
-        row_budgets = toy_budgets(shape, budgets, resolutions[0]) if args.toy else budgets
+          f"{'est GB':>8}{'est/meas':>9}{'MFU':>7}", flush=True)
+    loaded, mp = None, None
+    for name, weights, resolution, budgets, builtin in plan_rows(args):
+        base = {"model": name, "weights": weights, "resolution": resolution}
+        try:
+            shape, context, guidance = model_shape(name)
+            if loaded != (name, weights):
+                mp, loaded = None, None
+                _reset(None)
+                mp = load_random_model(shape, context, guidance, device, weights)
+                loaded = (name, weights)
+        except Exception as e:  # a model that cannot be built: one error row, the table goes on
+            rows.append({**base, "budget_gb": "-", "plan": _error(e)})
+            _print(rows[-1])
+            continue
+        row_budgets = toy_budgets(shape, budgets, resolution) if args.toy else budgets
         if args.toy:
             args.margin = 0.0
-        for weights in args.weights.split(","):
-            _reset(None)
-            sd = random_state_dict(shape, context, guidance, device, torch.bfloat16)
-            dtype = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}[weights]
-            mp = comfy.sd.load_diffusion_model_state_dict(sd, model_options={"dtype": dtype}, disable_dynamic=True)
-            del sd
-            # the built-in node re-creates its model through this (random weights again: same shapes)
-            mp.cached_patcher_init = (_reload, (shape, context, guidance, device, dtype))
-            for resolution in resolutions:
-                jobs = [("ours", b) for b in row_budgets]
-                if args.builtin:
-                    jobs += [("builtin", False), ("builtin", True)]
-                for kind, arg in jobs:
-                    label = "none" if (kind == "builtin" or arg is None) else f"{arg:.3g}"
-                    row = {"model": name, "weights": weights, "resolution": resolution, "budget_gb": label}
-                    if time.perf_counter() - start > args.time_limit:
-                        row.update(plan="skipped (time limit)")
-                    else:
-                        _reset(arg if kind == "ours" else None)
-                        try:
-                            row.update(run_ours(bridge, mp, shape, context, resolution, arg, args) if kind == "ours"
-                                       else run_builtin(mp, shape, context, resolution, arg, args))
-                        except (torch.cuda.OutOfMemoryError, ValueError) as e:
-                            row.update(plan=f"{type(e).__name__}: {str(e).splitlines()[0][:80]}")
-                        if _cuda():
-                            row["peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
-                        if "s_it" in row and not args.toy:
-                            tokens = shape.image_tokens(resolution)
-                            row["mfu"] = 3 * forward_flops(shape, tokens, shape.text_tokens) / row["s_it"] / (args.peak_tflops * 1e12)
-                    rows.append(row)
-                    _print(row)
-            del mp
+        jobs = [("ours", b) for b in row_budgets] + ([("builtin", False), ("builtin", True)] if builtin else [])
+        for kind, arg in jobs:
+            label = "none" if (kind == "builtin" or arg is None) else f"{arg:.3g}"
+            row = {**base, "budget_gb": label}
+            if time.perf_counter() - start > args.time_limit:
+                row.update(plan="skipped (time limit)")
+            else:
+                row.update(run_row(bridge, mp, shape, context, resolution, kind, arg, args))
+            rows.append(row)
+            _print(row)
+            if args.json:
+                args.json.write_text(json.dumps(rows, indent=1), encoding="utf-8")
+    mp = None
     _reset(None)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1), encoding="utf-8")
-    print(f"total {time.perf_counter() - start:.0f} s")
+    print(f"total {time.perf_counter() - start:.0f} s", flush=True)
     return 0
+
+
+def load_random_model(shape, context: int, guidance: bool, device, weights: str):
+    """A ComfyUI MODEL (classic patcher) of random weights with ``shape``'s layers, in ``weights``."""
+    import comfy.sd
+    import torch
+
+    dtype = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}[weights]
+    sd = random_state_dict(shape, context, guidance, device, torch.bfloat16)
+    mp = comfy.sd.load_diffusion_model_state_dict(sd, model_options={"dtype": dtype}, disable_dynamic=True)
+    del sd
+    # the built-in node re-creates its model through this (random weights again: same shapes)
+    mp.cached_patcher_init = (_reload, (shape, context, guidance, device, dtype))
+    return mp
+
+
+def run_row(bridge, mp, shape, context: int, resolution: int, kind: str, arg, args) -> dict:
+    """One row's figures, or ``plan="error: ..."``: any failure stays in its row."""
+    import torch
+
+    out: dict = {}
+    _reset(arg if kind == "ours" else None)
+    try:
+        out.update(run_ours(bridge, mp, shape, context, resolution, arg, args) if kind == "ours"
+                   else run_builtin(mp, shape, context, resolution, arg, args))
+    except Exception as e:  # OOM, a refused plan, a ComfyUI error: reported in the row
+        out["plan"] = _error(e)
+    if _cuda():
+        out["peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    if "s_it" in out and not args.toy:
+        tokens = shape.image_tokens(resolution)
+        out["mfu"] = 3 * forward_flops(shape, tokens, shape.text_tokens) / out["s_it"] / (args.peak_tflops * 1e12)
+    return out
 
 
 def _print(row: dict) -> None:

@@ -39,9 +39,23 @@ def _needs(package: str, optimizer: str, pip: str):
 
 
 # ---------------------------------------------------------------- optimizers
+FUSED_DEVICES = {"cpu", "cuda"}
+
+
+def _fusable(groups) -> bool:
+    """torch's fused AdamW (one kernel for all tensors) handles floating tensors on the CPU
+    and CUDA; elsewhere (or mixed) the per-tensor implementation runs."""
+    params = [p for g in groups for p in g["params"]]
+    return bool(params) and all(p.device.type in FUSED_DEVICES and p.is_floating_point() for p in params)
+
+
 @OPTIMIZERS.register("adamw")
 def _adamw(groups, cfg):
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    """torch AdamW, fused where it can be: on a CPU the default is a Python loop over the
+    tensors (~4x slower for a LoRA's ~100 tensors); the fused kernel computes the same update
+    (equal up to float rounding order)."""
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay,
+                             fused=_fusable(groups) or None)
 
 
 @OPTIMIZERS.register("adamw8bit")

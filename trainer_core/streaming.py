@@ -80,6 +80,12 @@ def _frozen_slots(block: nn.Module) -> list[tuple[nn.Module, str, bool, torch.Te
 
 
 def _nbytes(t: torch.Tensor) -> int:
+    """Bytes ``t`` occupies: for a wrapper tensor subclass (e.g. ComfyUI's quantized
+    weights: fp8 data + scales behind a bf16-looking shape) the sum of its inner tensors
+    (``__tensor_flatten__``), as the memory plan counts them, not shape × reported dtype."""
+    if type(t) not in (torch.Tensor, nn.Parameter) and hasattr(t, "__tensor_flatten__"):
+        names, _ctx = t.__tensor_flatten__()
+        return sum(_nbytes(getattr(t, n)) for n in names)
     return t.numel() * t.element_size()
 
 

@@ -23,8 +23,9 @@ so a weight autograd saved would be overwritten by the next layer's copy (see
 SCALE-FAMILIES-FACTS §1.3), and it streams per Linear rather than per block. On exit every
 weight goes back to the offload device and the patches are undone. ComfyUI's dynamic-VRAM
 patcher (its CUDA default) cannot be patched outside its own loader, so streaming asks for
-``--disable-dynamic-vram`` there. The streaming load path has only run on a CPU so far (GPU
-figures pending).
+``--disable-dynamic-vram`` there; streaming ``comfy_quant`` weights is refused on a GPU (it runs
+and is tested on the CPU). Both refusals come before anything is loaded (``refuse_streaming``).
+The streaming load path has only run on a CPU so far (GPU figures pending; docs/scale.md).
 * ``VaeCodec`` (VAE → LatentCodec), ``ClipTextEncoder`` (CLIP → TextEncoder),
   ``FixedConditioningEncoder`` (CONDITIONING → TextEncoder).
 * ``model_with_lora``: a MODEL carrying a LoRA file's tensors, like core LoraModelLoader,

@@ -20,6 +20,7 @@ import torch
 from trainer_core.lora.network import strip_lora_layers
 from trainer_core.models.bfl_flux import CHECKPOINT_MODES
 from trainer_core.models.families import FAMILIES, Family
+from trainer_core.models.rope import apply_rope
 
 from .weights import AutogradSafeWeights, quantized_layers
 
@@ -90,6 +91,30 @@ def sdpa_attention(default, *args, **kwargs):
 
 
 @contextlib.contextmanager
+def training_rope() -> Iterator[None]:
+    """While training (``in_training``), FLUX's attention rotates q and k with
+    ``trainer_core.models.rope.apply_rope``: the same fp32 rotation as ComfyUI's training path,
+    with a backward that is the transposed rotation instead of autograd's broadcast reductions
+    (about half the time). ComfyUI has no hook for RoPE, so ``comfy.ldm.flux.math.apply_rope``
+    (which its ``attention`` calls) is swapped for the block and put back after; outside
+    training (previews) ComfyUI's own function runs."""
+    import comfy.ldm.flux.math as flux_math
+
+    inference_rope = flux_math.apply_rope
+
+    def rope(xq, xk, freqs_cis):
+        if comfy.model_management.in_training:
+            return apply_rope(xq, xk, freqs_cis)
+        return inference_rope(xq, xk, freqs_cis)
+
+    flux_math.apply_rope = rope
+    try:
+        yield
+    finally:
+        flux_math.apply_rope = inference_rope
+
+
+@contextlib.contextmanager
 def training_model(model_patcher, config=None) -> Iterator:
     """Load ``model_patcher`` fully (its patches, e.g. another LoRA, are merged into the
     weights by ComfyUI, so training happens on top of them) and yield the family's adapter
@@ -101,6 +126,12 @@ def training_model(model_patcher, config=None) -> Iterator:
     (``auto_compute_dtype``); "bf16"/"fp16"/"fp32" compute in that dtype (see
     ``_compute_dtypes``). The stored weights are never cast or copied; fp8 weights stay fp8
     (ComfyUI's layers cast them per forward).
+
+    The MODEL is loaded (and unloaded) inside inference mode, as every node does, so its
+    weights stay inference tensors and ``AutogradSafeWeights`` swaps them for the run. Loaded
+    outside it, ComfyUI's quantized layers (``_quantized_apply``) turn the weights into normal
+    ``QuantizedTensor``s, which the next node's ``unpatch_model`` (in inference mode) cannot
+    wrap in a Parameter ("Cannot set version_counter for inference tensor").
 
     Inside the block: inference mode off, grad on, ``comfy.model_management.in_training``
     True (ComfyUI's fused rope has no backward otherwise). Everything is restored on exit,
@@ -140,14 +171,12 @@ def training_model(model_patcher, config=None) -> Iterator:
         model.memory_plan = plan
         own_placement = plan is not None and bool(plan.streamed) and model.device.type != "cpu"
         if own_placement:
-            if getattr(model_patcher, "is_dynamic", lambda: False)():
-                raise ValueError(
-                    f"{plan.summary()}: weight streaming needs ComfyUI's classic model loading, but this MODEL uses "
-                    "dynamic VRAM; start ComfyUI with --disable-dynamic-vram, or set memory_budget to 'unlimited' "
-                    "if the model fits your GPU")
-            model_patcher.patch_model(device_to=model_patcher.offload_device)
-        else:
-            mm.load_models_gpu([model_patcher], force_full_load=True)
+            refuse_streaming(model_patcher, module, plan)
+        with torch.inference_mode():  # load as nodes do (see the docstring: quantized weights)
+            if own_placement:
+                model_patcher.patch_model(device_to=model_patcher.offload_device)
+            else:
+                mm.load_models_gpu([model_patcher], force_full_load=True)
         weights = AutogradSafeWeights(module)
         try:
             converted = weights.apply()
@@ -155,17 +184,42 @@ def training_model(model_patcher, config=None) -> Iterator:
                      info.arch, info.model_type_name, converted, compute, autocast, mode,
                      f", {plan.summary()}" if plan is not None else "")
             mm.in_training = True
-            yield model
+            with training_rope():
+                yield model
         finally:
             mm.in_training = previous
             if hasattr(model, "release_streaming"):
                 model.release_streaming()
             strip_lora_layers(module)
-            if own_placement:
-                module.to(model_patcher.offload_device)
             weights.restore()
             if own_placement:
-                model_patcher.unpatch_model(device_to=model_patcher.offload_device)
+                with torch.inference_mode():
+                    model_patcher.unpatch_model(device_to=model_patcher.offload_device)
+
+
+def refuse_streaming(model_patcher, module, plan) -> None:
+    """Raise (before anything is loaded) when this MODEL's weights cannot be streamed by
+    FlowTrain on a GPU, saying why and the exact fix.
+
+    * ComfyUI's dynamic VRAM (``ModelPatcherDynamic``, its default on NVIDIA GPUs) owns where
+      every weight lives: it stages each layer's weights on the GPU per forward through its
+      own virtual-memory buffers, which it may evict at any time, and it refuses to be
+      patched outside its loader (``patch_model`` asserts ``load_weights=False``). Block
+      streaming needs the classic patcher, which ComfyUI only gives by reloading the file
+      (a second copy of the weights), so FlowTrain asks for the classic loader instead.
+    * Quantized ``comfy_quant`` weights (``QuantizedTensor``) stream on the CPU (tested) but
+      their GPU placement (pinned inner tensors, side-stream copies) has not run yet."""
+    if getattr(model_patcher, "is_dynamic", lambda: False)():
+        raise ValueError(
+            f"{plan.summary()}: FlowTrain streams weights only on a MODEL loaded by ComfyUI's classic loader, but "
+            "this one uses ComfyUI's dynamic VRAM (the default on NVIDIA GPUs). Fix: restart ComfyUI with "
+            "--disable-dynamic-vram (e.g. python main.py --disable-dynamic-vram), or set the Trainer's "
+            "memory_budget to 'unlimited' (memory.streaming='off') if the model fits your GPU")
+    if quantized_layers(module):
+        raise ValueError(
+            f"{plan.summary()}: streaming a quantized (comfy_quant fp8-scaled) model on a GPU is not supported yet. "
+            "Fix: load a bf16 file with UNETLoader weight_dtype 'fp8_e4m3fn' (plain fp8 weights stream), or set "
+            "memory_budget to 'unlimited' if the quantized model fits your GPU")
 
 
 LOW_PRECISION_WEIGHTS = {torch.bfloat16, getattr(torch, "float8_e4m3fn", None), getattr(torch, "float8_e5m2", None)}

@@ -112,8 +112,7 @@ def _copy_back(original: torch.Tensor, new: torch.Tensor) -> None:
     for target, source in pairs:
         with torch.inference_mode():
             data = source.data.clone()
-        if inner is None:
-            source.data = torch.empty(0, dtype=data.dtype, device=data.device)
+        source.data = torch.empty(0, dtype=data.dtype, device=data.device)  # one tensor extra at a time
         target.data = data
 
 

@@ -369,3 +369,61 @@ def test_training_attends_with_sdpa(comfyui, bridge, tiny_files):
         with Record():
             _train(model, steps=1)
     assert len(seen) == 2  # 1 double + 1 single block
+
+
+def test_training_uses_the_rope_with_the_transposed_backward(comfyui, bridge, tiny_files):
+    """Inside ``training_model`` FLUX's attention rotates with ``trainer_core``'s RoPE while
+    training (ComfyUI's own function outside: previews), with the same forward values as
+    ComfyUI's training path; afterwards ComfyUI's function is back."""
+    import comfy.ldm.flux.math as flux_math
+    import comfy.model_management as mm
+
+    original = flux_math.apply_rope
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 2, 6, 8, generator=g), torch.randn(1, 2, 6, 8, generator=g)
+    pe = flux_math.rope(torch.arange(6.0).reshape(1, 6), 8, 10000).unsqueeze(1)
+    mp = _load(comfyui, tiny_files["flux1_dev"])
+    calls = []
+    with bridge.training_model(mp, gradient_checkpointing=False) as model:
+        assert flux_math.apply_rope is not original
+        comfy_q, comfy_k = flux_math._apply_rope(q, k, pe)  # ComfyUI's training path
+        ours_q, ours_k = flux_math.apply_rope(q, k, pe)
+        assert torch.equal(ours_q, comfy_q) and torch.equal(ours_k, comfy_k)
+        import trainer_core.models.rope as rope_mod
+
+        real = rope_mod.RotaryEmbedding.apply
+        rope_mod.RotaryEmbedding.apply = lambda *a: calls.append(1) or real(*a)
+        try:
+            _loss(model, _batch(model.arch))
+        finally:
+            rope_mod.RotaryEmbedding.apply = real
+    assert len(calls) == 2  # one joint attention per block (1 double + 1 single)
+    assert flux_math.apply_rope is original and mm.in_training is False
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "quantized"])
+def test_gpu_streaming_refusals_name_the_fix_before_loading(comfyui, bridge, tiny_files, tmp_path, monkeypatch, kind):
+    """On a GPU, streaming refuses a MODEL on ComfyUI's dynamic VRAM (its patcher cannot be
+    patched outside its own loader) and a comfy_quant model (GPU placement of quantized
+    tensors has not run), naming the exact fix, before the model is loaded or touched.
+    The GPU is emulated: ComfyUI's device says CUDA, nothing reaches CUDA before the refusal."""
+    import comfy.model_management as mm
+
+    from trainer_core.config import MemoryConfig, TrainingConfig
+
+    if kind == "quantized":
+        path = comfyui.write_tiny_flux_quantized(tmp_path / "q.safetensors", "flux2", guidance=False)
+        mp, fix = comfyui.load_flux(path), "fp8_e4m3fn"
+    else:
+        mp, fix = comfyui.load_flux(tiny_files["flux1_dev"]), "--disable-dynamic-vram"
+        monkeypatch.setattr(mp, "is_dynamic", lambda: True)
+    monkeypatch.setattr(mm, "get_torch_device", lambda: torch.device("cuda", 0))
+    dm = mp.model.diffusion_model
+    before = {n: p for n, p in dm.named_parameters()}
+    config = TrainingConfig(memory=MemoryConfig(budget_gb=48.0, streaming="all"))
+    with pytest.raises(ValueError, match=fix) as err:
+        with bridge.training_model(mp, gradient_checkpointing="blocks", config=config):
+            pass
+    assert "blocks streamed" in str(err.value)
+    assert not any(m.model is mp for m in mm.current_loaded_models) and mm.in_training is False
+    assert all(p is before[n] and p.is_inference() for n, p in dm.named_parameters())

@@ -20,11 +20,16 @@ def test_gpu_scale_toy_runs_every_row(tmp_path):
         pytest.skip("COMFYUI_PATH is not set")
     out = tmp_path / "rows.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # -30 GB maps below "every block streamed": a refused row, which must not stop the table;
+    # the packages a device may lack (PyAV, SciPy, Pillow, torchsde, torchvision, torchaudio) are placeholders
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_scale.py"), "--toy", "--models", "toy-flux2",
-                           "--budgets", "none,8", "--steps", "1", "--warmup", "1", "--builtin", "--json", str(out)],
+                           "--budgets", "none,8,-30", "--steps", "1", "--warmup", "1", "--builtin", "--json", str(out),
+                           "--placeholders", "av,scipy,PIL,torchsde,torchvision,torchaudio"],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())
+    refused = rows.pop(2)
+    assert refused["plan"].startswith("error: ") and "s_it" not in refused, refused
     assert [r["budget_gb"] == "none" for r in rows] == [True, False, True, True]
     assert all(r.get("s_it", 0) > 0 for r in rows), rows
     ours = rows[:2]
@@ -33,3 +38,21 @@ def test_gpu_scale_toy_runs_every_row(tmp_path):
     assert ours[1]["ledger_gb"] is not None and ours[1]["ledger_gb"] <= float(ours[1]["budget_gb"])
     assert [r["plan"] for r in rows[2:]] == ["built-in node, offloading off", "built-in node, offloading on"]
     assert "s/it" in proc.stdout and "est/meas" in proc.stdout
+
+
+def test_gpu_scale_plans_name_known_models_and_fit_the_time_limit():
+    """The full and quick plans run real shapes only, the quick plan is a subset-sized run,
+    and rows are guarded (each is a (model, weights, resolution, budgets, builtin) tuple)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_scale
+
+    from trainer_core import memory
+
+    for name, rows in gpu_scale.PLANS.items():
+        assert rows, name
+        for model, weights, resolution, budgets, builtin in rows:
+            assert model in memory.KNOWN_SHAPES and weights in ("bf16", "fp8") and resolution in (512, 1024)
+            assert all(b is None or b > 0 for b in budgets) and isinstance(builtin, bool)
+    quick = sum(len(r[3]) + 2 * r[4] for r in gpu_scale.PLANS["quick"])
+    full = sum(len(r[3]) + 2 * r[4] for r in gpu_scale.PLANS["full"])
+    assert quick < full <= 30

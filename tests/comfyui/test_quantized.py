@@ -140,3 +140,76 @@ def test_lora_from_quantized_model_loads_in_comfy_and_matches(comfyui, bridge, q
     effect = (live - base).abs().max()
     assert effect > 0.1 * live.abs().max()
     assert (from_file - live).abs().max() <= 0.1 * effect, ((from_file - live).abs().max(), effect)
+
+
+def test_quantized_model_comes_back_as_nodes_load_it(comfyui, bridge, quant_files):
+    """A MODEL not yet on its device (the Trainer is often the first node to load it) is
+    loaded by ``training_model`` as every node loads it, inside inference mode: after
+    training its weights are inference tensors again, so the next node (a sampler, in
+    inference mode) can move and patch them. Loaded outside inference mode, ComfyUI's
+    quantized layers turn their weights into normal tensors, and ``nn.Parameter`` of such a
+    ``QuantizedTensor`` inside inference mode fails ("Cannot set version_counter for
+    inference tensor") when the sampler's ``unpatch_model`` moves the model."""
+    mp = comfyui.load_flux(quant_files["flux2"])  # as UNETLoader leaves it: not loaded yet
+    dm = mp.model.diffusion_model
+    before = {n: p.is_inference() for n, p in dm.named_parameters()}
+    assert all(before.values()) and _quantized(dm)
+    with bridge.training_model(mp, gradient_checkpointing=True, precision="bf16") as model:
+        losses = _train(model, steps=2)
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert {n: p.is_inference() for n, p in dm.named_parameters()} == before
+    with torch.inference_mode():
+        mp.model.to(mp.offload_device)  # what the next node's load does first (unpatch_model)
+    assert all(w.is_inference() for w in _quantized(dm).values())
+
+
+@pytest.mark.parametrize("name", ["flux1_dev", "flux2"])
+def test_streamed_training_of_quantized_weights_is_the_same(comfyui, bridge, quant_files, name):
+    """memory.streaming='all' on a ``comfy_quant`` model (storage and compute both the CPU):
+    the streamer copies each block's ``QuantizedTensor`` weights (still quantized) around
+    its use, the LoRA trains to bitwise the same losses and weights as without streaming,
+    the ledger stays within the plan's weight limit and ends at the resident bytes, and the
+    MODEL's quantized weights are the same objects and values afterwards."""
+    from comfy.quant_ops import QuantizedTensor
+
+    from trainer_core.config import MemoryConfig, TrainingConfig
+
+    results = {}
+    for streaming in ("off", "all"):
+        mp = _load(comfyui, quant_files[name])
+        dm = mp.model.diffusion_model
+        before = {n: (w, w._qdata.clone()) for n, w in _quantized(dm).items()}
+        config = TrainingConfig(memory=MemoryConfig(streaming=streaming))
+        with bridge.training_model(mp, gradient_checkpointing="blocks", precision="bf16", config=config) as model:
+            plan = model.memory_plan
+            torch.manual_seed(0)
+            net = LoraNetwork.inject(model.module, LoRAConfig(rank=4, alpha=4.0), model.default_targets["all"])
+            model.apply_memory_plan(plan)
+            copied = []
+            if model.streamer is not None:  # what the streamer puts in the slots: quantized copies
+                block = model.streamer.blocks[plan.streamed[0]]
+                with model.streamer.use(plan.streamed[0]):
+                    copied = [m.weight._qdata.dtype for m in block.modules()
+                              if isinstance(getattr(m, "weight", None), QuantizedTensor)]
+            opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+            batch, losses = _batch(model.arch), []
+            for _ in range(3):
+                loss = _loss(model, batch)
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+                losses.append(loss.item())
+            ledger = (model.streamer.ledger.peak, model.streamer.ledger.current, model.streamer._resident,
+                      model.streamer.fetches) if model.streamer is not None else None
+            lora = {k: v.detach().clone() for k, v in net.state_dict().items()}
+            net.remove()
+        results[streaming] = (losses, lora, plan, ledger, copied)
+        after = _quantized(dm)
+        for n, (w, data) in before.items():
+            assert after[n] is w and torch.equal(w._qdata.view(torch.uint8), data.view(torch.uint8)), n
+    losses, lora, plan, (peak, current, resident, fetches), copied = results["all"]
+    assert len(plan.streamed) == plan.blocks and results["off"][2].streamed == ()
+    assert copied and set(copied) == {torch.float8_e4m3fn}
+    assert fetches >= 3 * plan.blocks * 2 and 0 < peak <= plan.weight_limit and current == resident
+    assert losses == results["off"][0] and all(torch.isfinite(torch.tensor(losses)))
+    assert all(torch.equal(lora[k], results["off"][1][k]) for k in lora)

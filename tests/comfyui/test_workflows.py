@@ -184,9 +184,6 @@ def test_node_schemas_match_the_widget_lists(env):
         assert tuple(names) == tuple(expected), node_id
 
 
-@pytest.mark.xfail(reason="open: training succeeds, then the workflow's FlowTrainSamplerPreview fails in ComfyUI's "
-                          "_quantized_apply during unpatch_model ('Cannot set version_counter for inference tensor'); "
-                          "not yet traced to FlowTrain or ComfyUI", strict=False)
 @pytest.mark.parametrize("name", ["flux2_klein_style_lora"])
 def test_example_workflow_trains_a_comfy_quant_fp8_model(env, name, caplog):
     """The Trainer on a ``comfy_quant`` fp8-scaled file (made with ComfyUI's own quantization

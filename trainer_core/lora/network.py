@@ -16,7 +16,9 @@ whatever the base dtype (fp32 master weights by default); every other parameter 
 
 The LoRA branch runs in the dtype of the base layer's output (the compute dtype, e.g. bf16):
 A and B are cast per forward (r·(in+out) elements, a differentiable cast, so their gradients
-land in the fp32 masters). peft's own layer instead casts the activation to the LoRA dtype
+land in the fp32 masters). The scale multiplies the rank-r activation ``A x`` and the up
+projection is added to the base output by one ``addmm``, so the branch adds no elementwise
+pass over the [tokens, out] output. peft's own layer instead casts the activation to the LoRA dtype
 and computes the branch in fp32, which costs an fp32 copy of every input and fp32 matmuls.
 """
 
@@ -125,8 +127,8 @@ def _lora_linear_class():
             for name in active:
                 a, b = self.lora_A[name].weight, self.lora_B[name].weight
                 dtype = result.dtype
-                h = nn.functional.linear(self.lora_dropout[name](x).to(dtype), a.to(dtype))
-                result = result + nn.functional.linear(h, b.to(dtype)) * self.scaling[name]
+                h = nn.functional.linear(self.lora_dropout[name](x).to(dtype), a.to(dtype)) * self.scaling[name]
+                result = _add_up_projection(result, h, b.to(dtype))
             return result
 
     _LORA_LINEAR = ComputeDtypeLinear
@@ -134,6 +136,14 @@ def _lora_linear_class():
 
 
 _LORA_LINEAR = None
+
+
+def _add_up_projection(result: torch.Tensor, h: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``result + h·Bᵀ`` as one ``addmm`` (the scale is already in ``h``, [.., r]): no
+    elementwise pass over the [tokens, out] output for the scale or the sum, forward or
+    backward (``addmm``'s gradient to ``result`` is the incoming gradient itself)."""
+    out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), b.t())
+    return out.view(result.shape)
 
 
 def _peft_native_kinds() -> set[type]:
