@@ -384,7 +384,7 @@ def test_training_uses_the_rope_with_the_transposed_backward(comfyui, bridge, ti
     pe = flux_math.rope(torch.arange(6.0).reshape(1, 6), 8, 10000).unsqueeze(1)
     mp = _load(comfyui, tiny_files["flux1_dev"])
     calls = []
-    with bridge.training_model(mp, gradient_checkpointing=False) as model:
+    with bridge.training_model(mp, harness.bridge_config(False)) as model:
         assert flux_math.apply_rope is not original
         comfy_q, comfy_k = flux_math._apply_rope(q, k, pe)  # ComfyUI's training path
         ours_q, ours_k = flux_math.apply_rope(q, k, pe)
@@ -422,7 +422,7 @@ def test_gpu_streaming_refusals_name_the_fix_before_loading(comfyui, bridge, tin
     before = {n: p for n, p in dm.named_parameters()}
     config = TrainingConfig(memory=MemoryConfig(budget_gb=48.0, streaming="all"))
     with pytest.raises(ValueError, match=fix) as err:
-        with bridge.training_model(mp, gradient_checkpointing="blocks", config=config):
+        with bridge.training_model(mp, config):
             pass
     assert "blocks streamed" in str(err.value)
     assert not any(m.model is mp for m in mm.current_loaded_models) and mm.in_training is False

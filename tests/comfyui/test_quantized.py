@@ -154,7 +154,7 @@ def test_quantized_model_comes_back_as_nodes_load_it(comfyui, bridge, quant_file
     dm = mp.model.diffusion_model
     before = {n: p.is_inference() for n, p in dm.named_parameters()}
     assert all(before.values()) and _quantized(dm)
-    with bridge.training_model(mp, gradient_checkpointing=True, precision="bf16") as model:
+    with bridge.training_model(mp, harness.bridge_config(True, precision="bf16")) as model:
         losses = _train(model, steps=2)
     assert all(torch.isfinite(torch.tensor(losses)))
     assert {n: p.is_inference() for n, p in dm.named_parameters()} == before
@@ -172,15 +172,15 @@ def test_streamed_training_of_quantized_weights_is_the_same(comfyui, bridge, qua
     MODEL's quantized weights are the same objects and values afterwards."""
     from comfy.quant_ops import QuantizedTensor
 
-    from trainer_core.config import MemoryConfig, TrainingConfig
+    from trainer_core.config import MemoryConfig
 
     results = {}
     for streaming in ("off", "all"):
         mp = _load(comfyui, quant_files[name])
         dm = mp.model.diffusion_model
         before = {n: (w, w._qdata.clone()) for n, w in _quantized(dm).items()}
-        config = TrainingConfig(memory=MemoryConfig(streaming=streaming))
-        with bridge.training_model(mp, gradient_checkpointing="blocks", precision="bf16", config=config) as model:
+        config = harness.bridge_config("blocks", precision="bf16", memory=MemoryConfig(streaming=streaming))
+        with bridge.training_model(mp, config) as model:
             plan = model.memory_plan
             torch.manual_seed(0)
             net = LoraNetwork.inject(model.module, LoRAConfig(rank=4, alpha=4.0), model.default_targets["all"])
