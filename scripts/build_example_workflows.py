@@ -154,6 +154,42 @@ def common_training(first: int, *, clip: tuple, vae: int, model: int, trigger: s
     ]
 
 
+def loaders(unet: str, vae: str, note: str, *, qwen: str = "") -> list[N]:
+    """Nodes 1-4: the diffusion model, the text encoder(s) (FLUX.1's CLIP-L + T5, or Qwen3-4B
+    through CLIPLoader of type ``qwen``), the VAE and the read-me note."""
+    clip = N(2, "CLIPLoader", {"clip_name": "qwen_3_4b.safetensors", "type": qwen, "device": "default"}, pos=(0, 160)) \
+        if qwen else N(2, "DualCLIPLoader", {"clip_name1": "clip_l.safetensors", "clip_name2": "t5xxl_fp16.safetensors",
+                                             "type": "flux", "device": "default"}, pos=(0, 160))
+    return [N(1, "UNETLoader", {"unet_name": unet, "weight_dtype": "default"}, pos=(0, 0)), clip,
+            N(3, "VAELoader", {"vae_name": vae}, pos=(0, 360)),
+            N(4, "MarkdownNote", {"text": note}, pos=(0, 500), title="Read me")]
+
+
+def cfg_prompts(prompt: str, latent_type: str) -> list[N]:
+    """Prompt (20), an empty negative (22) and a 512² empty latent (23) for a CFG-sampled model."""
+    return [
+        N(20, "CLIPTextEncode", {"text": prompt}, {"clip": (2, 0, "CLIP")}, pos=(1180, 480), title="Prompt"),
+        N(22, "CLIPTextEncode", {"text": ""}, {"clip": (2, 0, "CLIP")}, pos=(1180, 820), title="Negative"),
+        N(23, latent_type, {"width": 512, "height": 512, "batch_size": 1}, pos=(1180, 960)),
+    ]
+
+
+def sample_chain(name: str, *, positive: int, latent: int, cfg: float, steps: int = 20, model: int = 10,
+                 negative: int = 22, vae: int = 3) -> list[N]:
+    """KSampler (24) → VAEDecode (25) → SaveImage (26) on the trained MODEL: the usual sampling
+    graph beside the Trainer, saved as ``flowtrain/<name>_ksampler``."""
+    return [
+        N(24, "KSampler", {"seed": 0, "steps": steps, "cfg": cfg, "sampler_name": "euler", "scheduler": "simple",
+                           "denoise": 1.0},
+          {"model": (model, 0, "MODEL"), "positive": (positive, 0, "CONDITIONING"),
+           "negative": (negative, 0, "CONDITIONING"), "latent_image": (latent, 0, "LATENT")},
+          pos=(1560, 480), ui_extra=[("seed", "fixed")]),
+        N(25, "VAEDecode", {}, {"samples": (24, 0, "LATENT"), "vae": (vae, 0, "VAE")}, pos=(1940, 480)),
+        N(26, "SaveImage", {"filename_prefix": f"flowtrain/{name}_ksampler"}, {"images": (25, 0, "IMAGE")},
+          pos=(2200, 480)),
+    ]
+
+
 NOTE_FLUX1 = """## FlowTrain: FLUX.1-dev subject LoRA
 
 Put the model files here:
@@ -178,58 +214,28 @@ Put 20-50 images in the style in `input/flowtrain_dataset/` with captions descri
 
 
 def flux1_dev_subject() -> list[N]:
-    nodes = [
-        N(1, "UNETLoader", {"unet_name": "flux1-dev.safetensors", "weight_dtype": "default"}, pos=(0, 0)),
-        N(2, "DualCLIPLoader", {"clip_name1": "clip_l.safetensors", "clip_name2": "t5xxl_fp16.safetensors",
-                                "type": "flux", "device": "default"}, pos=(0, 160)),
-        N(3, "VAELoader", {"vae_name": "ae.safetensors"}, pos=(0, 360)),
-        N(4, "MarkdownNote", {"text": NOTE_FLUX1}, pos=(0, 500), title="Read me"),
-    ]
+    nodes = loaders("flux1-dev.safetensors", "ae.safetensors", NOTE_FLUX1)
     nodes += common_training(5, clip=(2, 0), vae=3, model=1, trigger="sks", class_word="person",
                              name="flux1_subject", prompt="a photo of sks person at the beach",
                              guidance_train=1.0, preview_guidance=3.5, res="512")
-    t = 10
     nodes += [
         N(20, "CLIPTextEncode", {"text": "a portrait photo of sks person in a cafe, soft light"},
           {"clip": (2, 0, "CLIP")}, pos=(1180, 480), title="Prompt"),
         N(21, "FluxGuidance", {"guidance": 3.5}, {"conditioning": (20, 0, "CONDITIONING")}, pos=(1180, 700)),
         N(22, "CLIPTextEncode", {"text": ""}, {"clip": (2, 0, "CLIP")}, pos=(1180, 820), title="Negative (unused at cfg 1)"),
         N(23, "EmptySD3LatentImage", {"width": 512, "height": 512, "batch_size": 1}, pos=(1180, 960)),
-        N(24, "KSampler", {"seed": 0, "steps": 20, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
-                           "denoise": 1.0},
-          {"model": (t, 0, "MODEL"), "positive": (21, 0, "CONDITIONING"), "negative": (22, 0, "CONDITIONING"),
-           "latent_image": (23, 0, "LATENT")}, pos=(1560, 480), ui_extra=[("seed", "fixed")]),
-        N(25, "VAEDecode", {}, {"samples": (24, 0, "LATENT"), "vae": (3, 0, "VAE")}, pos=(1940, 480)),
-        N(26, "SaveImage", {"filename_prefix": "flowtrain/flux1_subject_ksampler"}, {"images": (25, 0, "IMAGE")},
-          pos=(2200, 480)),
     ]
+    nodes += sample_chain("flux1_subject", positive=21, latent=23, cfg=1.0)
     return nodes
 
 
 def flux2_klein_style() -> list[N]:
-    nodes = [
-        N(1, "UNETLoader", {"unet_name": "flux-2-klein-base-4b.safetensors", "weight_dtype": "default"}, pos=(0, 0)),
-        N(2, "CLIPLoader", {"clip_name": "qwen_3_4b.safetensors", "type": "flux2", "device": "default"}, pos=(0, 160)),
-        N(3, "VAELoader", {"vae_name": "flux2-vae.safetensors"}, pos=(0, 360)),
-        N(4, "MarkdownNote", {"text": NOTE_KLEIN}, pos=(0, 500), title="Read me"),
-    ]
+    nodes = loaders("flux-2-klein-base-4b.safetensors", "flux2-vae.safetensors", NOTE_KLEIN, qwen="flux2")
     nodes += common_training(5, clip=(2, 0), vae=3, model=1, trigger="xyzstyle", class_word="style",
                              name="flux2_klein_style", prompt="a lighthouse on a cliff, xyzstyle",
                              guidance_train=1.0, preview_guidance=4.0, res="512")
-    t = 10
-    nodes += [
-        N(20, "CLIPTextEncode", {"text": "a city street at night, xyzstyle"}, {"clip": (2, 0, "CLIP")},
-          pos=(1180, 480), title="Prompt"),
-        N(22, "CLIPTextEncode", {"text": ""}, {"clip": (2, 0, "CLIP")}, pos=(1180, 820), title="Negative"),
-        N(23, "EmptyFlux2LatentImage", {"width": 512, "height": 512, "batch_size": 1}, pos=(1180, 960)),
-        N(24, "KSampler", {"seed": 0, "steps": 20, "cfg": 4.0, "sampler_name": "euler", "scheduler": "simple",
-                           "denoise": 1.0},
-          {"model": (t, 0, "MODEL"), "positive": (20, 0, "CONDITIONING"), "negative": (22, 0, "CONDITIONING"),
-           "latent_image": (23, 0, "LATENT")}, pos=(1560, 480), ui_extra=[("seed", "fixed")]),
-        N(25, "VAEDecode", {}, {"samples": (24, 0, "LATENT"), "vae": (3, 0, "VAE")}, pos=(1940, 480)),
-        N(26, "SaveImage", {"filename_prefix": "flowtrain/flux2_klein_style_ksampler"}, {"images": (25, 0, "IMAGE")},
-          pos=(2200, 480)),
-    ]
+    nodes += cfg_prompts("a city street at night, xyzstyle", "EmptyFlux2LatentImage")
+    nodes += sample_chain("flux2_klein_style", positive=20, latent=23, cfg=4.0)
     return nodes
 
 
@@ -251,12 +257,7 @@ renders the trained model with and without the trigger."""
 
 
 def flux2_klein_subject_dop() -> list[N]:
-    nodes = [
-        N(1, "UNETLoader", {"unet_name": "flux-2-klein-base-4b.safetensors", "weight_dtype": "default"}, pos=(0, 0)),
-        N(2, "CLIPLoader", {"clip_name": "qwen_3_4b.safetensors", "type": "flux2", "device": "default"}, pos=(0, 160)),
-        N(3, "VAELoader", {"vae_name": "flux2-vae.safetensors"}, pos=(0, 360)),
-        N(4, "MarkdownNote", {"text": NOTE_KLEIN_DOP}, pos=(0, 500), title="Read me"),
-    ]
+    nodes = loaders("flux-2-klein-base-4b.safetensors", "flux2-vae.safetensors", NOTE_KLEIN_DOP, qwen="flux2")
     nodes += common_training(5, clip=(2, 0), vae=3, model=1, trigger="sks", class_word="person",
                              name="flux2_klein_subject_dop",
                              prompt="a photo of sks person at the beach\na portrait of sks person in a forest",
@@ -282,29 +283,12 @@ The LoRA is saved on ComfyUI's own Z-Image layer names (`diffusion_model.layers.
 
 
 def zimage_style() -> list[N]:
-    nodes = [
-        N(1, "UNETLoader", {"unet_name": "z_image_bf16.safetensors", "weight_dtype": "default"}, pos=(0, 0)),
-        N(2, "CLIPLoader", {"clip_name": "qwen_3_4b.safetensors", "type": "lumina2", "device": "default"}, pos=(0, 160)),
-        N(3, "VAELoader", {"vae_name": "ae.safetensors"}, pos=(0, 360)),
-        N(4, "MarkdownNote", {"text": NOTE_ZIMAGE}, pos=(0, 500), title="Read me"),
-    ]
+    nodes = loaders("z_image_bf16.safetensors", "ae.safetensors", NOTE_ZIMAGE, qwen="lumina2")
     nodes += common_training(5, clip=(2, 0), vae=3, model=1, trigger="xyzstyle", class_word="style",
                              name="zimage_style", prompt="a lighthouse on a cliff, xyzstyle",
                              guidance_train=1.0, preview_guidance=4.0, res="512")
-    t = 10
-    nodes += [
-        N(20, "CLIPTextEncode", {"text": "a city street at night, xyzstyle"}, {"clip": (2, 0, "CLIP")},
-          pos=(1180, 480), title="Prompt"),
-        N(22, "CLIPTextEncode", {"text": ""}, {"clip": (2, 0, "CLIP")}, pos=(1180, 820), title="Negative"),
-        N(23, "EmptySD3LatentImage", {"width": 512, "height": 512, "batch_size": 1}, pos=(1180, 960)),
-        N(24, "KSampler", {"seed": 0, "steps": 25, "cfg": 4.0, "sampler_name": "euler", "scheduler": "simple",
-                           "denoise": 1.0},
-          {"model": (t, 0, "MODEL"), "positive": (20, 0, "CONDITIONING"), "negative": (22, 0, "CONDITIONING"),
-           "latent_image": (23, 0, "LATENT")}, pos=(1560, 480), ui_extra=[("seed", "fixed")]),
-        N(25, "VAEDecode", {}, {"samples": (24, 0, "LATENT"), "vae": (3, 0, "VAE")}, pos=(1940, 480)),
-        N(26, "SaveImage", {"filename_prefix": "flowtrain/zimage_style_ksampler"}, {"images": (25, 0, "IMAGE")},
-          pos=(2200, 480)),
-    ]
+    nodes += cfg_prompts("a city street at night, xyzstyle", "EmptySD3LatentImage")
+    nodes += sample_chain("zimage_style", positive=20, latent=23, cfg=4.0, steps=25)
     return nodes
 
 
@@ -330,14 +314,7 @@ renders its edit at LoRA strengths 0 and 1, and the KSampler chain below is the 
 
 
 def flux1_kontext_edit() -> list[N]:
-    nodes = [
-        N(1, "UNETLoader", {"unet_name": "flux1-dev-kontext_fp8_scaled.safetensors", "weight_dtype": "default"},
-          pos=(0, 0)),
-        N(2, "DualCLIPLoader", {"clip_name1": "clip_l.safetensors", "clip_name2": "t5xxl_fp16.safetensors",
-                                "type": "flux", "device": "default"}, pos=(0, 160)),
-        N(3, "VAELoader", {"vae_name": "ae.safetensors"}, pos=(0, 360)),
-        N(4, "MarkdownNote", {"text": NOTE_KONTEXT}, pos=(0, 500), title="Read me"),
-    ]
+    nodes = loaders("flux1-dev-kontext_fp8_scaled.safetensors", "ae.safetensors", NOTE_KONTEXT)
     nodes += common_training(5, clip=(2, 0), vae=3, model=1, trigger="", class_word="", name="flux1_kontext_edit",
                              prompt="make it a watercolor painting", guidance_train=2.5, preview_guidance=2.5,
                              res="512", folder="flowtrain_edit", edit=True)
@@ -356,14 +333,8 @@ def flux1_kontext_edit() -> list[N]:
           pos=(1180, 680)),
         N(21, "FluxGuidance", {"guidance": 2.5}, {"conditioning": (32, 0, "CONDITIONING")}, pos=(1180, 780)),
         N(22, "CLIPTextEncode", {"text": ""}, {"clip": (2, 0, "CLIP")}, pos=(1180, 880), title="Negative (unused at cfg 1)"),
-        N(24, "KSampler", {"seed": 0, "steps": 20, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple",
-                           "denoise": 1.0},
-          {"model": (t, 0, "MODEL"), "positive": (21, 0, "CONDITIONING"), "negative": (22, 0, "CONDITIONING"),
-           "latent_image": (31, 0, "LATENT")}, pos=(1560, 480), ui_extra=[("seed", "fixed")]),
-        N(25, "VAEDecode", {}, {"samples": (24, 0, "LATENT"), "vae": (3, 0, "VAE")}, pos=(1940, 480)),
-        N(26, "SaveImage", {"filename_prefix": "flowtrain/flux1_kontext_edit_ksampler"}, {"images": (25, 0, "IMAGE")},
-          pos=(2200, 480)),
     ]
+    nodes += sample_chain("flux1_kontext_edit", positive=21, latent=31, cfg=1.0)
     return nodes
 
 

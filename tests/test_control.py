@@ -51,6 +51,40 @@ def test_checkpoint_file_saves_and_continues(tiny_training):
     assert not (run / ".checkpoint").exists()
 
 
+def test_checkpoint_file_also_renders_the_runs_previews(tiny_training):
+    """Save now = a checkpoint and the previews set for the run (issue #15), then training goes on."""
+    from trainer_core.demo.codec import DctCodec
+    from trainer_core.demo.run import preview_callbacks
+    from trainer_core.demo.text import HashTextEncoder
+
+    run = tiny_training.out / "run"
+    cfg = tiny_training.config(**{"train.steps": 5, "preview.every_n_steps": 4, "preview.prompts": ["sks, a ring"],
+                                  "preview.steps": 1, "preview.width": 64, "preview.height": 64})
+    previews = preview_callbacks(cfg, DctCodec(), HashTextEncoder())
+    result = tiny_training.train(cfg, callbacks=previews, progress=_touch_at(run / ".checkpoint", 2))
+    assert (result.steps, result.reason) == (5, "finished")
+    assert [s for s, _ in list_checkpoints(run)] == [2, 5]
+    assert sorted(p.name for p in (run / "previews").iterdir()) == ["baseline", "final", "step_000002", "step_000004"]
+    assert sorted(p.name for p in (run / "previews" / "step_000002").iterdir()) == ["p0_plain.png", "p0_trigger.png"]
+    assert not (run / ".checkpoint").exists()
+
+
+def test_checkpoint_file_at_a_preview_step_renders_once(tiny_training):
+    calls = []
+
+    def render(state, folder):
+        calls.append(folder.name)
+        return []
+
+    from trainer_core.previews import PreviewCallback
+
+    run = tiny_training.out / "run"
+    result = tiny_training.train(tiny_training.config(), callbacks=[PreviewCallback(render, 2)],
+                                 progress=_touch_at(run / ".checkpoint", 2))
+    assert result.steps == 4 and calls == ["baseline", "step_000002", "final"]
+    assert [s for s, _ in list_checkpoints(run)] == [2, 4]
+
+
 def test_stop_file_ends_gracefully(tiny_training):
     run = tiny_training.out / "run"
     result = tiny_training.train(tiny_training.config(**{"train.steps": 6}), progress=_touch_at(run / ".stop", 2))

@@ -53,3 +53,11 @@ def test_config_pixel_rule_is_the_families_common_multiple():
     BucketConfig(step=m)
     with pytest.raises(ConfigError, match=f"multiple of {m}"):
         BucketConfig(step=m + 8)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_edit_variant_is_a_variant_of_the_family(name):
+    fam = family(name)
+    if fam.edit_variant is not None:
+        assert fam.references, f"{name}: an edit_variant needs a family that takes reference images"
+        assert VARIANTS[fam.edit_variant] in fam.variants()

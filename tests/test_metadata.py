@@ -116,3 +116,21 @@ def test_variant_names_in_metadata(shape, version, architecture, impl):
     assert (md["ss_base_model_version"], md["modelspec.architecture"]) == (version, architecture)
     assert md["modelspec.implementation"] == f"https://github.com/black-forest-labs/{impl}"
     assert md["modelspec.sai_model_spec"] == ("1.0.1" if shape[0] == "flux1" else "1.0.0")
+
+
+@pytest.mark.parametrize("shape, version, architecture, spec", [
+    # a FLUX.1 edit LoRA is named as musubi-tuner names FLUX.1 Kontext LoRAs
+    (("flux1", 3072, 19, 38, 4096, True), "flux_kontext", "Flux.1-dev/lora", "1.0.0"),
+    (("flux1", 3072, 2, 4, 4096, True), "flux_kontext", "Flux.1-dev/lora", "1.0.0"),  # a scaled-down FLUX.1
+    # FLUX.2 edits natively: its edit LoRAs keep FLUX.2's names
+    (("flux2", 4096, 8, 24, 12288, False), "flux_2_klein_9b", "Flux.2-klein-9b/lora", "1.0.0"),
+])
+def test_edit_lora_names_in_metadata(shape, version, architecture, spec):
+    run = RunInfo(variant=detect_variant(ModelShape(*shape)))
+    edit = TrainingConfig.from_dict({"data": {"control_images": True}})
+    md = lora_io.build_metadata(edit, arch=shape[0], steps=1, trigger_word="", base_model="", run=run)
+    assert (md["ss_base_model_version"], md["modelspec.architecture"], md["modelspec.sai_model_spec"]) == (
+        version, architecture, spec)
+    assert md["flowtrain.variant"] == run.variant.variant.name  # our own key: the detected model
+    plain = lora_io.build_metadata(TrainingConfig(), arch=shape[0], steps=1, trigger_word="", base_model="", run=run)
+    assert plain["ss_base_model_version"] == run.variant.variant.base_model_version

@@ -5,32 +5,21 @@ web extension's syntax, all without ComfyUI.
 ComfyUI, and the name ``nodes`` is also ComfyUI's own module."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
+from pack_modules import ROOT, load_by_path
 
 from trainer_core.config import ConfigError, LoRAConfig, PreviewConfig
 from trainer_core.fingerprint import tensor_fingerprint
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-specs = _load("flowtrain_node_specs", ROOT / "nodes" / "specs.py")
-builder = _load("flowtrain_build_workflows", ROOT / "scripts" / "build_example_workflows.py")
+specs = load_by_path("flowtrain_node_specs", ROOT / "nodes" / "specs.py")
+builder = load_by_path("flowtrain_build_workflows", ROOT / "scripts" / "build_example_workflows.py")
 
 # Widget inputs of the core nodes the examples use, in schema order (checked against the
 # real schemas by tests/comfyui/test_workflows.py). "+control" = the UI-only

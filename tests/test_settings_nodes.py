@@ -5,29 +5,18 @@ do not overlap. All without ComfyUI (``nodes/specs.py`` and ``nodes/settings.py`
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
+from pack_modules import ROOT, load_by_path
 
 from trainer_core.config import ConfigError, LoRAConfig, TrainingConfig, field_names
 from trainer_core.models.variants import VARIANTS, ModelShape, detect_variant
 from trainer_core.presets import PRESETS
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load(name: str, path: Path):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-specs = _load("flowtrain_node_specs_s", ROOT / "nodes" / "specs.py")
+specs = load_by_path("flowtrain_node_specs_s", ROOT / "nodes" / "specs.py")
 settings = specs.sibling("settings")
 GROUP = {g.node_id: g for g in settings.GROUPS}
 
@@ -178,7 +167,7 @@ def test_the_nodes_config_round_trips_through_config_json(tmp_path):
     assert again.model.file == "flux-2-klein-base-4b.safetensors" and again.train.precision in ("bf16", "fp16", "fp32")
 
 
-def test_old_config_json_checkpointing_bools_still_load():
+def test_old_config_json_checkpointing_bools_stillload_by_path():
     assert TrainingConfig.from_dict({"train": {"gradient_checkpointing": True}}).train.gradient_checkpointing == "blocks"
     assert TrainingConfig.from_dict({"train": {"gradient_checkpointing": False}}).train.gradient_checkpointing == "off"
     with pytest.raises(ConfigError, match="gradient_checkpointing"):
@@ -187,7 +176,7 @@ def test_old_config_json_checkpointing_bools_still_load():
 
 # ----------------------------------------------------------------------------- workflows
 def test_example_workflow_nodes_do_not_overlap():
-    builder = _load("flowtrain_build_workflows_s", ROOT / "scripts" / "build_example_workflows.py")
+    builder = load_by_path("flowtrain_build_workflows_s", ROOT / "scripts" / "build_example_workflows.py")
     for path in sorted((ROOT / "example_workflows").glob("*.json")):
         nodes = json.loads(path.read_text())["nodes"]
         for a in nodes:
@@ -203,7 +192,7 @@ def test_example_workflow_nodes_do_not_overlap():
 def test_each_template_has_a_readable_title_and_a_thumbnail():
     from PIL import Image
 
-    builder = _load("flowtrain_build_workflows_t", ROOT / "scripts" / "build_example_workflows.py")
+    builder = load_by_path("flowtrain_build_workflows_t", ROOT / "scripts" / "build_example_workflows.py")
     ui_files = sorted(p.stem for p in (ROOT / "example_workflows").glob("*.json"))
     assert ui_files == sorted(builder.TITLES.values())
     for title in ui_files:

@@ -2,7 +2,9 @@
 
 Create one of these empty files in the run folder (``touch <run>/.pause``):
 
-* ``.checkpoint``: save a checkpoint after the current step and continue (the file is removed);
+* ``.checkpoint``: save a checkpoint after the current step, render the run's previews (when it
+  has any: the callbacks with an ``on_save_now(state)`` hook, e.g. ``PreviewCallback``, into
+  ``previews/step_XXXXXX/``) and continue (the file is removed);
 * ``.pause``: save a checkpoint, then wait until the file is removed (a Cancel / Ctrl+C
   or a ``.stop`` file while paused still stops the run);
 * ``.stop``: end after the current step: a checkpoint and ``lora_final`` are written
@@ -20,7 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from .loop import Callback, RunState, StopTraining
 from .phases import during, enter
@@ -85,12 +87,15 @@ def control_state(phase: str | None, run_dir: Path | str) -> str:
 
 
 class ControlCallback(Callback):
-    """Acts on the control files; ``save(state)`` writes a checkpoint (``CheckpointCallback.save``)."""
+    """Acts on the control files; ``save(state)`` writes a checkpoint (``CheckpointCallback.save``).
+    A save request (``.checkpoint``) then calls ``on_save_now(state)`` on each of ``callbacks``
+    that has it (the run's previews)."""
 
     def __init__(self, run_dir: Path, save: Callable[[RunState], Path], should_stop: Callable[[], bool],
-                 poll_s: float | None = None):
+                 poll_s: float | None = None, callbacks: Sequence[object] = ()):
         self.run_dir, self.save, self.should_stop = Path(run_dir), save, should_stop
         self.poll_s = POLL_S if poll_s is None else poll_s
+        self.on_save_now = [cb.on_save_now for cb in callbacks if callable(getattr(cb, "on_save_now", None))]
 
     def on_train_start(self, state: RunState) -> None:
         stale = self.run_dir / STOP
@@ -114,8 +119,10 @@ class ControlCallback(Callback):
     def save_if_asked(self, state: RunState) -> None:
         if (self.run_dir / CHECKPOINT).exists():
             folder = self.save(state)  # while paused: the pause's own checkpoint (same step), not a second one
-            (self.run_dir / CHECKPOINT).unlink(missing_ok=True)
             log.info("%s found: saved %s", self.run_dir / CHECKPOINT, folder)
+            for hook in self.on_save_now:  # previews: after the checkpoint, so a failure here cannot lose it
+                hook(state)
+            (self.run_dir / CHECKPOINT).unlink(missing_ok=True)
 
     def pause(self, state: RunState) -> None:
         folder = self.save(state)

@@ -4,7 +4,8 @@ renderer (host-specific) that decides *how*.
 ``Renderer = (state, folder) -> [png paths]``. ``PreviewCallback`` calls it
 
 * before the first step into ``<run>/previews/baseline/`` (the base model: the LoRA is still zero),
-* after every ``every_n_steps``-th step into ``<run>/previews/step_{step:06d}/``,
+* after every ``every_n_steps``-th step into ``<run>/previews/step_{step:06d}/``, and after a
+  save request (``.checkpoint``, the node's Save now: ``on_save_now``) into the same folder name,
 * at the end into ``<run>/previews/final/`` (also after a stop, not after an error or an
   interrupt), after the LoRA, the checkpoint and the run's status are saved: a failure or a
   Cancel while rendering cannot lose the run,
@@ -69,6 +70,13 @@ class PreviewCallback(Callback):
     def on_step_end(self, state: RunState, logs: dict) -> None:
         if state.step % self.every == 0 and state.step < state.total_steps:
             self._render(state, f"step_{state.step:06d}")
+
+    def on_save_now(self, state: RunState) -> None:
+        """A save request (``.checkpoint``, the node's Save now): this step's previews, unless
+        the periodic ones just rendered them."""
+        name = f"step_{state.step:06d}"
+        if name not in self.rendered:
+            self._render(state, name)
 
     def on_train_end(self, state: RunState, reason: str) -> None:
         if state.step > 0 and not reason.startswith("error") and not state.interrupted:

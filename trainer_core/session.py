@@ -300,11 +300,12 @@ def plan_for(config: TrainingConfig, model: FlowModel):
 def durability_callbacks(config: TrainingConfig, run_dir: Path, saver: LoraSaveCallback, should_stop, model_info: dict,
                          data_before: dict, callbacks: list[Callback]) -> list[Callback]:
     """``callbacks`` wrapped with per-step seeding (first), then checkpoints, control files
-    and the dataset watch (after the LoRA saver, so a checkpoint's files are complete)."""
+    and the dataset watch (after the LoRA saver, so a checkpoint's files are complete). A save
+    request (``.checkpoint``) also runs the ``on_save_now`` hooks of ``callbacks`` (previews)."""
     checkpointer = CheckpointCallback(run_dir, config.train.save_every, config.train.keep_checkpoints,
                                       write_loras=lambda st, folder: saver.save(folder / "lora.safetensors", st),
                                       meta={"model": model_info, **distributed.current().meta()})
-    tail: list[Callback] = [checkpointer, ControlCallback(run_dir, checkpointer.save, should_stop)]
+    tail: list[Callback] = [checkpointer, ControlCallback(run_dir, checkpointer.save, should_stop, callbacks=callbacks)]
     if config.data.path:
         tail.append(DatasetWatchCallback(config.data.path, data_before))
     return [StepSeedCallback(config.train.seed), *callbacks, *tail]

@@ -271,7 +271,7 @@ function attachChart(node) {
     row,
     state,
     pause: button("Pause", "pause", "Pause after the step in progress (a checkpoint is saved); Resume continues."),
-    save: button("Save now", "save", "Save a resumable checkpoint after the step in progress, then continue."),
+    save: button("Save now", "save", "Save a resumable checkpoint after the step in progress, render the previews (when set), then continue."),
     stop: button("Stop", "stop", "Finish the step in progress, save, and let the graph go on with the LoRA so far " +
       "(unlike Cancel, the nodes after the Trainer run)."),
   };

@@ -148,6 +148,20 @@ class StubServer:
         self.progress_text.append((str(node_id), text))
 
 
+def stub_model(name: str):
+    """A stand-in MODEL for ``bridge.detect_arch``: its ``.model`` is an uninitialised
+    ``comfy.model_base.<name>`` whose ``model_config`` is an uninitialised
+    ``comfy.supported_models.<name>`` (what a loaded model of that kind carries)."""
+    import types
+
+    import comfy.model_base
+    import comfy.supported_models
+
+    model = object.__new__(getattr(comfy.model_base, name))
+    model.model_config = object.__new__(getattr(comfy.supported_models, name))
+    return types.SimpleNamespace(model=model)
+
+
 def run_prompt(prompt: dict, client_id: str = "tests"):
     """Validate and execute an API-format prompt; returns ``(executor, stub)``.
     ``executor.success`` and ``executor.caches.outputs.get_local(node).outputs`` hold the result."""

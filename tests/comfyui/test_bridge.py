@@ -81,15 +81,8 @@ def test_detect_arch(comfyui, bridge, tiny_files, name):
 
 
 def test_detect_arch_refuses_other_models(comfyui, bridge):
-    import comfy.model_base
-    import comfy.supported_models
-
-    class Stub:  # an (uninitialised) SDXL BaseModel instance, as a MODEL's .model would be
-        model = object.__new__(comfy.model_base.SDXL)
-
-    Stub.model.model_config = object.__new__(comfy.supported_models.SDXL)
     with pytest.raises(ValueError, match=r"FlowTrain trains FLUX.1, FLUX.2(, [^;]+)? models; the MODEL input is a SDXL"):
-        bridge.detect_arch(Stub())
+        bridge.detect_arch(harness.stub_model("SDXL"))
 
 
 # ---------------------------------------------------------------------- training

@@ -45,15 +45,8 @@ def test_detected_as_chroma(comfyui, bridge, chroma_file):
 
 def test_other_flux_subclasses_are_refused(comfyui, bridge):
     """Exact classes only: Chroma Radiance subclasses Chroma but works on pixels."""
-    import comfy.model_base
-    import comfy.supported_models
-
-    class Stub:
-        model = object.__new__(comfy.model_base.ChromaRadiance)
-
-    Stub.model.model_config = object.__new__(comfy.supported_models.ChromaRadiance)
     with pytest.raises(ValueError, match=r"trains FLUX.1, FLUX.2, Chroma(, [^;]+)? models; the MODEL input is a ChromaRadiance"):
-        bridge.detect_arch(Stub())
+        bridge.detect_arch(harness.stub_model("ChromaRadiance"))
 
 
 def test_velocity_is_what_comfyui_samples_with(comfyui, bridge, chroma_file):

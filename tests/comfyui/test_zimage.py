@@ -58,15 +58,8 @@ def test_tiny_zimage_is_comfyui_zimage(comfyui, bridge, zimage_file):
 
 
 def test_detect_arch_refuses_lumina2(comfyui, bridge):
-    import comfy.model_base
-    import comfy.supported_models
-
-    class Stub:
-        model = object.__new__(comfy.model_base.Lumina2)
-
-    Stub.model.model_config = object.__new__(comfy.supported_models.Lumina2)
     with pytest.raises(ValueError, match=r"FlowTrain trains FLUX.1, FLUX.2, .*Z-Image.* models; the MODEL input is a Lumina2"):
-        bridge.detect_arch(Stub())
+        bridge.detect_arch(harness.stub_model("Lumina2"))
 
 
 def test_velocity_is_what_comfyui_denoises_with(comfyui, zimage_file):

@@ -7,6 +7,8 @@ FLUX.2 (the names and value formats are theirs; every value is a string):
 * per variant (``models.variants``) and family (``models.families``): ``ss_base_model_version`` (``flux1``,
   ``flux_2_dev``, ``flux_2_klein_4b``, ``flux_2_klein_9b``), ``modelspec.architecture``
   (``flux-1-dev/lora``, ``Flux.2-klein-9b/lora``, ...), ``modelspec.implementation`` per family;
+  an edit LoRA (``data.control_images``) carries the names of its family's ``edit_variant`` when
+  it has one (FLUX.1: ``flux_kontext``, ``Flux.1-dev/lora``, as musubi-tuner writes Kontext LoRAs);
 * the run (``RunInfo``): model file name, start / finish time, epoch, dataset facts
   (``ss_tag_frequency``, ``ss_dataset_dirs``, ``ss_num_train_images``, ``ss_bucket_info``);
 * the settings: batch, warmup, precision, noise, loss and the FLUX keys
@@ -103,6 +105,13 @@ def variant_of(arch: str, run: Optional[RunInfo]) -> Variant:
     return VARIANTS[FAMILIES.get(arch).fallback_variant]
 
 
+def named_variant(config: TrainingConfig, variant: Variant) -> Variant:
+    """The variant whose names the LoRA carries: the family's ``edit_variant`` for an edit
+    LoRA (``data.control_images``) when the family has one, else ``variant``."""
+    edit = FAMILIES.get(variant.family).edit_variant
+    return VARIANTS[edit] if config.data.control_images and edit else variant
+
+
 def _s(x: Any) -> str:
     return x if isinstance(x, str) else json.dumps(x) if isinstance(x, (dict, list)) else str(x)
 
@@ -111,6 +120,7 @@ def run_keys(config: TrainingConfig, arch: str, steps: int, run: Optional[RunInf
     """The kohya / modelspec keys beyond ``io.build_metadata``'s basic set."""
     run = run or RunInfo()
     variant = variant_of(arch, run)
+    names = named_variant(config, variant)
     fam = FAMILIES.get(variant.family)
     c, d = config, run.dataset
     accum, batch = c.optim.grad_accum, c.data.batch_size
@@ -173,10 +183,10 @@ def run_keys(config: TrainingConfig, arch: str, steps: int, run: Optional[RunInf
         "ss_weighting_scheme": c.flow.weighting,
         "ss_model_prediction_type": "raw",
         # per variant
-        "ss_base_model_version": variant.base_model_version,
+        "ss_base_model_version": names.base_model_version,
         "ss_sd_model_name": run.model_name,
-        "modelspec.sai_model_spec": fam.sai_model_spec,
-        "modelspec.architecture": variant.architecture,
+        "modelspec.sai_model_spec": names.sai_model_spec or fam.sai_model_spec,
+        "modelspec.architecture": names.architecture,
         "modelspec.implementation": fam.implementation,
         "modelspec.resolution": f"{resolution}x{resolution}",
         "modelspec.date": datetime.now().astimezone().replace(microsecond=0).isoformat(),

@@ -53,14 +53,21 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
-from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from .. import budget as budget_mod
 from .. import memory
 from ..lora.bfl_names import bfl_identity
 from ..streaming import BlockStreamer, block_table
 from ..types import BflSlot, TextBatch
-from .common import module_device, module_dtype
+from .common import (  # noqa: F401 (CHECKPOINT_MODES, GRADIENT_CHECKPOINTING_MODE: this module's API too)
+    CHECKPOINT_MODES,
+    GRADIENT_CHECKPOINTING_MODE,
+    ComfyModuleAdapter,
+    checkpointed,
+    free_memory,
+    module_device,
+    module_dtype,
+)
 from .families import FAMILIES
 from .references import check_method, check_references
 
@@ -69,30 +76,7 @@ log = logging.getLogger(__name__)
 ADAPTER = f"{__name__}:BflFlux"
 """``Family.adapter`` of the families this adapter calls."""
 
-CHECKPOINT_MODES = ("off", "blocks", "selective", "auto")
-GRADIENT_CHECKPOINTING_MODE = "blocks"
-"""What ``prepare_for_training(gradient_checkpointing=True)`` selects (see the benchmark)."""
-
 AUTO_MEMORY_FRACTION = 0.5  # of the device's free memory that "auto" lets activations take
-
-
-_aten = torch.ops.aten
-_SAVED_OPS = {
-    _aten.mm.default,
-    _aten.addmm.default,
-    _aten.bmm.default,
-    _aten.baddbmm.default,
-    _aten._scaled_dot_product_flash_attention_for_cpu.default,
-    _aten._scaled_dot_product_flash_attention.default,
-    _aten._scaled_dot_product_efficient_attention.default,
-    _aten._scaled_dot_product_cudnn_attention.default,
-}
-
-
-def _keep_matmuls(ctx, op, *args, **kwargs):
-    """Selective-checkpoint policy: keep matmul / attention outputs, recompute the rest."""
-    return CheckpointPolicy.MUST_SAVE if op in _SAVED_OPS else CheckpointPolicy.PREFER_RECOMPUTE
-
 
 class _CopyResidualsForNorms(TorchFunctionMode):
     """Inside one block: a ``layer_norm`` whose input shares storage with a residual stream
@@ -110,7 +94,7 @@ class _CopyResidualsForNorms(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-class BflFlux:
+class BflFlux(ComfyModuleAdapter):
     """``FlowModel`` over a ComfyUI-style BFL FLUX module (``comfy.ldm.flux.model.Flux``).
 
     ``arch``: a ``models.families`` name whose module has ComfyUI's BFL call signature
@@ -190,26 +174,6 @@ class BflFlux:
         """Submodule names of ComfyUI's FLUX module already are the BFL names."""
         return bfl_identity(module_name)
 
-    def image_tokens(self, latent_hw: tuple[int, int]) -> int:
-        h, w = latent_hw
-        return (h // self.patch_size) * (w // self.patch_size)
-
-    def prepare_for_training(self, dtype: Optional[torch.dtype] = None, gradient_checkpointing: bool | str = True) -> None:
-        """Pick the checkpoint mode (unless fixed at construction: a mode of ``CHECKPOINT_MODES``,
-        or a bool, True = ``GRADIENT_CHECKPOINTING_MODE``) and, unless ``precision_fixed``,
-        autocast to ``dtype`` when it differs from ``compute_dtype``."""
-        if self.checkpoint_setting is None:
-            if isinstance(gradient_checkpointing, str):
-                if gradient_checkpointing not in CHECKPOINT_MODES:
-                    raise ValueError(f"gradient_checkpointing={gradient_checkpointing!r}; expected one of {list(CHECKPOINT_MODES)}")
-                self.checkpoint = gradient_checkpointing
-            else:
-                self.checkpoint = GRADIENT_CHECKPOINTING_MODE if gradient_checkpointing else "off"
-        if dtype is not None and not self.precision_fixed:
-            self.autocast_dtype = None if dtype == self.compute_dtype else dtype
-        log.info("BflFlux %s: checkpoint=%s compute=%s autocast=%s", self.arch, self.checkpoint,
-                 self.compute_dtype, self.autocast_dtype)
-
     def set_compile(self, enabled: bool, *, fallback: bool = False) -> None:
         """Run each transformer block through ``torch.compile`` (one compiled callable per
         block, made on first use; the module itself is not replaced, so LoRA injection,
@@ -257,13 +221,8 @@ class BflFlux:
         a family whose guidance input is ``zero`` (Chroma) always gets 0, as ComfyUI passes.
         ``references``: clean reference latents, each [B, C, h', w'] (edit families).
         """
-        b, c, h, w = x_t.shape
-        if c != self.latent_channels:
-            raise ValueError(f"{self.arch} expects {self.latent_channels}-channel latents, got {c} channels")
-        if h % self.patch_size or w % self.patch_size:
-            raise ValueError(f"latent {h}×{w} is not a multiple of the patch size {self.patch_size}")
-        if text.context.shape[0] != b or sigma.shape != (b,):
-            raise ValueError(f"batch sizes disagree: latents {b}, context {text.context.shape[0]}, sigma {tuple(sigma.shape)}")
+        self._check_inputs(x_t, sigma, text.context)
+        b, c = x_t.shape[:2]
         refs = check_references(references, b, c, self.patch_size)
         dtype, device = self.compute_dtype, module_device(self.module)
         context = text.context.to(device=device, dtype=dtype)
@@ -281,15 +240,13 @@ class BflFlux:
         if self.checkpoint == "auto":
             tokens = sum(self.image_tokens(tuple(t.shape[2:])) for t in [x_t, *refs])
             self._mode = self._fitting_mode(b, tokens + context.shape[1], device)
-        options, extra = {}, {}
+        options, extra = self._transformer_options(), {}
         if refs:
             extra["ref_latents"] = [r.to(device=device, dtype=dtype) for r in refs]
             if self.reference_method is not None:
                 extra["ref_latents_method"] = self.reference_method
         if torch.is_grad_enabled() or self.streamer is not None:  # streamed blocks fetch in the hook
             options["patches_replace"] = {"dit": self._block_patches()}
-        if self.training_attention is not None:  # also without grad: a prior/validation pass matches
-            options["optimized_attention_override"] = self.training_attention
         call = functools.partial(
             self.module,
             x_t.to(device=device, dtype=dtype),
@@ -300,12 +257,7 @@ class BflFlux:
             transformer_options=options,
             **extra,
         )
-        if self.autocast_dtype is not None:
-            with torch.autocast(device.type, dtype=self.autocast_dtype):
-                out = call()
-        else:
-            out = call()
-        return out.float()
+        return self._autocast(call, device).float()
 
     def memory_shape(self) -> memory.ModelShape:
         """The module's shape and weight bytes for the memory estimator."""
@@ -382,10 +334,7 @@ class BflFlux:
 
         if self._mode == "off":
             return guarded(*residuals)
-        context_fn = functools.partial(create_selective_checkpoint_contexts, _keep_matmuls) \
-            if self._mode == "selective" else None
-        kwargs = {"context_fn": context_fn} if context_fn is not None else {}
-        return checkpoint(guarded, *residuals, use_reentrant=False, **kwargs)
+        return checkpointed(guarded, *residuals, mode=self._mode)
 
     def _fetched(self, name: str):
         """The block's weights on the device for the call (inside the checkpointed function,
@@ -417,15 +366,3 @@ class BflFlux:
 
         return {"img": self._run(fn, args["img"])}
 
-
-def free_memory(device: torch.device) -> int:
-    """Bytes free on ``device``: the CUDA allocator's view, else the host's available RAM
-    (0 when unknown, which makes ``auto`` checkpoint)."""
-    if device.type == "cuda":
-        free, _total = torch.cuda.mem_get_info(device)
-        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
-    try:
-        import psutil
-    except ImportError:  # optional: without it "auto" plays safe
-        return 0
-    return int(psutil.virtual_memory().available)

@@ -48,7 +48,9 @@ class Family:
     (``trainer_core.memory``) assumes. ``text_tokens``: a typical text length for estimates.
     ``references``: the module takes clean reference latents (edit models: FLUX.1 Kontext loads
     as FLUX.1, FLUX.2 dev/Klein edit natively), so ``data.control_images`` can train edit LoRAs
-    (``models/references.py``).
+    (``models/references.py``). ``edit_variant``: the variant whose names (``ss_base_model_version``,
+    ``modelspec.*``) an edit LoRA of this family carries (FLUX.1: Kontext, as musubi-tuner writes it);
+    None = the detected variant's.
     """
 
     name: str
@@ -71,6 +73,7 @@ class Family:
     text_tokens: int
     target_presets: Mapping[str, str] = field(default_factory=bfl_target_presets)
     references: bool = False
+    edit_variant: Optional[str] = None
 
     def __post_init__(self):
         if self.guidance not in GUIDANCE_INPUTS:
@@ -105,6 +108,7 @@ FAMILIES.add("flux1", Family(
     lora_format="flux1_kohya", network_module="networks.lora_flux", kohya_model_type="flux",
     sai_model_spec="1.0.1", implementation="https://github.com/black-forest-labs/flux",
     fallback_variant="flux1", adapter=_BFL, memory_layout="flux1", text_tokens=256, references=True,
+    edit_variant="flux1-kontext",
 ))
 FAMILIES.add("flux2", Family(
     name="flux2", label="FLUX.2", text_encoder="Mistral 3 / Qwen3 (no pooled vector)",

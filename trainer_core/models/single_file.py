@@ -23,8 +23,9 @@ from typing import Optional
 
 import torch
 
-from .bfl_flux import FLUX2_CONTEXT_TOKENS, BflFlux
+from .bfl_flux import BflFlux
 from .bfl_module import BflFluxModule, params_from_state_dict
+from .families import FAMILIES
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +131,7 @@ def load_diffusion_model(path: str | Path, *, dtype: torch.dtype, device: torch.
     log.info("%s: %s, %d+%d blocks, hidden %d, guidance %s", path.name, params.arch, params.depth,
              params.depth_single, params.hidden, params.guidance)
     return BflFlux(module, arch=params.arch, guidance_embed=params.guidance, latent_channels=params.in_channels,
-                   patch_size=params.patch, context_tokens=FLUX2_CONTEXT_TOKENS if params.arch == "flux2" else None,
+                   patch_size=params.patch, context_tokens=FAMILIES.get(params.arch).context_tokens,
                    compute_dtype=dtype)
 
 

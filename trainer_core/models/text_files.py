@@ -16,7 +16,7 @@ qwen3     ``Qwen3Model``                   FLUX.2 Klein context: hidden states e
 mistral3  ``MistralModel``                 FLUX.2-dev context: hidden states entering layers 10, 20
                                            and 30 (3·5120 = 15360 wide), a BOS token and the prompt in
                                            the system/instruction template, one caption at a time (no
-                                           padding; the model pads to 512, ``bfl_flux.FLUX2_CONTEXT_TOKENS``)
+                                           padding; the model pads to 512: ``Family.context_tokens``)
 ========  ===============================  ======================================================
 
 ComfyUI's Mistral files carry their tokenizer (the ``tekken_model`` tensor: tekken JSON bytes);

@@ -68,8 +68,9 @@ class Variant:
     family: str
     base_model_version: str  # ss_base_model_version (sd-scripts: "flux1"; musubi: architecture name)
     architecture: str  # modelspec.architecture
-    shape: Optional[ModelShape] = None  # the real shape; None for the family fallbacks
+    shape: Optional[ModelShape] = None  # the real shape; None for the family fallbacks and edit names
     resolution: int = 1024  # native training resolution (documentation only)
+    sai_model_spec: Optional[str] = None  # modelspec.sai_model_spec when it differs from the family's
 
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in (
@@ -86,6 +87,9 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("chroma", "Chroma", "chroma", "chroma", "chroma/lora",
             ModelShape("chroma", 3072, 19, 38, 4096, False)),
     Variant("flux1", "FLUX.1 (unknown size)", "flux1", "flux1", "flux-1-dev/lora"),
+    # an edit LoRA (data.control_images) of a FLUX.1 model (``Family.edit_variant``): musubi-tuner's
+    # FLUX.1 Kontext names; Kontext has FLUX.1-dev's shape, so it is never detected from the weights
+    Variant("flux1-kontext", "FLUX.1 Kontext", "flux1", "flux_kontext", "Flux.1-dev/lora", sai_model_spec="1.0.0"),
     Variant("flux2", "FLUX.2 (unknown size)", "flux2", "flux2", "Flux.2/lora"),
     # Z-Image (``NextDiTZImage.model_shape``): "double" counts the main layers, "context" is the Qwen3-4B width
     Variant("z-image", "Z-Image", "zimage", "z_image", "Z-Image/lora", ModelShape("zimage", 3840, 30, 0, 2560, False)),

@@ -49,11 +49,10 @@ from typing import Callable, Optional
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
 
 from ..types import BflSlot, TextBatch
-from .bfl_flux import CHECKPOINT_MODES, GRADIENT_CHECKPOINTING_MODE, _keep_matmuls
-from .common import module_device, module_dtype
+from .common import (CHECKPOINT_MODES, GRADIENT_CHECKPOINTING_MODE, ComfyModuleAdapter, checkpointed, module_device,
+                     module_dtype)
 from .families import FAMILIES
 from .variants import ModelShape
 
@@ -72,7 +71,7 @@ def caption_lengths(context: torch.Tensor) -> list[int]:
     return [max(1, int((row * idx).max().item())) for row in nonzero]
 
 
-class NextDiTZImage:
+class NextDiTZImage(ComfyModuleAdapter):
     """``FlowModel`` over ComfyUI's ``NextDiT`` configured as Z-Image (see the module doc).
 
     ``arch``, ``guidance_embed``, ``latent_channels``, ``patch_size``, ``context_tokens``: what
@@ -142,18 +141,6 @@ class NextDiTZImage:
         return ModelShape(family=self.arch, hidden=int(m.x_embedder.weight.shape[0]), double=len(m.layers), single=0,
                           context=int(m.cap_embedder[1].weight.shape[1]), guidance=False)
 
-    def image_tokens(self, latent_hw: tuple[int, int]) -> int:
-        h, w = latent_hw
-        return (h // self.patch_size) * (w // self.patch_size)
-
-    def prepare_for_training(self, dtype: Optional[torch.dtype] = None, gradient_checkpointing: bool = True) -> None:
-        if self.checkpoint_setting is None:
-            self.checkpoint = GRADIENT_CHECKPOINTING_MODE if gradient_checkpointing else "off"
-        if dtype is not None and not self.precision_fixed:
-            self.autocast_dtype = None if dtype == self.compute_dtype else dtype
-        log.info("NextDiTZImage: checkpoint=%s compute=%s autocast=%s", self.checkpoint, self.compute_dtype,
-                 self.autocast_dtype)
-
     def velocity(
         self,
         x_t: torch.Tensor,
@@ -164,13 +151,8 @@ class NextDiTZImage:
         """Velocity ``ε - x0`` [B, C, h, w] float32 for ``x_t`` [B, C, h, w] at σ [B] in (0, 1).
         ``text.context`` [B, T, D] (zero rows on the right are padding); ``text.pooled`` and
         ``guidance`` are ignored (Z-Image has neither)."""
+        self._check_inputs(x_t, sigma, text.context)
         b, c, h, w = x_t.shape
-        if c != self.latent_channels:
-            raise ValueError(f"Z-Image expects {self.latent_channels}-channel latents, got {c} channels")
-        if h % self.patch_size or w % self.patch_size:
-            raise ValueError(f"latent {h}×{w} is not a multiple of the patch size {self.patch_size}")
-        if text.context.shape[0] != b or sigma.shape != (b,):
-            raise ValueError(f"batch sizes disagree: latents {b}, context {text.context.shape[0]}, sigma {tuple(sigma.shape)}")
         dtype, device = self.compute_dtype, module_device(self.module)
         x = x_t.to(device=device, dtype=dtype)
         t = sigma.to(device=device, dtype=torch.float32)
@@ -184,14 +166,9 @@ class NextDiTZImage:
         return out
 
     def _call(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, device: torch.device) -> torch.Tensor:
-        options = {}
-        if self.training_attention is not None:  # also without grad: a prior/validation pass matches
-            options["optimized_attention_override"] = self.training_attention
-        call = functools.partial(self.module, x, t, context, context.shape[1], transformer_options=options)
-        if self.autocast_dtype is not None:
-            with torch.autocast(device.type, dtype=self.autocast_dtype):
-                return call()
-        return call()
+        call = functools.partial(self.module, x, t, context, context.shape[1],
+                                 transformer_options=self._transformer_options())
+        return self._autocast(call, device)
 
     # ------------------------------------------------------------------ checkpointing
     def blocks(self) -> list[nn.Module]:
@@ -206,9 +183,6 @@ class NextDiTZImage:
         if mode == "off" or not torch.is_grad_enabled():
             yield
             return
-        context_fn = functools.partial(create_selective_checkpoint_contexts, _keep_matmuls) \
-            if mode == "selective" else None
-        kwargs = {"context_fn": context_fn} if context_fn is not None else {}
         wrapped = []
         try:
             for blk in self.blocks():
@@ -216,7 +190,7 @@ class NextDiTZImage:
                 original = blk.forward
 
                 def run(*args, _fn=original, **kw):
-                    return checkpoint(_fn, *args, use_reentrant=False, **kwargs, **kw)
+                    return checkpointed(_fn, *args, mode=mode, **kw)
 
                 blk.forward = run
                 wrapped.append((blk, own))
