@@ -49,17 +49,22 @@ def _train(model: BflFlux, steps: int = 6, lr: float = 1e-2, rank: int = 4,
     lora = lora if lora is not None else LoRAConfig(rank=rank, alpha=float(rank))
     net = LoraNetwork.inject(model.module, lora, model.default_targets["all"])
     assert {p.dtype for p in net.parameters()} == {torch.float32}
-    opt = torch.optim.AdamW(net.parameters(), lr=lr)
-    batch, losses = _batch(model.arch), []
     try:
-        for _ in range(steps):
-            loss = _loss(model, batch)
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            losses.append(loss.item())
+        return _steps(model, net, steps, lr)
     finally:
         net.remove()
+
+
+def _steps(model: BflFlux, net: LoraNetwork, steps: int = 3, lr: float = 1e-2) -> list[float]:
+    """``steps`` AdamW steps of ``net`` on ``_batch(model.arch)``; the losses."""
+    opt = torch.optim.AdamW(net.parameters(), lr=lr)
+    batch, losses = _batch(model.arch), []
+    for _ in range(steps):
+        loss = _loss(model, batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
     return losses
 
 
@@ -311,14 +316,7 @@ def test_streamed_training_through_the_bridge_is_bitwise_the_same(comfyui, bridg
             torch.manual_seed(0)
             net = LoraNetwork.inject(model.module, LoRAConfig(rank=4, alpha=4.0), model.default_targets["all"])
             model.apply_memory_plan(plan)
-            opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
-            batch, losses = _batch(model.arch), []
-            for _ in range(3):
-                loss = _loss(model, batch)
-                loss.backward()
-                opt.step()
-                opt.zero_grad()
-                losses.append(loss.item())
+            losses = _steps(model, net)
             fetches = model.streamer.fetches if model.streamer is not None else 0
             net.remove()
         results[streaming] = (losses, fetches, plan)

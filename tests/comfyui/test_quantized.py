@@ -11,7 +11,7 @@ import pytest
 import harness
 import torch
 
-from test_bridge import EXPECTED, _batch, _loss, _train
+from test_bridge import EXPECTED, _batch, _loss, _steps, _train
 from trainer_core.config import LoRAConfig
 from trainer_core.lora.formats import LORA_FORMATS
 from trainer_core.lora.network import LoraNetwork
@@ -191,14 +191,7 @@ def test_streamed_training_of_quantized_weights_is_the_same(comfyui, bridge, qua
                 with model.streamer.use(plan.streamed[0]):
                     copied = [m.weight._qdata.dtype for m in block.modules()
                               if isinstance(getattr(m, "weight", None), QuantizedTensor)]
-            opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
-            batch, losses = _batch(model.arch), []
-            for _ in range(3):
-                loss = _loss(model, batch)
-                loss.backward()
-                opt.step()
-                opt.zero_grad()
-                losses.append(loss.item())
+            losses = _steps(model, net)
             ledger = (model.streamer.ledger.peak, model.streamer.ledger.current, model.streamer._resident,
                       model.streamer.fetches) if model.streamer is not None else None
             lora = {k: v.detach().clone() for k, v in net.state_dict().items()}
