@@ -218,7 +218,7 @@ class ValidationConfig(_Validated):
 
 
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-"""train.precision choices ("auto" is resolved before training; see ``resolved_precision``)."""
+"""train.precision choices ("auto" is resolved before training; see ``run_facts.resolved_precision``)."""
 CHECKPOINTING_MODES = ("auto", "blocks", "selective", "off")
 """train.gradient_checkpointing choices (the model adapters' checkpoint modes)."""
 

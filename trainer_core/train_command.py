@@ -134,7 +134,8 @@ def run(args, *, device, stop, make_config, progress, phases):
     from . import distributed
     from .data.overview import format_overview, overview
     from .demo.run import preview_callbacks, preview_prompts
-    from .session import check_before_loading, resolved_precision, train_lora
+    from .run_facts import resolved_precision
+    from .session import check_before_loading, train_lora
 
     config = make_config(args, {})
     if not config.data.path:
